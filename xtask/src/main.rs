@@ -1,0 +1,250 @@
+//! `cargo xtask`: the project's automation, in Rust so that it runs wherever cargo does.
+//!
+//! - `cargo xtask ci`: fmt check, clippy (twice: as is and with every crate's `cuda` feature),
+//!   workspace tests, and the loom models of the crates that have them.
+//! - `cargo xtask hil [--run] [FILTER]`: build the GPU bundle into `target/hil/` (test and bench
+//!   binaries built with `--features cuda`, plus `run.sh`); with `--run`, also run it here.
+//!
+//! Architecture invariant: xtask only orchestrates cargo and files; it holds no project logic.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&args[1..]),
+        Some("hil") => hil(&root, &args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <ci [--no-loom] | hil [--run] [FILTER]>\n\
+                 \n  ci    fmt, clippy (host and --features cuda), tests, loom models\
+                 \n  hil   build the GPU bundle into target/hil (run it with bash target/hil/run.sh)"
+            );
+            bail!("unknown or missing subcommand");
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The workspace packages as `cargo metadata` reports them.
+fn packages() -> Result<Vec<Value>> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(meta["packages"].as_array().cloned().unwrap_or_default())
+}
+
+/// Packages that declare a `cuda` feature, as `pkg/cuda` feature specs.
+fn cuda_features(pkgs: &[Value]) -> Vec<String> {
+    pkgs.iter()
+        .filter(|p| p["features"].get("cuda").is_some())
+        .map(|p| format!("{}/cuda", p["name"].as_str().unwrap_or_default()))
+        .collect()
+}
+
+/// Packages with loom models: those that depend on `loom` under `cfg(loom)`.
+fn loom_packages(pkgs: &[Value]) -> Vec<String> {
+    pkgs.iter()
+        .filter(|p| {
+            p["dependencies"].as_array().is_some_and(|deps| {
+                deps.iter()
+                    .any(|d| d["name"] == "loom" && d["target"].as_str() == Some("cfg(loom)"))
+            })
+        })
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn ci(args: &[String]) -> Result<()> {
+    let pkgs = packages()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    let cuda = cuda_features(&pkgs);
+    if !cuda.is_empty() {
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets", "--features"])
+            .arg(cuda.join(","))
+            .args(["--", "-D", "warnings"]))?;
+    }
+    run(cargo().args(["test", "--workspace"]))?;
+    if !args.iter().any(|a| a == "--no-loom") {
+        for pkg in loom_packages(&pkgs) {
+            // A separate target dir keeps the cfg(loom) build from invalidating the normal one.
+            run(cargo()
+                .args(["test", "--release", "--package", &pkg, "--target-dir", "target/loom"])
+                .args(["--", "loom"])
+                .env("RUSTFLAGS", "--cfg loom")
+                .env("LOOM_MAX_PREEMPTIONS", "3"))?;
+        }
+    }
+    eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// Build the hardware-in-the-loop bundle: every test target named `gpu*` and every example named
+/// `hil_*` of the crates with a `cuda` feature, built with that feature, plus the `elasticmoe`
+/// binary, and a `run.sh` that runs them all.
+fn hil(root: &Path, args: &[String]) -> Result<()> {
+    let run_after = args.iter().any(|a| a == "--run");
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let pkgs = packages()?;
+    let cuda = cuda_features(&pkgs);
+    if cuda.is_empty() {
+        bail!("no crate declares a `cuda` feature yet; nothing to put in the bundle");
+    }
+    let out_dir = root.join("target/hil");
+    let bin_dir = out_dir.join("bin");
+    if out_dir.exists() {
+        std::fs::remove_dir_all(&out_dir)?;
+    }
+    std::fs::create_dir_all(&bin_dir)?;
+
+    let mut built: Vec<(String, PathBuf)> = Vec::new();
+    for p in &pkgs {
+        let name = p["name"].as_str().unwrap_or_default();
+        if p["features"].get("cuda").is_none() {
+            continue;
+        }
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let tname = t["name"].as_str().unwrap_or_default();
+            let kinds: Vec<&str> =
+                t["kind"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let (flag, wanted) = if kinds.contains(&"test") && tname.starts_with("gpu") {
+                ("--test", true)
+            } else if kinds.contains(&"example") && tname.starts_with("hil_") {
+                ("--example", true)
+            } else if kinds.contains(&"bin") && name == "elasticmoe" {
+                ("--bin", true)
+            } else {
+                ("", false)
+            };
+            if !wanted {
+                continue;
+            }
+            let sub = if flag == "--test" { "test" } else { "build" };
+            let mut cmd = cargo();
+            cmd.args([sub, "--profile", "hil", "--package", name, flag, tname])
+                .args(["--features", &format!("{name}/cuda")])
+                .args(["--message-format", "json-render-diagnostics"]);
+            if sub == "test" {
+                cmd.arg("--no-run");
+            }
+            eprintln!("xtask: building {cmd:?}");
+            let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+            if !out.status.success() {
+                bail!("building {name} {flag} {tname} failed");
+            }
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+                if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == tname {
+                    if let Some(exe) = msg["executable"].as_str() {
+                        let label = format!(
+                            "{}{}",
+                            if flag == "--test" { "test-" } else { "" },
+                            tname
+                        );
+                        let dest = bin_dir.join(&label);
+                        std::fs::copy(exe, &dest)
+                            .with_context(|| format!("copying {exe} to the bundle"))?;
+                        built.push((label, dest));
+                    }
+                }
+            }
+        }
+    }
+    let mut script = String::from(HIL_HEADER);
+    for (label, _) in &built {
+        if label == "elasticmoe" {
+            continue;
+        }
+        script.push_str(&format!("step {label}\n"));
+    }
+    script.push_str(HIL_FOOTER);
+    let run_sh = out_dir.join("run.sh");
+    std::fs::write(&run_sh, script)?;
+    let total: u64 = built.iter().filter_map(|(_, p)| p.metadata().ok()).map(|m| m.len()).sum();
+    eprintln!(
+        "xtask: bundle at {} ({} binaries, {:.1} MiB)",
+        out_dir.display(),
+        built.len(),
+        total as f64 / (1 << 20) as f64
+    );
+    if total > 60 << 20 {
+        bail!("the bundle is over 60 MiB; the GPU machine takes at most 64 MiB");
+    }
+    if run_after {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&run_sh);
+        if let Some(f) = filter {
+            cmd.arg(f);
+        }
+        run(&mut cmd)?;
+    }
+    Ok(())
+}
+
+const HIL_HEADER: &str = r#"#!/usr/bin/env bash
+# Generated by `cargo xtask hil`. Runs every GPU test and benchmark in this bundle.
+# Usage: bash target/hil/run.sh [FILTER]   (FILTER: a substring of the step names to run)
+# Results: JSON files go to $HIL_RESULTS (default target/hil/results); with $OUT set, the log
+# and a tarball of the results are copied under $OUT.
+set -u
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+filter="${1:-}"
+export HIL_RESULTS="${HIL_RESULTS:-$here/results}"
+mkdir -p "$HIL_RESULTS"
+log="$HIL_RESULTS/hil.log"
+: > "$log"
+failed=0
+export PATH="$here/bin:$PATH"
+{ echo "== host: $(hostname) $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1; } | tee -a "$log"
+step() {
+  local name="$1"; shift
+  if [ -n "$filter" ] && [[ "$name" != *"$filter"* ]]; then return; fi
+  echo "== step $name" | tee -a "$log"
+  local t0=$(date +%s.%N)
+  if (cd "$HIL_RESULTS" && "$here/bin/$name" "$@") 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    echo "== ok $name ($(echo "$(date +%s.%N) - $t0" | bc)s)" | tee -a "$log"
+  else
+    echo "== FAILED $name" | tee -a "$log"; failed=$((failed+1))
+  fi
+}
+"#;
+
+const HIL_FOOTER: &str = r#"
+echo "== done: $failed failed step(s)" | tee -a "$log"
+if [ -n "${OUT:-}" ]; then
+  cp "$log" "$OUT/hil.log"
+  tar -czf "$OUT/results.tar.gz" -C "$HIL_RESULTS" .
+fi
+exit $((failed > 0))
+"#;
