@@ -1,0 +1,1 @@
+//! `hbm-vmm`: device memory as virtual memory (work in progress).
