@@ -1,0 +1,5 @@
+//! The serving engine.
+
+pub mod request;
+pub mod sampling;
+pub mod scheduler;
