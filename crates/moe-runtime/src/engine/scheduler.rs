@@ -232,7 +232,7 @@ impl Scheduler {
     }
 
     /// Removes a sequence (finished or cancelled), freeing its KV. Returns whether it was known.
-    pub fn remove(&mut self, seq: RequestId, kv: &mut impl KvLedger) -> bool {
+    pub fn remove(&mut self, seq: RequestId, kv: &mut (impl KvLedger + ?Sized)) -> bool {
         let Some(s) = self.seqs.remove(&seq) else {
             return false;
         };
@@ -301,7 +301,11 @@ impl Scheduler {
 
     /// Removes a rank whose sequences have all been moved or requeued. Sequences still running there
     /// are requeued for recompute (their KV is released) and returned.
-    pub fn remove_rank(&mut self, rank: RankId, kv: &mut impl KvLedger) -> Vec<RequestId> {
+    pub fn remove_rank(
+        &mut self,
+        rank: RankId,
+        kv: &mut (impl KvLedger + ?Sized),
+    ) -> Vec<RequestId> {
         let Some(state) = self.ranks.remove(&rank) else {
             return Vec::new();
         };
@@ -341,7 +345,7 @@ impl Scheduler {
     pub fn requeue(
         &mut self,
         seq: RequestId,
-        kv: &mut impl KvLedger,
+        kv: &mut (impl KvLedger + ?Sized),
     ) -> Result<(), SchedulerError> {
         let s = self
             .seqs
@@ -365,7 +369,7 @@ impl Scheduler {
         }
     }
 
-    fn preempt(&mut self, rank: RankId, seq: RequestId, kv: &mut impl KvLedger) {
+    fn preempt(&mut self, rank: RankId, seq: RequestId, kv: &mut (impl KvLedger + ?Sized)) {
         kv.release(rank, seq);
         if let Some(r) = self.ranks.get_mut(&rank) {
             r.running.retain(|&x| x != seq);
@@ -380,7 +384,7 @@ impl Scheduler {
     /// Plans the next iteration. The plan is committed: the scheduler assumes every chunk runs (the
     /// caller then reports sampled tokens with [`Scheduler::push_token`] and ends sequences with
     /// [`Scheduler::remove`]).
-    pub fn schedule(&mut self, kv: &mut impl KvLedger) -> Schedule {
+    pub fn schedule(&mut self, kv: &mut (impl KvLedger + ?Sized)) -> Schedule {
         let mut out = Schedule::default();
         let ranks: Vec<RankId> = self.ranks.keys().copied().collect();
         let mut budget: BTreeMap<RankId, usize> = ranks
@@ -492,7 +496,7 @@ impl Scheduler {
         rank: RankId,
         seq: RequestId,
         tokens: usize,
-        kv: &mut impl KvLedger,
+        kv: &mut (impl KvLedger + ?Sized),
         out: &mut Schedule,
     ) -> bool {
         loop {
