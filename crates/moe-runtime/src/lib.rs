@@ -12,3 +12,4 @@
 pub mod config;
 pub mod schema;
 pub mod engine;
+pub mod compute;
