@@ -1,1 +1,178 @@
-//! `hbm-vmm`: device memory as virtual memory (work in progress).
+//! `hbm-vmm`: device memory as *virtual* memory.
+//!
+//! # What it owns
+//!
+//! Every physical chunk of device memory and every virtual range it is mapped into:
+//!
+//! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import as
+//!   an fd, release) with associated types in the style of wgpu-hal, and two backends:
+//!   [`host`] (always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
+//!   capacity budget per "device") and `cuda` (feature `cuda`: the CUDA driver's VMM API);
+//! - the safe layer: [`Vmm`] (the cheap-to-clone entry point), RAII [`PhysChunk`],
+//!   [`Reservation`] and [`Mapping`], and [`PagedRegion`] (a reserved range of equal slots, each
+//!   mappable, unmappable and remappable to a chunk);
+//! - [`Hmm`], the HBM manager: a per-device registry of chunks under an opaque key, with
+//!   refcounts, usage and peak accounting, and deferred release by epochs;
+//! - `ipc`: sharing chunks with another process over a Unix socket (fds via `SCM_RIGHTS`).
+//!
+//! # Architecture invariants
+//!
+//! - This crate never knows about models, requests, experts or KV blocks. Keys in [`Hmm`] are
+//!   opaque to it.
+//! - It never unmaps a range that a live view still uses: a [`Mapping`] keeps its chunk and its
+//!   reservation alive, a chunk is released only when its last handle *and* its last mapping are
+//!   gone, a reservation is freed only after its last mapping, and [`Hmm::retire`] defers dropping
+//!   a view until every epoch guard that could still see it has gone.
+//! - `Drop` never panics. A backend error during teardown is recorded and can be read with
+//!   [`Vmm::take_errors`].
+//! - Bad input returns a typed [`VmmError`]; nothing here panics on it.
+//!
+//! # Example
+//!
+//! ```
+//! use hbm_vmm::{host::{HostBackend, HostConfig}, DeviceId, Vmm};
+//!
+//! # fn main() -> Result<(), hbm_vmm::VmmError> {
+//! let page = hbm_vmm::host::page_size();
+//! let vmm = Vmm::new(HostBackend::new(HostConfig::devices(2, 64 * page).with_granularity(page)?));
+//! let dev = DeviceId(0);
+//! let chunk = vmm.create_chunk(dev, page, false)?;
+//! // One chunk, two virtual addresses: zero-copy views.
+//! let a = vmm.reserve(dev, page)?.map(0, &chunk, 0, page)?;
+//! let b = vmm.reserve(dev, page)?.map(0, &chunk, 0, page)?;
+//! a.as_mut_slice()[..5].copy_from_slice(b"hello");
+//! assert_eq!(&b.as_slice()[..5], b"hello");
+//! assert_ne!(a.addr(), b.addr());
+//! assert_eq!(vmm.usage(dev), page);
+//! drop((a, b, chunk));
+//! assert_eq!(vmm.usage(dev), 0);
+//! # Ok(())
+//! # }
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod error;
+pub mod hmm;
+pub mod host;
+mod host_access;
+mod loom;
+mod paged;
+mod vmm;
+
+pub use error::VmmError;
+pub use hmm::{EpochGuard, Hmm};
+pub use host_access::{HostRead, HostWrite};
+pub use paged::PagedRegion;
+pub use vmm::{ChunkId, Mapping, PhysChunk, Reservation, Vmm};
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+/// A device, by index into its backend (`dev0`, `dev1`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceId(pub u32);
+
+impl DeviceId {
+    /// The index as a `usize`, for indexing per-device tables.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dev{}", self.0)
+    }
+}
+
+/// A device virtual-memory backend: the raw layer under [`Vmm`].
+///
+/// Each method validates its arguments (device, alignment, bounds) and returns a typed error.
+/// State-dependent rules (is this range already mapped, is this chunk still in use) are the safe
+/// layer's job; a backend may or may not check them.
+///
+/// All sizes and offsets must be multiples of [`Backend::granularity`].
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A physical chunk of device memory.
+    type Chunk: Send + Sync + fmt::Debug;
+    /// A reserved range of device virtual addresses.
+    type Reservation: Send + Sync + fmt::Debug;
+
+    /// How many devices this backend drives (`dev0..devN`).
+    fn device_count(&self) -> usize;
+    /// The allocation granularity of `dev` in bytes (a power of two).
+    fn granularity(&self, dev: DeviceId) -> Result<usize, VmmError>;
+    /// Allocates a physical chunk of `size` bytes on `dev`. `exportable` chunks can be shared with
+    /// other processes through [`Backend::export`].
+    fn create(&self, dev: DeviceId, size: usize, exportable: bool)
+        -> Result<Self::Chunk, VmmError>;
+    /// Releases a chunk. Mappings of it that still exist keep the memory until they are unmapped.
+    fn release(&self, chunk: Self::Chunk) -> Result<(), VmmError>;
+    /// Reserves `size` bytes of virtual address space, aligned to the granularity, for `dev`.
+    fn reserve(&self, dev: DeviceId, size: usize) -> Result<Self::Reservation, VmmError>;
+    /// Frees a reservation. Everything in it must have been unmapped first.
+    fn free(&self, r: Self::Reservation) -> Result<(), VmmError>;
+    /// Maps `c[chunk_offset..chunk_offset + len]` at `r.base() + offset`. The mapped range is not
+    /// accessible until [`Backend::set_access`] grants it.
+    fn map(
+        &self,
+        r: &Self::Reservation,
+        offset: usize,
+        c: &Self::Chunk,
+        chunk_offset: usize,
+        len: usize,
+    ) -> Result<(), VmmError>;
+    /// Unmaps `[offset, offset + len)` of `r`. The range goes back to reserved, inaccessible address
+    /// space (never a hole another allocation could take).
+    fn unmap(&self, r: &Self::Reservation, offset: usize, len: usize) -> Result<(), VmmError>;
+    /// Makes the mapped range `[offset, offset + len)` of `r` readable and writable from `devices`.
+    fn set_access(
+        &self,
+        r: &Self::Reservation,
+        offset: usize,
+        len: usize,
+        devices: &[DeviceId],
+    ) -> Result<(), VmmError>;
+    /// Exports an exportable chunk as a file descriptor another process can import.
+    fn export(&self, c: &Self::Chunk) -> Result<OwnedFd, VmmError>;
+    /// Imports a chunk of `size` bytes on `dev` from an fd made by [`Backend::export`].
+    fn import(&self, dev: DeviceId, fd: OwnedFd, size: usize) -> Result<Self::Chunk, VmmError>;
+    /// The device virtual address of the start of `r`.
+    fn base(&self, r: &Self::Reservation) -> u64;
+    /// `(free, total)` bytes of `dev`'s memory.
+    fn mem_info(&self, dev: DeviceId) -> Result<(usize, usize), VmmError>;
+}
+
+/// Checks that `value` is a multiple of `granularity` (a power of two).
+pub(crate) fn check_aligned(
+    what: &'static str,
+    value: usize,
+    granularity: usize,
+) -> Result<(), VmmError> {
+    if !value.is_multiple_of(granularity) {
+        return Err(VmmError::Unaligned {
+            what,
+            value: value as u64,
+            granularity,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `[offset, offset + len)` lies inside `limit` bytes, without overflow.
+pub(crate) fn check_range(
+    what: &'static str,
+    offset: usize,
+    len: usize,
+    limit: usize,
+) -> Result<(), VmmError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= limit => Ok(()),
+        _ => Err(VmmError::OutOfRange {
+            what,
+            offset: offset as u64,
+            len,
+            limit,
+        }),
+    }
+}
