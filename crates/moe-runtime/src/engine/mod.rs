@@ -26,6 +26,8 @@
 //! run.stop();
 //! ```
 
+pub(crate) mod loom;
+pub(crate) mod mesh;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+pub use mesh::MeshError;
 pub use request::{
     Completion, Event, FinishReason, Request, RequestError, RequestId, RequestLimits,
     RequestTimings, TokenEvent, TokenId,
