@@ -1,0 +1,2 @@
+//! GPU benchmark (work in progress).
+fn main() {}

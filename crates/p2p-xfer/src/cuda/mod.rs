@@ -1,0 +1,1 @@
+//! The CUDA transport (work in progress).
