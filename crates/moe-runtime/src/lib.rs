@@ -11,5 +11,6 @@
 
 pub mod config;
 pub mod schema;
+pub mod checkpoint;
 pub mod engine;
 pub mod compute;
