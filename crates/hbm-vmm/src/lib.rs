@@ -13,7 +13,7 @@
 //!   mappable, unmappable and remappable to a chunk);
 //! - [`Hmm`], the HBM manager: a per-device registry of chunks under an opaque key, with
 //!   refcounts, usage and peak accounting, and deferred release by epochs;
-//! - `ipc`: sharing chunks with another process over a Unix socket (fds via `SCM_RIGHTS`).
+//! - [`ipc`]: sharing chunks with another process over a Unix socket (fds via `SCM_RIGHTS`).
 //!
 //! # Architecture invariants
 //!
@@ -55,6 +55,7 @@ mod error;
 pub mod hmm;
 pub mod host;
 mod host_access;
+pub mod ipc;
 mod loom;
 mod paged;
 mod vmm;
