@@ -14,3 +14,4 @@ pub mod schema;
 pub mod checkpoint;
 pub mod engine;
 pub mod compute;
+pub mod model;
