@@ -7,7 +7,8 @@
 //! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import as
 //!   an fd, release) with associated types in the style of wgpu-hal, and two backends:
 //!   [`host`] (always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
-//!   capacity budget per "device") and `cuda` (feature `cuda`: the CUDA driver's VMM API);
+//!   capacity budget per "device") and `cuda` (feature `cuda`: the CUDA driver's VMM API,
+//!   through cudarc's `driver::sys`);
 //! - the safe layer: [`Vmm`] (the cheap-to-clone entry point), RAII [`PhysChunk`],
 //!   [`Reservation`] and [`Mapping`], and [`PagedRegion`] (a reserved range of equal slots, each
 //!   mappable, unmappable and remappable to a chunk);
@@ -59,6 +60,9 @@ pub mod ipc;
 mod loom;
 mod paged;
 mod vmm;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use error::VmmError;
 pub use hmm::{EpochGuard, Hmm};

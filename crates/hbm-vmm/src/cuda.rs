@@ -1,0 +1,463 @@
+//! The CUDA backend (feature `cuda`): the driver's virtual memory management API through
+//! cudarc's raw `driver::sys` bindings, loaded dynamically.
+//!
+//! - Chunks are `cuMemCreate` allocations (pinned device memory). Exportable chunks request
+//!   `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` at creation; it cannot be added later.
+//! - Reservations are `cuMemAddressReserve` ranges aligned to the granularity.
+//! - `map`/`unmap` are `cuMemMap`/`cuMemUnmap`; `set_access` is `cuMemSetAccess` with
+//!   read-write for each listed device (`cuCtxEnablePeerAccess` does not cover VMM memory).
+//! - Every call first makes the device's primary context current on the calling thread. The
+//!   primary contexts are retained in [`CudaBackend::new`] and released when the backend drops
+//!   (after every chunk and reservation, which keep the [`crate::Vmm`] alive).
+//!
+//! Teardown order matters on a GPU: synchronise the streams that used a range, unmap, release,
+//! then free the reservation. The safe layer guarantees the last three (a mapping keeps its
+//! chunk and reservation alive); synchronising streams is the caller's job.
+//!
+//! A missing driver library is [`VmmError::NoDriver`], never a panic.
+
+use crate::{check_aligned, check_range, Backend, DeviceId, VmmError};
+use cudarc::driver::sys::{
+    self, cudaError_enum as CUresult, CUcontext, CUdevice, CUdeviceptr,
+    CUmemAccess_flags_enum as AccessFlags, CUmemAllocationGranularity_flags_enum as GranFlags,
+    CUmemAllocationHandleType_enum as HandleType, CUmemAllocationType_enum as AllocType,
+    CUmemGenericAllocationHandle, CUmemLocationType_enum as LocType,
+};
+use std::ffi::{c_int, c_void};
+use std::fmt;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
+/// Turns a driver result into `Ok` or [`VmmError::Driver`].
+fn check(call: &'static str, r: CUresult) -> Result<(), VmmError> {
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(VmmError::Driver {
+            call,
+            code: r as i32,
+        })
+    }
+}
+
+/// A retained primary context. Raw pointers are neither `Send` nor `Sync`; the driver's
+/// contexts are safe to use from any thread (each thread makes it current before use).
+#[derive(Clone, Copy)]
+struct Ctx(CUcontext);
+
+// SAFETY: a CUDA context handle may be made current on, and used from, any thread; the driver
+// synchronises internally. We never dereference the pointer ourselves.
+unsafe impl Send for Ctx {}
+// SAFETY: as above; sharing the handle only lets other threads pass it to the driver.
+unsafe impl Sync for Ctx {}
+
+struct Device {
+    ordinal: c_int,
+    cu: CUdevice,
+    ctx: Ctx,
+    granularity: usize,
+}
+
+/// The CUDA backend: one entry per visible GPU, `DeviceId(i)` being CUDA ordinal `i`.
+pub struct CudaBackend {
+    devices: Vec<Device>,
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("devices", &self.devices.len())
+            .field(
+                "granularity",
+                &self
+                    .devices
+                    .iter()
+                    .map(|d| d.granularity)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A `cuMemCreate` allocation.
+#[derive(Debug)]
+pub struct CudaChunk {
+    handle: CUmemGenericAllocationHandle,
+    dev: DeviceId,
+    size: usize,
+    exportable: bool,
+}
+
+impl CudaChunk {
+    /// The driver's allocation handle.
+    pub fn handle(&self) -> CUmemGenericAllocationHandle {
+        self.handle
+    }
+}
+
+/// A `cuMemAddressReserve` range.
+#[derive(Debug)]
+pub struct CudaReservation {
+    ptr: CUdeviceptr,
+    len: usize,
+    dev: DeviceId,
+}
+
+fn alloc_prop(ordinal: c_int, exportable: bool) -> sys::CUmemAllocationProp {
+    sys::CUmemAllocationProp {
+        type_: AllocType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: if exportable {
+            HandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        } else {
+            HandleType::CU_MEM_HANDLE_TYPE_NONE
+        },
+        location: sys::CUmemLocation {
+            type_: LocType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: ordinal,
+        },
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+impl CudaBackend {
+    /// Initialises the driver and retains the primary context of every visible GPU.
+    ///
+    /// Errors: [`VmmError::NoDriver`] when `libcuda` is missing, the driver fails to initialise,
+    /// or no GPU is visible.
+    pub fn new() -> Result<Self, VmmError> {
+        // SAFETY: only tries to dlopen the driver library; it has no other effect.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(VmmError::NoDriver(
+                "libcuda.so was not found; install the NVIDIA driver or run on a GPU machine"
+                    .into(),
+            ));
+        }
+        // SAFETY: cuInit takes no pointers and may be called any number of times.
+        let r = unsafe { sys::cuInit(0) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(VmmError::NoDriver(format!(
+                "cuInit failed with code {}",
+                r as i32
+            )));
+        }
+        let mut count: c_int = 0;
+        // SAFETY: `count` is a valid out-pointer for the duration of the call.
+        check("cuDeviceGetCount", unsafe {
+            sys::cuDeviceGetCount(&mut count)
+        })?;
+        if count <= 0 {
+            return Err(VmmError::NoDriver("the driver sees no CUDA device".into()));
+        }
+        let mut backend = CudaBackend {
+            devices: Vec::with_capacity(count as usize),
+        };
+        for ordinal in 0..count {
+            let mut cu: CUdevice = 0;
+            // SAFETY: `cu` is a valid out-pointer; `ordinal` is below the device count.
+            check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut cu, ordinal) })?;
+            let mut ctx: CUcontext = std::ptr::null_mut();
+            // SAFETY: `ctx` is a valid out-pointer; `cu` is a device handle from cuDeviceGet.
+            check("cuDevicePrimaryCtxRetain", unsafe {
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, cu)
+            })?;
+            // Pushed before anything else can fail, so that Drop releases it.
+            backend.devices.push(Device {
+                ordinal,
+                cu,
+                ctx: Ctx(ctx),
+                granularity: 0,
+            });
+            // SAFETY: `ctx` is the primary context we just retained.
+            check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+            let prop = alloc_prop(ordinal, false);
+            let mut granularity = 0usize;
+            // SAFETY: both pointers are valid for the duration of the call.
+            check("cuMemGetAllocationGranularity", unsafe {
+                sys::cuMemGetAllocationGranularity(
+                    &mut granularity,
+                    &prop,
+                    GranFlags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                )
+            })?;
+            if let Some(d) = backend.devices.last_mut() {
+                d.granularity = granularity;
+            }
+        }
+        Ok(backend)
+    }
+
+    fn device(&self, dev: DeviceId) -> Result<&Device, VmmError> {
+        self.devices
+            .get(dev.index())
+            .ok_or(VmmError::NoSuchDevice(dev))
+    }
+
+    /// Makes `dev`'s primary context current on the calling thread.
+    pub fn bind(&self, dev: DeviceId) -> Result<(), VmmError> {
+        let d = self.device(dev)?;
+        // SAFETY: the context is a retained primary context, valid until `self` drops.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(d.ctx.0) })
+    }
+
+    /// The retained primary context of `dev` (valid as long as this backend lives), for callers
+    /// that issue their own driver calls (copies, kernels).
+    pub fn context(&self, dev: DeviceId) -> Result<CUcontext, VmmError> {
+        Ok(self.device(dev)?.ctx.0)
+    }
+
+    /// The driver's device handle of `dev`.
+    pub fn cu_device(&self, dev: DeviceId) -> Result<CUdevice, VmmError> {
+        Ok(self.device(dev)?.cu)
+    }
+
+    fn check_size(
+        &self,
+        dev: DeviceId,
+        what: &'static str,
+        size: usize,
+    ) -> Result<&Device, VmmError> {
+        let d = self.device(dev)?;
+        if size == 0 {
+            return Err(VmmError::ZeroSize { what });
+        }
+        check_aligned(what, size, d.granularity)?;
+        Ok(d)
+    }
+
+    fn check_sub_range(
+        &self,
+        r: &CudaReservation,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), VmmError> {
+        let d = self.check_size(r.dev, "len", len)?;
+        check_aligned("offset", offset, d.granularity)?;
+        check_range("reservation", offset, len, r.len)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        for d in &self.devices {
+            // SAFETY: each device's primary context was retained exactly once in `new`. Errors
+            // are ignored: Drop must not panic and there is nobody left to tell.
+            let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(d.cu) };
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Chunk = CudaChunk;
+    type Reservation = CudaReservation;
+
+    fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn granularity(&self, dev: DeviceId) -> Result<usize, VmmError> {
+        Ok(self.device(dev)?.granularity)
+    }
+
+    fn create(&self, dev: DeviceId, size: usize, exportable: bool) -> Result<CudaChunk, VmmError> {
+        let d = self.check_size(dev, "size", size)?;
+        self.bind(dev)?;
+        let prop = alloc_prop(d.ordinal, exportable);
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` and `prop` are valid for the duration of the call; `size` is a
+        // positive multiple of the granularity.
+        let r = unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) };
+        if r == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let available = self.mem_info(dev).map(|(free, _)| free).unwrap_or(0);
+            return Err(VmmError::OutOfMemory {
+                device: dev,
+                requested: size,
+                available,
+            });
+        }
+        check("cuMemCreate", r)?;
+        Ok(CudaChunk {
+            handle,
+            dev,
+            size,
+            exportable,
+        })
+    }
+
+    fn release(&self, chunk: CudaChunk) -> Result<(), VmmError> {
+        self.bind(chunk.dev)?;
+        // SAFETY: the handle came from cuMemCreate/cuMemImportFromShareableHandle and is
+        // consumed here, so it is released exactly once.
+        check("cuMemRelease", unsafe { sys::cuMemRelease(chunk.handle) })
+    }
+
+    fn reserve(&self, dev: DeviceId, size: usize) -> Result<CudaReservation, VmmError> {
+        let d = self.check_size(dev, "size", size)?;
+        self.bind(dev)?;
+        let mut ptr: CUdeviceptr = 0;
+        // SAFETY: `ptr` is a valid out-pointer; no fixed address is requested.
+        check("cuMemAddressReserve", unsafe {
+            sys::cuMemAddressReserve(&mut ptr, size, d.granularity, 0, 0)
+        })?;
+        Ok(CudaReservation {
+            ptr,
+            len: size,
+            dev,
+        })
+    }
+
+    fn free(&self, r: CudaReservation) -> Result<(), VmmError> {
+        self.bind(r.dev)?;
+        // SAFETY: the range came from cuMemAddressReserve with this size and is consumed here;
+        // the safe layer frees it only after every mapping in it is gone.
+        check("cuMemAddressFree", unsafe {
+            sys::cuMemAddressFree(r.ptr, r.len)
+        })
+    }
+
+    fn map(
+        &self,
+        r: &CudaReservation,
+        offset: usize,
+        c: &CudaChunk,
+        chunk_offset: usize,
+        len: usize,
+    ) -> Result<(), VmmError> {
+        self.check_sub_range(r, offset, len)?;
+        check_aligned(
+            "chunk_offset",
+            chunk_offset,
+            self.device(r.dev)?.granularity,
+        )?;
+        check_range("chunk", chunk_offset, len, c.size)?;
+        self.bind(r.dev)?;
+        // SAFETY: the target range lies inside our reservation and the source range inside
+        // the chunk (both checked above); the handle is live while `c` is borrowed.
+        check("cuMemMap", unsafe {
+            sys::cuMemMap(r.ptr + offset as u64, len, chunk_offset, c.handle, 0)
+        })
+    }
+
+    fn unmap(&self, r: &CudaReservation, offset: usize, len: usize) -> Result<(), VmmError> {
+        self.check_sub_range(r, offset, len)?;
+        self.bind(r.dev)?;
+        // SAFETY: the range lies inside our reservation; the safe layer unmaps only ranges
+        // that it mapped and that no view uses any more.
+        check("cuMemUnmap", unsafe {
+            sys::cuMemUnmap(r.ptr + offset as u64, len)
+        })
+    }
+
+    fn set_access(
+        &self,
+        r: &CudaReservation,
+        offset: usize,
+        len: usize,
+        devices: &[DeviceId],
+    ) -> Result<(), VmmError> {
+        self.check_sub_range(r, offset, len)?;
+        let desc = |ordinal: c_int, flags: AccessFlags| sys::CUmemAccessDesc {
+            location: sys::CUmemLocation {
+                type_: LocType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: ordinal,
+            },
+            flags,
+        };
+        let descs: Vec<sys::CUmemAccessDesc> = if devices.is_empty() {
+            // No device may access it: revoke the owner's access.
+            vec![desc(
+                self.device(r.dev)?.ordinal,
+                AccessFlags::CU_MEM_ACCESS_FLAGS_PROT_NONE,
+            )]
+        } else {
+            devices
+                .iter()
+                .map(|&d| {
+                    Ok(desc(
+                        self.device(d)?.ordinal,
+                        AccessFlags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+                    ))
+                })
+                .collect::<Result<_, VmmError>>()?
+        };
+        self.bind(r.dev)?;
+        // SAFETY: the range lies inside our reservation; `descs` is valid for the call.
+        check("cuMemSetAccess", unsafe {
+            sys::cuMemSetAccess(r.ptr + offset as u64, len, descs.as_ptr(), descs.len())
+        })
+    }
+
+    fn export(&self, c: &CudaChunk) -> Result<OwnedFd, VmmError> {
+        if !c.exportable {
+            return Err(VmmError::NotExportable);
+        }
+        self.bind(c.dev)?;
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX fds the driver writes an `int` through the pointer; `fd` is valid.
+        check("cuMemExportToShareableHandle", unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut c_int).cast::<c_void>(),
+                c.handle,
+                HandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        })?;
+        if fd < 0 {
+            return Err(VmmError::Driver {
+                call: "cuMemExportToShareableHandle",
+                code: -1,
+            });
+        }
+        // SAFETY: the driver returned a new file descriptor that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn import(&self, dev: DeviceId, fd: OwnedFd, size: usize) -> Result<CudaChunk, VmmError> {
+        self.check_size(dev, "size", size)?;
+        self.bind(dev)?;
+        let raw = fd.into_raw_fd();
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: for POSIX fds the driver takes the fd value itself in the pointer argument;
+        // `handle` is a valid out-pointer.
+        let r = unsafe {
+            sys::cuMemImportFromShareableHandle(
+                &mut handle,
+                raw as isize as *mut c_void,
+                HandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        };
+        // SAFETY: we own `raw` (from `into_raw_fd`); the driver keeps its own reference to the
+        // memory, so the fd is closed here whatever the outcome.
+        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(VmmError::BadHandle(format!(
+                "cuMemImportFromShareableHandle failed with code {} (not an exported CUDA allocation?)",
+                r as i32
+            )));
+        }
+        Ok(CudaChunk {
+            handle,
+            dev,
+            size,
+            exportable: true,
+        })
+    }
+
+    fn base(&self, r: &CudaReservation) -> u64 {
+        r.ptr
+    }
+
+    fn mem_info(&self, dev: DeviceId) -> Result<(usize, usize), VmmError> {
+        self.bind(dev)?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: both are valid out-pointers for the call.
+        check("cuMemGetInfo", unsafe {
+            sys::cuMemGetInfo_v2(&mut free, &mut total)
+        })?;
+        Ok((free, total))
+    }
+}
