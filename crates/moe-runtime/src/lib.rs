@@ -12,6 +12,8 @@
 pub mod config;
 pub mod schema;
 pub mod checkpoint;
+pub mod presets;
+pub mod synth;
 pub mod engine;
 pub mod compute;
 pub mod model;
