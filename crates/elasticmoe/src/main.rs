@@ -1,0 +1,35 @@
+//! `elasticmoe`: the command line of ElasticMoE.
+//!
+//! One module per subcommand under [`cmd`]; each has an `Args` (clap) and a `run`. The binary only
+//! parses arguments, calls library crates and prints; it holds no logic a library should own.
+//!
+//! ```text
+//! elasticmoe gen-model --preset tiny-qwen3 --out models/tiny-qwen3
+//! elasticmoe gen-model --preset qwen3-30b-a3b --layers 4 --seed 1 --out /data/qwen3-4l
+//! ```
+#![forbid(unsafe_code)]
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Serve Mixture-of-Experts models on a device set that grows and shrinks while it serves.
+#[derive(Debug, Parser)]
+#[command(name = "elasticmoe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a model directory (config, sharded safetensors with seeded random weights, tokenizer)
+    /// for a real architecture.
+    GenModel(cmd::gen_model::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::GenModel(args) => cmd::gen_model::run(&args),
+    }
+}
