@@ -14,18 +14,25 @@
 //! then free the reservation. The safe layer guarantees the last three (a mapping keeps its
 //! chunk and reservation alive); synchronising streams is the caller's job.
 //!
+//! Mapped memory can be handed to cudarc's safe APIs through [`DeviceView`] (which implements
+//! `DevicePtr`/`DevicePtrMut`); it is never wrapped in a `CudaSlice`, whose destructor would
+//! free it.
+//!
 //! A missing driver library is [`VmmError::NoDriver`], never a panic.
 
-use crate::{check_aligned, check_range, Backend, DeviceId, VmmError};
+use crate::{check_aligned, check_range, Backend, DeviceId, Mapping, PagedRegion, VmmError};
 use cudarc::driver::sys::{
     self, cudaError_enum as CUresult, CUcontext, CUdevice, CUdeviceptr,
     CUmemAccess_flags_enum as AccessFlags, CUmemAllocationGranularity_flags_enum as GranFlags,
     CUmemAllocationHandleType_enum as HandleType, CUmemAllocationType_enum as AllocType,
     CUmemGenericAllocationHandle, CUmemLocationType_enum as LocType,
 };
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::ffi::{c_int, c_void};
 use std::fmt;
+use std::marker::PhantomData;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
 
 /// Turns a driver result into `Ok` or [`VmmError::Driver`].
 fn check(call: &'static str, r: CUresult) -> Result<(), VmmError> {
@@ -459,5 +466,116 @@ impl Backend for CudaBackend {
             sys::cuMemGetInfo_v2(&mut free, &mut total)
         })?;
         Ok((free, total))
+    }
+}
+
+/// A typed window onto mapped device memory, usable with cudarc's safe copy and launch APIs
+/// (it implements [`DevicePtr`] and [`DevicePtrMut`]). It borrows the mapping (or region), so
+/// the memory stays mapped while the view lives.
+///
+/// Unlike a `CudaSlice`, it owns nothing (dropping it frees nothing) and does no event
+/// tracking: order the work on your streams yourself, and synchronise before the mapping goes.
+pub struct DeviceView<'a, T> {
+    ptr: CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+    _borrow: PhantomData<&'a T>,
+}
+
+impl<T> fmt::Debug for DeviceView<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceView")
+            .field("ptr", &format_args!("{:#x}", self.ptr))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<T> DeviceView<'_, T> {
+    /// The device address of the first element.
+    pub fn addr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl<T> DeviceSlice<T> for DeviceView<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> DevicePtr<T> for DeviceView<'_, T> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for DeviceView<'_, T> {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+fn view_at<'a, T>(
+    addr: u64,
+    bytes: usize,
+    stream: &Arc<CudaStream>,
+) -> Result<DeviceView<'a, T>, VmmError> {
+    let size = std::mem::size_of::<T>();
+    if size == 0 {
+        return Err(VmmError::ZeroSize {
+            what: "element type",
+        });
+    }
+    if !addr.is_multiple_of(std::mem::align_of::<T>() as u64) {
+        return Err(VmmError::Unaligned {
+            what: "view address",
+            value: addr,
+            granularity: std::mem::align_of::<T>(),
+        });
+    }
+    Ok(DeviceView {
+        ptr: addr,
+        len: bytes / size,
+        stream: Arc::clone(stream),
+        _borrow: PhantomData,
+    })
+}
+
+impl Mapping<CudaBackend> {
+    /// The whole mapping as `len() / size_of::<T>()` elements of `T`, for work on `stream`.
+    pub fn device_view<T>(&self, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>, VmmError> {
+        view_at(self.addr(), self.len(), stream)
+    }
+}
+
+impl PagedRegion<CudaBackend> {
+    /// `len` elements of `T` starting at byte `offset` of the region (which may span slots; all
+    /// of them must be mapped), for work on `stream`.
+    pub fn device_view<T>(
+        &self,
+        offset: usize,
+        len: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<DeviceView<'_, T>, VmmError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(VmmError::OutOfRange {
+                what: "paged region",
+                offset: offset as u64,
+                len,
+                limit: self.len(),
+            })?;
+        check_range("paged region", offset, bytes, self.len())?;
+        if bytes > 0 {
+            let first = offset / self.slot_size();
+            let last = (offset + bytes - 1) / self.slot_size();
+            self.check_slots(first, last - first + 1)?;
+        }
+        view_at(self.base() + offset as u64, bytes, stream)
     }
 }
