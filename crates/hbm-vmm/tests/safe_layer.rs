@@ -280,3 +280,40 @@ fn granularity_must_be_a_power_of_two_page_multiple() {
         "reservations are aligned to the granularity"
     );
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Vmm<HostBackend>>();
+    assert_send_sync::<hbm_vmm::PhysChunk<HostBackend>>();
+    assert_send_sync::<hbm_vmm::Reservation<HostBackend>>();
+    assert_send_sync::<hbm_vmm::Mapping<HostBackend>>();
+    assert_send_sync::<PagedRegion<HostBackend>>();
+    assert_send_sync::<hbm_vmm::Hmm<HostBackend, String>>();
+    assert_send_sync::<hbm_vmm::EpochGuard>();
+}
+
+#[test]
+fn readers_on_many_threads_see_one_writer() {
+    let (vmm, g) = vmm(8);
+    let chunk = vmm.create_chunk(D0, g, false).unwrap();
+    let views: Vec<_> = (0..4)
+        .map(|_| vmm.reserve(D0, g).unwrap().map(0, &chunk, 0, g).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for (i, v) in views.iter().enumerate() {
+            s.spawn(move || {
+                for round in 0..100u32 {
+                    if i == 0 {
+                        let mut w = v.as_mut_slice();
+                        // A writer fills the page with one value; readers must never see a mix.
+                        w.fill((round % 251) as u8);
+                    } else {
+                        let r = v.as_slice();
+                        assert!(r.iter().all(|&b| b == r[0]), "a torn write was visible");
+                    }
+                }
+            });
+        }
+    });
+}
