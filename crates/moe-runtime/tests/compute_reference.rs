@@ -10,13 +10,14 @@ mod compute_support;
 
 use std::collections::HashMap;
 
-use compute_support::{host_vmm, model_dir, TINY};
+use compute_support::{host_vmm, model_dir, model_dir_as, TINY};
 use hbm_vmm::DeviceId;
 use moe_runtime::checkpoint::Checkpoint;
 use moe_runtime::compute::cpu::CpuCompute;
-use moe_runtime::config::{Architecture, AttentionConfig, ModelConfig, TopkMethod};
+use moe_runtime::config::{Architecture, AttentionConfig, DType, ModelConfig, TopkMethod};
 use moe_runtime::model::runner::{argmax, SingleDevice};
 use moe_runtime::model::{Logits, Model};
+use moe_runtime::presets::Preset;
 use moe_runtime::schema::ModelSchema;
 
 /// A dense, single-sequence reference model.
@@ -360,39 +361,52 @@ fn assert_close(ours: &[f32], reference: &[f64], what: &str) {
     );
 }
 
+/// Prefills a prompt in one paged step (every position compared) and decodes `steps` tokens
+/// (chosen greedily by the reference), comparing logits at each step.
+fn check_against_reference(preset: Preset, dtype: DType, steps: usize) {
+    let (dir, cfg) = model_dir_as(preset, 42, dtype);
+    let ck = Checkpoint::open(dir.path()).expect("open checkpoint");
+    let mut reference = Reference::load(&ck, &cfg);
+    let vmm = host_vmm(1);
+    let model = Model::new(&cfg, CpuCompute::new()).expect("model");
+    let mut ours = SingleDevice::load(model, &vmm, DeviceId(0), &ck, 4).expect("load");
+    let seq = ours.add_sequence();
+    let what = format!("{preset} ({dtype})");
+
+    let prompt: Vec<u32> = vec![3, 141, 59, 26, 200, 7];
+    let ours_prompt = ours
+        .step_with(&[(seq, prompt.clone())], Logits::All)
+        .expect("prefill");
+    let mut last = Vec::new();
+    for (pos, &tok) in prompt.iter().enumerate() {
+        last = reference.step(tok, pos);
+        assert_close(
+            &ours_prompt[pos],
+            &last,
+            &format!("{what} prompt position {pos}"),
+        );
+    }
+    for step in 0..steps {
+        let next = argmax(&last.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        let pos = prompt.len() + step;
+        last = reference.step(next, pos);
+        let got = ours.step(&[(seq, vec![next])]).expect("decode").remove(0);
+        assert_close(&got, &last, &format!("{what} decode step {step}"));
+    }
+}
+
 #[test]
 fn tiny_presets_match_the_dense_reference_over_32_decode_steps() {
     for preset in TINY {
-        let (dir, cfg) = model_dir(preset, 42);
-        let ck = Checkpoint::open(dir.path()).expect("open checkpoint");
-        let mut reference = Reference::load(&ck, &cfg);
-        let vmm = host_vmm(1);
-        let model = Model::new(&cfg, CpuCompute::new()).expect("model");
-        let mut ours = SingleDevice::load(model, &vmm, DeviceId(0), &ck, 4).expect("load");
-        let seq = ours.add_sequence();
-
-        let prompt: Vec<u32> = vec![3, 141, 59, 26, 200, 7];
-        // Ours: the whole prompt in one paged step, every position's logits.
-        let ours_prompt = ours
-            .step_with(&[(seq, prompt.clone())], Logits::All)
-            .expect("prefill");
-        let mut last = Vec::new();
-        for (pos, &tok) in prompt.iter().enumerate() {
-            last = reference.step(tok, pos);
-            assert_close(
-                &ours_prompt[pos],
-                &last,
-                &format!("{preset} prompt position {pos}"),
-            );
-        }
-        for step in 0..32 {
-            let next = argmax(&last.iter().map(|&v| v as f32).collect::<Vec<_>>());
-            let pos = prompt.len() + step;
-            last = reference.step(next, pos);
-            let got = ours.step(&[(seq, vec![next])]).expect("decode").remove(0);
-            assert_close(&got, &last, &format!("{preset} decode step {step}"));
-        }
+        check_against_reference(preset, DType::F32, 32);
     }
+}
+
+#[test]
+fn half_precision_storage_is_accepted_and_matches_the_reference() {
+    // The reference reads the same bf16/f16 checkpoint, so both see identical weight values.
+    check_against_reference(Preset::TinyDeepseek, DType::BF16, 8);
+    check_against_reference(Preset::TinyQwen3, DType::F16, 8);
 }
 
 #[test]

@@ -698,3 +698,94 @@ impl TensorSource for MemTensors {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets::Preset;
+
+    #[test]
+    fn chunk_layouts_are_aligned_disjoint_and_complete() {
+        for p in [Preset::TinyQwen3, Preset::TinyDeepseek, Preset::TinyMixtral] {
+            let cfg = p.config();
+            let layout = WeightLayout::new(&cfg);
+            let schema = schema::ModelSchema::new(&cfg);
+            let mut placed = 0;
+            for c in std::iter::once(layout.global()).chain(layout.layers.iter()) {
+                let mut end = 0;
+                for t in c.tensors() {
+                    assert_eq!(t.offset % ALIGN_FLOATS, 0, "{p}: {} aligned", t.name);
+                    assert!(t.offset >= end, "{p}: {} overlaps its predecessor", t.name);
+                    assert_eq!(schema.get(&t.name).map(TensorSpec::numel), Some(t.len));
+                    end = t.offset + t.len;
+                }
+                assert!(end <= c.floats());
+                placed += c.tensors().len();
+            }
+            let experts: usize = cfg.num_moe_layers() * cfg.moe.num_experts * 3;
+            assert_eq!(
+                placed + experts,
+                schema.tensors().len(),
+                "{p}: every tensor has a home"
+            );
+            // Chunk sizes round up to the granularity and hold the data.
+            let g = 4096;
+            assert_eq!(layout.global().chunk_bytes(g) % g, 0);
+            assert!(layout.global().chunk_bytes(g) >= layout.global().floats() * 4);
+            assert_eq!(layout.expert_chunk_bytes(g) % g, 0);
+            assert!(layout.expert_chunk_bytes(g) >= layout.expert_floats() * 4);
+        }
+    }
+
+    #[test]
+    fn views_slice_the_right_tensors() {
+        let cfg = Preset::TinyDeepseek.config();
+        let layout = WeightLayout::new(&cfg);
+        // Fill each tensor of layer 1 with its index so views can be checked by value.
+        let c = layout.layer(1).unwrap();
+        let mut data = vec![-1.0f32; c.floats()];
+        for (i, t) in c.tensors().iter().enumerate() {
+            data[t.offset..t.offset + t.len].fill(i as f32);
+        }
+        let v = layout.layer_view(1, &data).unwrap();
+        let idx = |role| c.tensors().iter().position(|t| t.role == role).unwrap() as f32;
+        assert!(v
+            .input_norm
+            .iter()
+            .all(|&x| x == idx(TensorRole::InputNorm)));
+        let MlpWeights::Moe {
+            router,
+            shared: Some(shared),
+        } = v.mlp
+        else {
+            panic!("MoE layer")
+        };
+        assert!(router.iter().all(|&x| x == idx(TensorRole::RouterGate)));
+        assert!(shared.down.iter().all(|&x| x == idx(TensorRole::Down)));
+        assert_eq!(shared.inter, 2 * cfg.moe.expert_intermediate_size);
+        let AttnWeights::Mla { kv_b, .. } = v.attn else {
+            panic!("MLA")
+        };
+        assert!(kv_b.iter().all(|&x| x == idx(TensorRole::KvBProj)));
+        assert!(matches!(
+            layout.layer_view(1, &data[..10]),
+            Err(ModelError::ChunkTooSmall { .. })
+        ));
+        assert!(matches!(
+            layout.layer_view(9, &data),
+            Err(ModelError::NoSuchLayer { layer: 9 })
+        ));
+        // Layer 0 is dense.
+        let c0 = layout.layer(0).unwrap();
+        let zeros = vec![0.0; c0.floats()];
+        let v0 = layout.layer_view(0, &zeros).unwrap();
+        assert!(matches!(v0.mlp, MlpWeights::Dense(f) if f.inter == cfg.intermediate_size));
+        // Expert chunks are [gate | up | down].
+        let n = cfg.hidden_size * cfg.moe.expert_intermediate_size;
+        let e: Vec<f32> = (0..3 * n).map(|i| (i / n) as f32).collect();
+        let f = layout.expert_view(&e).unwrap();
+        assert!(f.gate.iter().all(|&x| x == 0.0) && f.up.iter().all(|&x| x == 1.0));
+        assert!(f.down.iter().all(|&x| x == 2.0));
+        assert!(layout.expert_view(&e[1..]).is_err());
+    }
+}

@@ -4,7 +4,7 @@
 
 use hbm_vmm::host::{HostBackend, HostConfig};
 use hbm_vmm::Vmm;
-use moe_runtime::config::ModelConfig;
+use moe_runtime::config::{DType, ModelConfig};
 use moe_runtime::presets::Preset;
 use moe_runtime::synth::{self, SynthOptions};
 
@@ -14,9 +14,19 @@ pub const TINY: [Preset; 3] = [Preset::TinyQwen3, Preset::TinyDeepseek, Preset::
 /// A `gen-model` directory of `preset` with seed `seed` (the format engineer's synthetic weights),
 /// in a fresh temporary directory.
 pub fn model_dir(preset: Preset, seed: u64) -> (tempfile::TempDir, ModelConfig) {
+    model_dir_as(preset, seed, DType::F32)
+}
+
+/// As [`model_dir`], stored as `dtype`, in shards of at most 256 KiB.
+pub fn model_dir_as(preset: Preset, seed: u64, dtype: DType) -> (tempfile::TempDir, ModelConfig) {
     let cfg = preset.config();
     let dir = tempfile::tempdir().expect("temp dir");
-    synth::write_model(&cfg, dir.path(), &SynthOptions::new(seed), |_| {}).expect("gen-model");
+    let opts = SynthOptions {
+        dtype,
+        max_shard_bytes: 256 << 10,
+        ..SynthOptions::new(seed)
+    };
+    synth::write_model(&cfg, dir.path(), &opts, |_| {}).expect("gen-model");
     let cfg = ModelConfig::from_dir(dir.path()).expect("config.json");
     (dir, cfg)
 }
