@@ -1,10 +1,24 @@
 //! The machine's vocabulary: [`Action`]s out, [`Event`]s in.
 //!
 //! An executor (the engine side, built on `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-runtime`)
-//! carries out each action and reports back with events. Every action that acquires something
-//! is atomic from the machine's point of view: the executor either completes it or undoes its
-//! own partial effect before it reports [`Event::StepFailed`]. The machine keeps a ledger of
-//! what it acquired ([`Resource`]) and releases all of it, newest first, on rollback.
+//! carries out each action and reports back with events.
+//!
+//! # The executor's contract
+//!
+//! - Carry out actions in the order they are polled. Actions emitted together do not depend on
+//!   each other's success (the one exception, a cold restart's `AcquireWorkers` after
+//!   `StopOldDeployment`, follows a teardown that cannot fail).
+//! - Every action that acquires something is atomic from the machine's point of view: the
+//!   executor either completes it or undoes its own partial effect and reports
+//!   [`Event::StepFailed`]. The machine keeps a ledger of what it acquired ([`Resource`]) and,
+//!   on rollback, emits the release of all of it, newest first; the executor carries those out
+//!   like any other action, including for steps emitted after the one that failed.
+//! - Actions with an answer ([`Action::ComputePlan`], [`Action::RequeueSequences`],
+//!   [`Action::StartCopies`] (one per destination), [`Action::MigrateKv`],
+//!   [`Action::BuildDeployment`], [`Action::RequestSwitch`], [`Action::RetireOld`]) are
+//!   answered with the event they name, later, from any thread, through whoever owns the
+//!   machine. Answers that arrive after an abort are refused with
+//!   [`TransitionError::Finished`](crate::TransitionError::Finished) and can be dropped.
 
 use crate::device::{DeviceId, DeviceSet};
 use crate::strategy::{Strategy, TransitionKind};

@@ -18,6 +18,10 @@ pub trait TransitionPlan: Debug {
     fn bytes_zero_copy(&self) -> u64;
     /// Bytes read back from the checkpoint on disk (experts that have no live copy left).
     fn bytes_reloaded(&self) -> u64;
+    /// The most expert bytes each device holds at any point of the plan, if the plan knows.
+    fn peak_bytes_per_device(&self) -> BTreeMap<DeviceId, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// A plain plan summary: the bytes each destination receives and the bytes kept in place.
@@ -32,6 +36,8 @@ pub struct PlanSummary {
     pub reloaded_to: BTreeMap<DeviceId, u64>,
     /// Bytes kept in place.
     pub zero_copy: u64,
+    /// The most expert bytes each device holds during the plan.
+    pub peak_per_device: BTreeMap<DeviceId, u64>,
 }
 
 impl PlanSummary {
@@ -41,6 +47,7 @@ impl PlanSummary {
             moved_to: devices.iter().map(|d| (d, bytes)).collect(),
             reloaded_to: BTreeMap::new(),
             zero_copy,
+            peak_per_device: BTreeMap::new(),
         }
     }
 }
@@ -63,6 +70,9 @@ impl TransitionPlan for PlanSummary {
     fn bytes_reloaded(&self) -> u64 {
         self.reloaded_to.values().sum()
     }
+    fn peak_bytes_per_device(&self) -> BTreeMap<DeviceId, u64> {
+        self.peak_per_device.clone()
+    }
 }
 
 #[cfg(test)]
@@ -78,5 +88,8 @@ mod tests {
         assert_eq!(p.bytes_moved(), 200);
         assert_eq!(p.bytes_reloaded(), 30);
         assert_eq!(p.bytes_zero_copy(), 7);
+        assert!(p.peak_bytes_per_device().is_empty());
+        p.peak_per_device.insert(DeviceId(2), 400);
+        assert_eq!(p.peak_bytes_per_device(), BTreeMap::from([(DeviceId(2), 400)]));
     }
 }

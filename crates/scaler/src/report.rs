@@ -5,6 +5,7 @@ use crate::device::{DeviceId, DeviceSet};
 use crate::strategy::{Strategy, TransitionKind};
 use crate::time::{millis, Time};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// Where a transition is.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize)]
@@ -179,6 +180,9 @@ pub struct TransitionReport {
     pub bytes_zero_copy: u64,
     /// Bytes reloaded from the checkpoint.
     pub bytes_reloaded: u64,
+    /// The most expert bytes each device holds during the plan (empty if the plan does not
+    /// say).
+    pub peak_bytes_per_device: BTreeMap<DeviceId, u64>,
     /// Sequences re-queued for recompute.
     pub sequences_requeued: u64,
     /// Sequences live-migrated to other ranks.

@@ -395,6 +395,7 @@ impl<P: TransitionPlan> Transition<P> {
             bytes_moved: plan.map_or(0, P::bytes_moved),
             bytes_zero_copy: plan.map_or(0, P::bytes_zero_copy),
             bytes_reloaded: plan.map_or(0, P::bytes_reloaded),
+            peak_bytes_per_device: plan.map(P::peak_bytes_per_device).unwrap_or_default(),
             sequences_requeued: self.sequences_requeued,
             sequences_migrated: self.sequences_migrated,
             kv_bytes_migrated: self.kv_bytes_migrated,
