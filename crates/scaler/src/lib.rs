@@ -19,6 +19,10 @@
 //!   sliding window, sustained triggers, hysteresis, cooldown and min/max devices.
 //! - [`WarmPool`]: pre-initialised device workers, generic over a [`WorkerFactory`], LRU.
 //!
+//! The machine is generic over the plan ([`TransitionPlan`]); `expert-placement`'s
+//! `MigrationPlan` implements it, and [`PlanSummary`] is a plain stand-in for tests and for
+//! strategies that plan elsewhere.
+//!
 //! # Architecture invariants
 //!
 //! - **No I/O and no clock.** Nothing here touches a device, a file, a thread (other than the
@@ -70,6 +74,7 @@ mod action;
 mod coordinator;
 mod device;
 mod loom;
+mod placement_plan;
 mod plan;
 mod policy;
 mod report;

@@ -90,6 +90,9 @@ mod tests {
         assert_eq!(p.bytes_zero_copy(), 7);
         assert!(p.peak_bytes_per_device().is_empty());
         p.peak_per_device.insert(DeviceId(2), 400);
-        assert_eq!(p.peak_bytes_per_device(), BTreeMap::from([(DeviceId(2), 400)]));
+        assert_eq!(
+            p.peak_bytes_per_device(),
+            BTreeMap::from([(DeviceId(2), 400)])
+        );
     }
 }
