@@ -171,8 +171,9 @@ fn main() {
         lower_bound: Some(lower_bound_copies(&old, &d32)),
     });
 
-    // Failure: 4 of 40 devices vanish (two adjacent pairs, so some experts lose every copy).
-    let failed = devices([8, 9, 24, 25]);
+    // Failure: 4 of 40 devices vanish: 8 and 9 hold experts with no replica (lost: reloaded),
+    // 38 and 39 hold replicas (re-created peer-to-peer).
+    let failed = devices([8, 9, 38, 39]);
     let alive: Vec<DeviceId> = d40
         .iter()
         .copied()

@@ -656,3 +656,332 @@ impl Scheduler {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExpertLoad, PlacementShape, PlanViolation};
+
+    const EB: u64 = 100;
+
+    fn one_layer(devices: &[u32], rows: &[&[u32]], experts: usize) -> Placement {
+        let devices: Vec<DeviceId> = devices.iter().map(|&d| DeviceId(d)).collect();
+        let rows = rows
+            .iter()
+            .map(|r| r.iter().map(|&e| ExpertId(e)).collect())
+            .collect();
+        Placement::from_slots(experts, &devices, vec![rows]).unwrap()
+    }
+
+    fn budgets(pairs: &[(u32, u64)]) -> MemoryBudgets {
+        pairs
+            .iter()
+            .map(|&(d, slots)| (DeviceId(d), slots * EB))
+            .collect()
+    }
+
+    #[test]
+    fn swap_cycle_is_staged_through_spare_room() {
+        let old = one_layer(&[0, 1, 2], &[&[0], &[1], &[2]], 3);
+        let new = one_layer(&[0, 1, 2], &[&[1], &[0], &[2]], 3);
+        let b = budgets(&[(0, 1), (1, 1), (2, 2)]);
+        let plan = MigrationPlan::between(&old, &new, EB, &b).unwrap();
+        assert_eq!(plan.staged_copies(), 1);
+        assert_eq!(
+            plan.bytes_moved(),
+            3 * EB,
+            "two real copies and one staging copy"
+        );
+        assert!(!plan.drops_deferred());
+        let report = plan.validate(&old, &new, &b).unwrap();
+        assert_eq!(report.min_live_copies, 1);
+        assert_eq!(plan.peak_bytes_per_device()[&DeviceId(2)], 2 * EB);
+
+        // Without the spare slot on device 2 no order exists.
+        let b = budgets(&[(0, 1), (1, 1), (2, 1)]);
+        let err = MigrationPlan::between(&old, &new, EB, &b).unwrap_err();
+        assert!(matches!(err, PlanError::NoFeasibleOrder { .. }), "{err}");
+        assert!(err.to_string().contains("give at least one device room"));
+    }
+
+    #[test]
+    fn a_full_device_drops_a_replica_before_receiving() {
+        // Device 0 holds {0, 1}; expert 1 also lives on device 1. Device 0 must end with {0, 2}
+        // within a 2-slot budget, so it drops its replica of 1 first.
+        let old = one_layer(&[0, 1], &[&[0, 1], &[1, 2]], 3);
+        let new = one_layer(&[0, 1], &[&[0, 2], &[1, 2]], 3);
+        let b = budgets(&[(0, 2), (1, 2)]);
+        let plan = MigrationPlan::between(&old, &new, EB, &b).unwrap();
+        let layer = 0;
+        assert_eq!(
+            plan.steps(),
+            &[
+                Step::Keep {
+                    layer,
+                    device: DeviceId(0),
+                    expert: ExpertId(0)
+                },
+                Step::Keep {
+                    layer,
+                    device: DeviceId(1),
+                    expert: ExpertId(1)
+                },
+                Step::Keep {
+                    layer,
+                    device: DeviceId(1),
+                    expert: ExpertId(2)
+                },
+                Step::Drop {
+                    layer,
+                    device: DeviceId(0),
+                    expert: ExpertId(1)
+                },
+                Step::Move {
+                    layer,
+                    expert: ExpertId(2),
+                    from: DeviceId(1),
+                    to: DeviceId(0)
+                },
+            ]
+        );
+        assert_eq!(plan.staged_copies(), 0);
+        plan.validate(&old, &new, &b).unwrap();
+    }
+
+    #[test]
+    fn moves_spread_over_the_least_loaded_sources() {
+        // Expert 0 has copies on devices 0 and 1; device 2..5 each need it.
+        let old = one_layer(
+            &[0, 1, 2, 3, 4, 5],
+            &[&[0, 1], &[0, 2], &[3], &[4], &[5], &[]],
+            6,
+        );
+        let new = one_layer(
+            &[0, 1, 2, 3, 4, 5],
+            &[&[0, 1], &[0, 2], &[3, 0], &[4, 0], &[5, 0], &[0]],
+            6,
+        );
+        let b = MemoryBudgets::uniform((0..6).map(DeviceId), 10 * EB);
+        let plan = MigrationPlan::between(&old, &new, EB, &b).unwrap();
+        let sources: Vec<DeviceId> = plan
+            .steps()
+            .iter()
+            .filter_map(|s| match s {
+                Step::Move { from, .. } => Some(*from),
+                _ => None,
+            })
+            .collect();
+        // Each new copy may be a source for the next: the sender with the fewest sends wins.
+        assert_eq!(sources.len(), 4);
+        let max_per_source = (0..6)
+            .map(|d| sources.iter().filter(|&&s| s == DeviceId(d)).count())
+            .max()
+            .unwrap();
+        assert_eq!(max_per_source, 1, "{sources:?}");
+        plan.validate(&old, &new, &b).unwrap();
+    }
+
+    #[test]
+    fn scale_down_empties_the_leaving_device_first() {
+        let shape = PlacementShape::new(2, 12, 2);
+        let all: Vec<DeviceId> = (0..4).map(DeviceId).collect();
+        let old = Placement::balanced(&shape, &all).unwrap();
+        let stay = [DeviceId(0), DeviceId(2), DeviceId(3)];
+        let load = ExpertLoad::uniform(2, 12).unwrap();
+        let new = Placement::rebalanced_for(&old, &stay, &load).unwrap();
+        let b = MemoryBudgets::uniform(all.iter().copied(), 100 * EB);
+        let plan = MigrationPlan::between(&old, &new, EB, &b).unwrap();
+        plan.validate(&old, &new, &b).unwrap();
+        let steps = plan.steps();
+        let first_drop = steps
+            .iter()
+            .position(|s| matches!(s, Step::Drop { .. }))
+            .unwrap();
+        assert!(plan.drops_deferred());
+        // The first drops are all the leaving device's.
+        let leaving_drops = old.slots(0, DeviceId(1)).len() + old.slots(1, DeviceId(1)).len();
+        for s in &steps[first_drop..first_drop + leaving_drops] {
+            assert!(
+                matches!(
+                    s,
+                    Step::Drop {
+                        device: DeviceId(1),
+                        ..
+                    }
+                ),
+                "{s:?}"
+            );
+        }
+        assert_eq!(plan.bytes_moved(), leaving_drops as u64 * EB);
+    }
+
+    #[test]
+    fn failure_reloads_only_lost_experts_once() {
+        // Expert 0 lives on devices 0 and 1, expert 1 only on device 1, expert 2 on device 2.
+        let old = one_layer(&[0, 1, 2], &[&[0], &[0, 1], &[2]], 3);
+        let new = one_layer(&[0, 2], &[&[0, 1], &[2, 1]], 3);
+        let b = MemoryBudgets::uniform((0..3).map(DeviceId), 4 * EB);
+        let plan =
+            MigrationPlan::between_after_failure(&old, &new, &[DeviceId(1)], EB, &b).unwrap();
+        assert_eq!(plan.reloads(), 1);
+        assert_eq!(
+            plan.moves(),
+            1,
+            "the second copy of expert 1 comes from the reloaded one"
+        );
+        assert_eq!(plan.bytes_reloaded(), EB);
+        assert!(matches!(
+            plan.steps()[2],
+            Step::Reload {
+                expert: ExpertId(1),
+                ..
+            }
+        ));
+        assert_eq!(plan.failed_devices(), &[DeviceId(1)]);
+        plan.validate(&old, &new, &b).unwrap();
+        // Replaying as if nothing failed catches the needless reload.
+        let graceful = MigrationPlan {
+            failed: Vec::new(),
+            ..plan.clone()
+        };
+        assert!(matches!(
+            graceful.validate(&old, &new, &b),
+            Err(PlanViolation::NeedlessReload { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_requests_are_typed_errors() {
+        let old = one_layer(&[0, 1], &[&[0, 1], &[2]], 3);
+        let new = one_layer(&[0, 1], &[&[0], &[1, 2]], 3);
+        let b = MemoryBudgets::uniform([DeviceId(0), DeviceId(1)], 2 * EB);
+        assert_eq!(
+            MigrationPlan::between(&old, &new, 0, &b),
+            Err(PlanError::ZeroExpertBytes)
+        );
+        let other = one_layer(&[0], &[&[0, 1]], 2);
+        assert!(matches!(
+            MigrationPlan::between(&old, &other, EB, &b),
+            Err(PlanError::ShapeMismatch {
+                old_experts: 3,
+                new_experts: 2,
+                ..
+            })
+        ));
+        let partial = budgets(&[(0, 2)]);
+        assert_eq!(
+            MigrationPlan::between(&old, &new, EB, &partial),
+            Err(PlanError::MissingBudget {
+                device: DeviceId(1)
+            })
+        );
+        let small = budgets(&[(0, 1), (1, 1)]);
+        let err = MigrationPlan::between(&old, &new, EB, &small).unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::BudgetTooSmall {
+                needed: 3 * EB,
+                total_budget: 2 * EB
+            }
+        );
+        assert!(
+            err.to_string().contains("one copy of every expert"),
+            "{err}"
+        );
+        let lopsided = budgets(&[(0, 2), (1, 1)]);
+        assert_eq!(
+            MigrationPlan::between(&old, &new, EB, &lopsided),
+            Err(PlanError::TargetOverBudget {
+                device: DeviceId(1),
+                slots: 2,
+                bytes: 2 * EB,
+                budget: EB
+            })
+        );
+        let before = budgets(&[(0, 1), (1, 2)]);
+        assert_eq!(
+            MigrationPlan::between(&old, &new, EB, &before),
+            Err(PlanError::OldOverBudget {
+                device: DeviceId(0),
+                bytes: 2 * EB,
+                budget: EB
+            })
+        );
+        assert_eq!(
+            MigrationPlan::between_after_failure(&old, &new, &[DeviceId(1)], EB, &b),
+            Err(PlanError::FailedDeviceInTarget {
+                device: DeviceId(1)
+            })
+        );
+        assert_eq!(
+            MigrationPlan::between_after_failure(&old, &new, &[DeviceId(7)], EB, &b),
+            Err(PlanError::FailedDeviceNotInOld {
+                device: DeviceId(7)
+            })
+        );
+    }
+
+    #[test]
+    fn replay_catches_a_plan_checked_against_the_wrong_inputs() {
+        let old = one_layer(&[0, 1], &[&[0, 1], &[2]], 3);
+        let new = one_layer(&[0, 1], &[&[0], &[1, 2]], 3);
+        let b = MemoryBudgets::uniform([DeviceId(0), DeviceId(1)], 3 * EB);
+        let plan = MigrationPlan::between(&old, &new, EB, &b).unwrap();
+        plan.validate(&old, &new, &b).unwrap();
+        // Another target: the final state differs.
+        let elsewhere = one_layer(&[0, 1], &[&[0, 1], &[1, 2]], 3);
+        assert_eq!(
+            plan.validate(&old, &elsewhere, &b),
+            Err(PlanViolation::FinalStateDiffers {
+                layer: 0,
+                device: DeviceId(0),
+                expert: ExpertId(1),
+                what: "lacks"
+            })
+        );
+        // A tighter budget than planned for: the copy to device 1 overflows it.
+        let tight = budgets(&[(0, 2), (1, 1)]);
+        assert!(matches!(
+            plan.validate(&old, &new, &tight),
+            Err(PlanViolation::OverBudget {
+                device: DeviceId(1),
+                ..
+            })
+        ));
+        // A different starting point: the move reads a copy that is not there.
+        let start = one_layer(&[0, 1], &[&[0], &[1, 2]], 3);
+        assert!(matches!(
+            plan.validate(&start, &new, &b),
+            Err(PlanViolation::BadKeep { .. } | PlanViolation::SourceNotLive { .. })
+        ));
+        // Dropping steps breaks the final state; doctored accounting is caught too.
+        let truncated = MigrationPlan {
+            steps: plan.steps[..plan.steps.len() - 1].to_vec(),
+            ..plan.clone()
+        };
+        assert!(truncated.validate(&old, &new, &b).is_err());
+        let inflated = MigrationPlan {
+            bytes_moved: plan.bytes_moved + 1,
+            ..plan.clone()
+        };
+        assert!(matches!(
+            inflated.validate(&old, &new, &b),
+            Err(PlanViolation::ReportMismatch {
+                what: "bytes moved",
+                ..
+            })
+        ));
+        let last_copy = MigrationPlan {
+            steps: vec![Step::Drop {
+                layer: 0,
+                device: DeviceId(1),
+                expert: ExpertId(2),
+            }],
+            ..plan.clone()
+        };
+        assert!(matches!(
+            last_copy.validate(&old, &new, &b),
+            Err(PlanViolation::LastReplicaDropped { step: 0, .. })
+        ));
+    }
+}
