@@ -9,6 +9,26 @@
 //!
 //! Initialisation and the drop of evicted workers happen outside the pool's lock, so a slow
 //! `init` or a slow destructor never blocks another device's `take`.
+//!
+//! ```
+//! use scaler::{DeviceId, WarmPool, WarmPoolConfig, WorkerFactory};
+//!
+//! struct HostWorkers;
+//! impl WorkerFactory for HostWorkers {
+//!     type Worker = String; // stands in for a thread handle or a CUDA context
+//!     type Error = std::convert::Infallible;
+//!     fn init(&self, device: DeviceId) -> Result<String, Self::Error> {
+//!         Ok(format!("worker for {device}"))
+//!     }
+//! }
+//!
+//! let pool = WarmPool::new(HostWorkers, WarmPoolConfig { capacity: 2 });
+//! pool.prewarm(&[DeviceId(2), DeviceId(3)]).unwrap();
+//! let taken = pool.take(DeviceId(2)).unwrap(); // scale-up: instant
+//! assert!(taken.warm);
+//! pool.give_back(DeviceId(2), taken.worker); // scale-down: back to the pool
+//! assert_eq!(pool.stats().hits, 1);
+//! ```
 
 use crate::device::DeviceId;
 use crate::loom::Mutex;
