@@ -201,3 +201,43 @@ fn runner_input_errors_are_typed() {
         Err(ModelError::Unsupported(_))
     ));
 }
+
+#[test]
+fn a_transposed_tensor_in_a_checkpoint_is_refused_by_shape() {
+    use moe_runtime::checkpoint::{CheckpointWriter, TensorEntry};
+    use moe_runtime::config::DType;
+    use moe_runtime::schema::ModelSchema;
+    let cfg = Preset::TinyMixtral.config();
+    let src = MemTensors::seeded(&cfg, 1);
+    let bad = "model.layers.1.block_sparse_moe.experts.2.w2.weight";
+    let dir = tempfile::tempdir().unwrap();
+    let schema = ModelSchema::new(&cfg);
+    let entries = schema
+        .tensors()
+        .iter()
+        .map(|t| {
+            let mut shape = t.shape.clone();
+            if t.name == bad {
+                shape.reverse(); // same element count, wrong shape
+            }
+            TensorEntry::new(t.name.clone(), shape, DType::F32)
+        })
+        .collect();
+    let mut w = CheckpointWriter::create(dir.path(), entries, 1 << 30).unwrap();
+    for t in schema.tensors() {
+        w.write_f32(&t.name, src.get(&t.name).unwrap()).unwrap();
+    }
+    w.finish().unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let m = Model::new(&cfg, CpuCompute::new()).unwrap();
+    let vmm = host_vmm(1);
+    // Fine while the device does not hold that expert...
+    DeviceWeights::load(&vmm, DeviceId(0), m.layout(), &ck, [(1, 1)]).unwrap();
+    // ...refused, naming it, when it does.
+    let err = DeviceWeights::load(&vmm, DeviceId(0), m.layout(), &ck, [(1, 2)]).unwrap_err();
+    let ModelError::Tensor { name, source } = &err else {
+        panic!("expected a tensor error, got {err:?}")
+    };
+    assert_eq!(name, bad);
+    assert!(source.to_string().contains(bad), "{source}");
+}

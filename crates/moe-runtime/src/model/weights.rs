@@ -34,6 +34,13 @@ pub trait TensorSource {
         name: &str,
         out: &mut [f32],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Checks that the source's tensor matches `spec` (shape, readable dtype) before it is read.
+    /// The default accepts everything; sources that know shapes should check them.
+    fn check(&self, spec: &TensorSpec) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let _ = spec;
+        Ok(())
+    }
 }
 
 impl TensorSource for crate::checkpoint::Checkpoint {
@@ -43,6 +50,10 @@ impl TensorSource for crate::checkpoint::Checkpoint {
         out: &mut [f32],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         crate::checkpoint::Checkpoint::read_f32_into(self, name, out).map_err(Into::into)
+    }
+
+    fn check(&self, spec: &TensorSpec) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.check_spec(spec).map(|_| ()).map_err(Into::into)
     }
 }
 
@@ -61,6 +72,18 @@ pub struct TensorSlot {
     pub offset: usize,
     /// Element count.
     pub len: usize,
+}
+
+impl TensorSlot {
+    /// The schema entry this slot holds.
+    pub fn spec(&self) -> TensorSpec {
+        TensorSpec {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            owner: self.owner,
+            role: self.role,
+        }
+    }
 }
 
 /// The tensors of one chunk and their offsets.
@@ -404,25 +427,28 @@ impl Resident {
         Self::map(vmm, vmm.create_chunk(dev, bytes, true)?)
     }
 
-    /// Reads `tensors` from `src` straight into this chunk's memory.
-    fn fill<'t>(
+    /// Reads `tensors` (each with its offset in `f32` elements) from `src` straight into this
+    /// chunk's memory, checking each one's shape first.
+    fn fill(
         &self,
         src: &dyn TensorSource,
-        tensors: impl IntoIterator<Item = (&'t str, usize, usize)>,
+        tensors: impl IntoIterator<Item = (TensorSpec, usize)>,
     ) -> Result<(), ModelError> {
         let mut w = self.map.as_mut_slice();
         let data = w.as_f32_mut();
         let have = data.len();
-        for (name, offset, len) in tensors {
+        for (spec, offset) in tensors {
+            let len = spec.numel();
             let dst = data
                 .get_mut(offset..offset + len)
                 .ok_or(ModelError::ChunkTooSmall {
                     needed: offset + len,
                     got: have,
                 })?;
-            src.read_f32_into(name, dst)
+            src.check(&spec)
+                .and_then(|()| src.read_f32_into(&spec.name, dst))
                 .map_err(|source| ModelError::Tensor {
-                    name: name.to_string(),
+                    name: spec.name.clone(),
                     source,
                 })?;
         }
@@ -455,12 +481,7 @@ impl DeviceWeights {
         let gran = vmm.granularity(dev)?;
         let place = |c: &ChunkLayout| -> Result<Resident, ModelError> {
             let r = Resident::create(vmm, dev, c.chunk_bytes(gran))?;
-            r.fill(
-                src,
-                c.tensors()
-                    .iter()
-                    .map(|t| (t.name.as_str(), t.offset, t.len)),
-            )?;
+            r.fill(src, c.tensors().iter().map(|t| (t.spec(), t.offset)))?;
             Ok(r)
         };
         let global = place(layout.global())?;
@@ -499,22 +520,18 @@ impl DeviceWeights {
         let gran = self.vmm.granularity(self.device)?;
         let r = Resident::create(&self.vmm, self.device, self.layout.expert_chunk_bytes(gran))?;
         let specs = schema::expert_tensors(cfg, layer, expert as usize);
-        let find = |role| {
-            specs
+        let mut placed = Vec::with_capacity(3);
+        for (i, role) in [TensorRole::Gate, TensorRole::Up, TensorRole::Down]
+            .into_iter()
+            .enumerate()
+        {
+            let spec = specs
                 .iter()
                 .find(|t| t.role == role)
-                .map(|t| t.name.as_str())
-                .ok_or(ModelError::Layout { role })
-        };
-        let names = [
-            find(TensorRole::Gate)?,
-            find(TensorRole::Up)?,
-            find(TensorRole::Down)?,
-        ];
-        r.fill(
-            src,
-            names.iter().enumerate().map(|(i, &name)| (name, i * n, n)),
-        )?;
+                .ok_or(ModelError::Layout { role })?;
+            placed.push((spec.clone(), i * n));
+        }
+        r.fill(src, placed)?;
         self.experts.insert((layer, expert), r);
         Ok(())
     }
@@ -787,5 +804,37 @@ mod tests {
         assert!(f.gate.iter().all(|&x| x == 0.0) && f.up.iter().all(|&x| x == 1.0));
         assert!(f.down.iter().all(|&x| x == 2.0));
         assert!(layout.expert_view(&e[1..]).is_err());
+    }
+
+    #[test]
+    fn device_weights_are_shared_by_worker_threads() {
+        use hbm_vmm::host::HostConfig;
+        let cfg = Preset::TinyMixtral.config();
+        let layout = Arc::new(WeightLayout::new(&cfg));
+        let src = MemTensors::seeded(&cfg, 3);
+        let host = HostConfig::devices(1, 64 << 20).with_granularity(hbm_vmm::host::page_size());
+        let vmm = Vmm::new(HostBackend::new(host.unwrap()));
+        let w = DeviceWeights::load(&vmm, DeviceId(0), &layout, &src, [(0, 1), (1, 5)]).unwrap();
+        let want: Vec<f32> = ["w1", "w3", "w2"]
+            .iter()
+            .flat_map(|n| {
+                let name = format!("model.layers.1.block_sparse_moe.experts.5.{n}.weight");
+                src.get(&name).unwrap().to_vec()
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let bytes = w.expert_bytes(1, 5).unwrap();
+                        let f = w.layout().expert_view(bytes.as_f32()).unwrap();
+                        [f.gate, f.up, f.down].concat()
+                    })
+                })
+                .collect();
+            for h in handles {
+                assert_eq!(h.join().unwrap(), want);
+            }
+        });
     }
 }
