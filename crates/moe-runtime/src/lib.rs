@@ -9,11 +9,11 @@
 //! - it never owns physical memory: weights and KV live in `hbm-vmm` chunks and are borrowed as views.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod schema;
 pub mod checkpoint;
-pub mod presets;
-pub mod synth;
-pub mod engine;
 pub mod compute;
+pub mod config;
+pub mod engine;
 pub mod model;
+pub mod presets;
+pub mod schema;
+pub mod synth;
