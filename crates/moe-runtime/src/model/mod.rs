@@ -11,6 +11,8 @@
 //! [`Model::mlp_step`] runs step 2 through an [`ExpertExec`] (who runs which expert is the
 //! executor's business), [`Model::forward`] runs a whole batch on one device, and
 //! [`runner::SingleDevice`] adds sequence bookkeeping for tests and the engine's simplest path.
+//! KV blocks come from any [`KvBlocks`] store: [`crate::compute::VecKvBlocks`] in memory, or
+//! [`kv::RegionKv`] over an `hbm-vmm` `PagedRegion` laid out the way `kv-pool` lays out its pool.
 //!
 //! Architecture invariant: nothing here depends on where a token's experts ran or what else is in
 //! the batch; every seam is row-wise and combine order is fixed, so logits are bitwise identical
@@ -41,6 +43,7 @@
 //! assert!(logits[0].iter().all(|l| l.is_finite()));
 //! ```
 
+pub mod kv;
 pub mod runner;
 pub mod weights;
 

@@ -293,3 +293,38 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::MemTensors;
+    use crate::presets::Preset;
+    use hbm_vmm::host::HostConfig;
+
+    #[test]
+    fn a_runner_moves_to_a_worker_thread_and_keeps_its_state() {
+        let cfg = Preset::TinyQwen3.config();
+        let src = MemTensors::seeded(&cfg, 2);
+        let host = HostConfig::devices(1, 64 << 20).with_granularity(hbm_vmm::host::page_size());
+        let vmm = Vmm::new(HostBackend::new(host.unwrap()));
+        let model = Model::new(&cfg, CpuCompute::new()).unwrap();
+        let mut run = SingleDevice::load(model, &vmm, DeviceId(0), &src, 4).unwrap();
+        let id = run.add_sequence();
+        let here = run.step(&[(id, vec![5, 6, 7])]).unwrap();
+        let (run, there) = std::thread::spawn(move || {
+            let l = run.step(&[(id, vec![argmax(&here[0])])]).unwrap();
+            (run, l)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(run.seq_len(id), Some(4));
+        assert_eq!(run.seq_blocks(id).map(<[u32]>::len), Some(1));
+        assert!(there[0].iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn argmax_takes_the_lowest_index_among_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(argmax(&[0.5]), 0);
+    }
+}
