@@ -58,6 +58,8 @@ struct Part {
     len: u64,
     /// The first part of its copy (pays the link latency when paced).
     first: bool,
+    /// The last part of its copy (landing it completes the copy).
+    last: bool,
 }
 
 /// Virtual clocks for links and ports (see the module docs).
@@ -122,6 +124,7 @@ impl Inner {
             dst,
             len,
             first,
+            last,
         } = part;
         if !ticket.should_run(copy) {
             ticket.skip(copy);
@@ -168,8 +171,10 @@ impl Inner {
                 std::thread::sleep(landed - now);
             }
         }
-        let completed = ticket.part_done(copy);
-        self.stats.end(link, len, u64::from(completed));
+        // Count the bytes before the ticket can report them, so stats read after `wait` include
+        // them. Parts of one copy run one after another on its lane, so the last part completes it.
+        self.stats.end(link, len, u64::from(last));
+        ticket.part_done(copy);
     }
 }
 
@@ -244,6 +249,7 @@ impl Transport for HostTransport {
                     dst: op.dst.addr + off,
                     len,
                     first: off == 0,
+                    last: off + len == op.len,
                 });
                 off += len;
             }
