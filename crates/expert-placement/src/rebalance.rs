@@ -368,20 +368,26 @@ fn improve(rows: &mut [Vec<ExpertId>], old_holds: &[bool], tokens: &[u64], budge
         }
 
         // Replace: a copy of a cold replicated expert becomes a copy of a hot expert.
-        let mut hot: Vec<usize> = (0..e).filter(|&y| (count[y] as usize) < m).collect();
-        hot.sort_by(|&a, &b| {
-            share(b, count[b])
-                .total_cmp(&share(a, count[a]))
-                .then(a.cmp(&b))
-        });
-        hot.truncate(CANDIDATES);
-        let mut cold: Vec<usize> = (0..e).filter(|&x| count[x] >= 2).collect();
-        cold.sort_by(|&a, &b| {
-            share(a, count[a])
-                .total_cmp(&share(b, count[b]))
-                .then(a.cmp(&b))
-        });
-        cold.truncate(CANDIDATES);
+        let hotter = |a: &usize, b: &usize| {
+            share(*b, count[*b])
+                .total_cmp(&share(*a, count[*a]))
+                .then(a.cmp(b))
+        };
+        let colder = |a: &usize, b: &usize| {
+            share(*a, count[*a])
+                .total_cmp(&share(*b, count[*b]))
+                .then(a.cmp(b))
+        };
+        let hot = top(
+            (0..e).filter(|&y| (count[y] as usize) < m).collect(),
+            CANDIDATES,
+            hotter,
+        );
+        let cold = top(
+            (0..e).filter(|&x| count[x] >= 2).collect(),
+            CANDIDATES,
+            colder,
+        );
         for &y in &hot {
             let new_wy = share(y, count[y] + 1);
             let dy = share(y, count[y]) - new_wy;
@@ -439,6 +445,20 @@ fn improve(rows: &mut [Vec<ExpertId>], old_holds: &[bool], tokens: &[u64], budge
             }
         }
     }
+}
+
+/// The first `k` of `items` in `order`, sorted.
+fn top(
+    mut items: Vec<usize>,
+    k: usize,
+    order: impl Fn(&usize, &usize) -> std::cmp::Ordering,
+) -> Vec<usize> {
+    if items.len() > k {
+        items.select_nth_unstable_by(k, &order);
+        items.truncate(k);
+    }
+    items.sort_by(order);
+    items
 }
 
 #[cfg(test)]
