@@ -30,7 +30,10 @@ impl<'a> RegionKv<'a> {
         blocks_per_slot: usize,
     ) -> Result<Self, ModelError> {
         let block_floats = geo.block_floats();
-        if block_stride % 4 != 0 || block_stride < block_floats * 4 || blocks_per_slot == 0 {
+        if !block_stride.is_multiple_of(4)
+            || block_stride < block_floats * 4
+            || blocks_per_slot == 0
+        {
             return Err(ModelError::Unsupported(format!(
                 "KV stride {block_stride} bytes for blocks of {} bytes, {blocks_per_slot} per slot",
                 block_floats * 4
