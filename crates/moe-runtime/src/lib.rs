@@ -17,3 +17,5 @@ pub mod model;
 pub mod presets;
 pub mod schema;
 pub mod synth;
+pub mod deployment;
+pub mod worker;
