@@ -16,6 +16,21 @@ pub enum PlacementError {
     /// Zero experts per layer were asked for.
     #[error("a placement needs at least one expert per layer, but 0 experts were given")]
     NoExperts,
+    /// More layers or experts than this crate plans for.
+    #[error(
+        "{layers} layers x {experts} experts is beyond the supported {max_layers} layers x \
+         {max_experts} experts per layer"
+    )]
+    TooLarge {
+        /// Layers asked for.
+        layers: usize,
+        /// Experts per layer asked for.
+        experts: usize,
+        /// [`crate::MAX_LAYERS`].
+        max_layers: usize,
+        /// [`crate::MAX_EXPERTS_PER_LAYER`].
+        max_experts: usize,
+    },
     /// A device id appears twice in a device list.
     #[error("device {0} is listed twice; device ids in a placement must be unique")]
     DuplicateDevice(DeviceId),

@@ -63,6 +63,8 @@ pub use error::{PlacementError, PlanError, PlanViolation};
 pub use ids::{DeviceId, ExpertId};
 pub use load::ExpertLoad;
 pub use migration::{MemoryBudgets, MigrationPlan, Step};
-pub use placement::{max_redundant_slots, Placement, PlacementShape};
+pub use placement::{
+    max_redundant_slots, Placement, PlacementShape, MAX_EXPERTS_PER_LAYER, MAX_LAYERS,
+};
 pub use rebalance::RebalanceConfig;
 pub use replay::ReplayReport;

@@ -50,13 +50,7 @@ impl ExpertLoad {
     }
 
     fn check_dims(layers: usize, experts: usize) -> Result<(), PlacementError> {
-        if layers == 0 {
-            return Err(PlacementError::NoLayers);
-        }
-        if experts == 0 {
-            return Err(PlacementError::NoExperts);
-        }
-        Ok(())
+        crate::placement::check_dims(layers, experts)
     }
 
     /// Adds `tokens` to one expert's count (saturating).
@@ -152,5 +146,9 @@ mod tests {
             })
         );
         assert_eq!(ExpertLoad::uniform(0, 4), Err(PlacementError::NoLayers));
+        assert!(matches!(
+            ExpertLoad::uniform(1 << 40, 1 << 40),
+            Err(PlacementError::TooLarge { .. })
+        ));
     }
 }

@@ -453,7 +453,7 @@ impl Scheduler {
         let i = self.slot(layer, u, x);
         self.holds[i] = true;
         self.live[layer * self.experts + x] += 1;
-        self.used[u] += self.expert_bytes;
+        self.used[u] = self.used[u].saturating_add(self.expert_bytes);
         self.peak[u] = self.peak[u].max(self.used[u]);
     }
 
@@ -461,11 +461,11 @@ impl Scheduler {
         let i = self.slot(layer, u, x);
         self.holds[i] = false;
         self.live[layer * self.experts + x] -= 1;
-        self.used[u] -= self.expert_bytes;
+        self.used[u] = self.used[u].saturating_sub(self.expert_bytes);
     }
 
     fn has_room(&self, u: usize) -> bool {
-        self.used[u] + self.expert_bytes <= self.budget[u]
+        self.used[u].saturating_add(self.expert_bytes) <= self.budget[u]
     }
 
     fn push_release(&mut self, layer: usize, device: usize, expert: usize) {
@@ -546,7 +546,7 @@ impl Scheduler {
                 expert: x,
                 to: dest,
             });
-            self.bytes_reloaded += self.expert_bytes;
+            self.bytes_reloaded = self.bytes_reloaded.saturating_add(self.expert_bytes);
         } else {
             let from = self.source(layer, expert);
             self.sent[from] += 1;
@@ -556,7 +556,7 @@ impl Scheduler {
                 from: self.devices[from],
                 to: dest,
             });
-            self.bytes_moved += self.expert_bytes;
+            self.bytes_moved = self.bytes_moved.saturating_add(self.expert_bytes);
         }
         self.add(layer, to, expert);
         self.creates[i].done = true;
@@ -645,7 +645,7 @@ impl Scheduler {
                     from: self.devices[u],
                     to: self.devices[f],
                 });
-                self.bytes_moved += self.expert_bytes;
+                self.bytes_moved = self.bytes_moved.saturating_add(self.expert_bytes);
                 self.staged += 1;
                 self.add(layer, f, expert);
                 self.push_release(layer, f, expert);

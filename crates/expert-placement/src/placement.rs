@@ -33,6 +33,30 @@ impl PlacementShape {
     }
 }
 
+/// The most MoE layers a placement or load table may have.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// The most routed experts per layer a placement or load table may have.
+pub const MAX_EXPERTS_PER_LAYER: usize = 1 << 16;
+
+/// Checks that a model has at least one, and not absurdly many, layers and experts.
+pub(crate) fn check_dims(layers: usize, experts: usize) -> Result<(), PlacementError> {
+    if layers == 0 {
+        return Err(PlacementError::NoLayers);
+    }
+    if experts == 0 {
+        return Err(PlacementError::NoExperts);
+    }
+    if layers > MAX_LAYERS || experts > MAX_EXPERTS_PER_LAYER {
+        return Err(PlacementError::TooLarge {
+            layers,
+            experts,
+            max_layers: MAX_LAYERS,
+            max_experts: MAX_EXPERTS_PER_LAYER,
+        });
+    }
+    Ok(())
+}
+
 /// The most redundant slots per layer that `devices` devices can hold for `experts` experts: a
 /// device holds at most one copy of an expert, so each expert has at most `devices` copies.
 pub const fn max_redundant_slots(experts: usize, devices: usize) -> usize {
@@ -75,12 +99,7 @@ impl Placement {
         devices: &[DeviceId],
         slots: Vec<Vec<Vec<ExpertId>>>,
     ) -> Result<Self, PlacementError> {
-        if slots.is_empty() {
-            return Err(PlacementError::NoLayers);
-        }
-        if experts_per_layer == 0 {
-            return Err(PlacementError::NoExperts);
-        }
+        check_dims(slots.len(), experts_per_layer)?;
         let sorted = sorted_unique(devices)?;
         for (layer, rows) in slots.iter().enumerate() {
             if rows.len() != devices.len() {
@@ -425,12 +444,7 @@ fn check_request(
     shape: &PlacementShape,
     devices: &[DeviceId],
 ) -> Result<Vec<DeviceId>, PlacementError> {
-    if shape.layers == 0 {
-        return Err(PlacementError::NoLayers);
-    }
-    if shape.experts_per_layer == 0 {
-        return Err(PlacementError::NoExperts);
-    }
+    check_dims(shape.layers, shape.experts_per_layer)?;
     let devices = sorted_unique(devices)?;
     check_redundancy(
         shape.redundant_slots,
@@ -603,6 +617,11 @@ mod tests {
         assert_eq!(
             Placement::round_robin(&PlacementShape::new(0, 4, 0), &devs(2)),
             Err(PlacementError::NoLayers)
+        );
+        let huge = Placement::balanced(&PlacementShape::new(58, usize::MAX, 0), &devs(2));
+        assert!(
+            matches!(huge, Err(PlacementError::TooLarge { .. })),
+            "{huge:?}"
         );
         let load = ExpertLoad::uniform(1, 4).unwrap();
         assert_eq!(

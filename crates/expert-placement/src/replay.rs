@@ -78,7 +78,7 @@ impl Replay<'_> {
         }
         let budget = self.budget(to)?;
         let bytes = self.used.entry(to).or_default();
-        *bytes += self.expert_bytes;
+        *bytes = bytes.saturating_add(self.expert_bytes);
         if *bytes > budget {
             return Err(PlanViolation::OverBudget {
                 step,
@@ -137,7 +137,8 @@ impl MigrationPlan {
             }
         }
         for &(layer, d, x) in &initial {
-            *r.used.get_mut(&d).expect("old devices are listed") += r.expert_bytes;
+            let used = r.used.get_mut(&d).expect("old devices are listed");
+            *used = used.saturating_add(r.expert_bytes);
             *r.live.entry((layer, x)).or_default() += 1;
         }
         for (&device, &bytes) in &r.used {
@@ -203,7 +204,7 @@ impl MigrationPlan {
                         });
                     }
                     r.receive(step, layer, expert, to)?;
-                    moved += r.expert_bytes;
+                    moved = moved.saturating_add(r.expert_bytes);
                 }
                 Step::Reload { to, .. } => {
                     if r.live(layer, expert) > 0 {
@@ -214,7 +215,7 @@ impl MigrationPlan {
                         });
                     }
                     r.receive(step, layer, expert, to)?;
-                    reloaded += r.expert_bytes;
+                    reloaded = reloaded.saturating_add(r.expert_bytes);
                 }
                 Step::Drop { device, .. } => {
                     if !r.state.remove(&(layer, device, expert)) {
@@ -239,9 +240,11 @@ impl MigrationPlan {
                         });
                     }
                     min_live = min_live.min(*left);
-                    *r.used
+                    let used = r
+                        .used
                         .get_mut(&device)
-                        .expect("a device that held a copy is listed") -= r.expert_bytes;
+                        .expect("a device that held a copy is listed");
+                    *used = used.saturating_sub(r.expert_bytes);
                 }
             }
         }
