@@ -84,6 +84,17 @@ pub enum SubmitError {
         /// The device.
         device: DeviceId,
     },
+    /// The source device may not write the destination (CUDA transport: grant it access with
+    /// the destination reservation's `set_access`).
+    #[error("copy {index}: {device} has no read-write access to destination {at}; grant it with set_access")]
+    NoAccess {
+        /// The copy's index in the batch.
+        index: usize,
+        /// The device that would write.
+        device: DeviceId,
+        /// The destination address it cannot write.
+        at: Location,
+    },
     /// The transport is shutting down and takes no more work.
     #[error("the transport is shutting down; submit to a live transport")]
     ShutDown,
