@@ -780,6 +780,13 @@ impl DeploymentRunner {
         candidates.sort();
         for (_, to) in candidates {
             let dst = next.rank_on(DeviceId(to.0))?.pool();
+            // Grow the destination pool (within its limit) until the blocks fit.
+            let need = src.table(sid).map(|t| t.blocks().len()).unwrap_or(0);
+            while dst.stats().free < need && dst.stats().chunks < dst.max_chunks() {
+                if dst.grow(1).is_err() {
+                    break;
+                }
+            }
             if let Ok(new_sid) = migrate_kv(&src, sid, dst) {
                 let bytes = src.export(sid).map(|m| m.bytes()).unwrap_or(0);
                 let _ = src.free(sid);
