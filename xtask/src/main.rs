@@ -152,7 +152,7 @@ fn hil(root: &Path, args: &[String]) -> Result<()> {
             }
             let sub = if flag == "--test" { "test" } else { "build" };
             let mut cmd = cargo();
-            cmd.args([sub, "--profile", "hil", "--package", name, flag, tname])
+            cmd.args([sub, "--profile", "gpu", "--package", name, flag, tname])
                 .args(["--features", &format!("{name}/cuda")])
                 .args(["--message-format", "json-render-diagnostics"]);
             if sub == "test" {
@@ -186,7 +186,12 @@ fn hil(root: &Path, args: &[String]) -> Result<()> {
         if label == "elasticmoe" {
             continue;
         }
-        script.push_str(&format!("step {label}\n"));
+        if label.starts_with("test-") {
+            // GPU tests share one device set: run them one at a time, and show their output.
+            script.push_str(&format!("step {label} --test-threads=1 --nocapture\n"));
+        } else {
+            script.push_str(&format!("step {label}\n"));
+        }
     }
     script.push_str(HIL_FOOTER);
     let run_sh = out_dir.join("run.sh");
@@ -231,9 +236,9 @@ step() {
   local name="$1"; shift
   if [ -n "$filter" ] && [[ "$name" != *"$filter"* ]]; then return; fi
   echo "== step $name" | tee -a "$log"
-  local t0=$(date +%s.%N)
+  local t0=$(date +%s%N)
   if (cd "$HIL_RESULTS" && "$here/bin/$name" "$@") 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
-    echo "== ok $name ($(echo "$(date +%s.%N) - $t0" | bc)s)" | tee -a "$log"
+    echo "== ok $name ($(( ($(date +%s%N) - t0) / 1000000 )) ms)" | tee -a "$log"
   else
     echo "== FAILED $name" | tee -a "$log"; failed=$((failed+1))
   fi
