@@ -96,6 +96,19 @@ fn block_checked<'s>(
     Ok(blk)
 }
 
+/// The blocks holding positions `0..tokens` of a sequence, each checked for size.
+fn context_blocks<'s>(
+    store: &'s dyn KvBlocks,
+    geo: &KvGeometry,
+    blocks: &[u32],
+    tokens: usize,
+) -> Result<Vec<&'s [f32]>, ComputeError> {
+    blocks[..geo.blocks_for(tokens)]
+        .iter()
+        .map(|&id| block_checked(store, geo, id))
+        .collect()
+}
+
 /// Writes `parts` (each a row per new token) one after the other into each token's KV entry.
 fn kv_append(
     batch: AttnBatch<'_>,
@@ -293,10 +306,19 @@ impl Compute for CpuCompute {
         let mut scores = Vec::new();
         let mut row = 0;
         for s in seqs {
-            // Validate the whole context up front so no partial output is written on error.
-            if s.len > 0 {
-                locate(geo, s.blocks, s.start + s.len - 1)?;
+            if s.len == 0 {
+                continue;
             }
+            // Validate the whole context up front (no partial output on error) and look every
+            // block up once.
+            locate(geo, s.blocks, s.start + s.len - 1)?;
+            let blks = context_blocks(store, geo, s.blocks, s.start + s.len)?;
+            let at = |t: usize| {
+                (
+                    blks[t / geo.block_tokens],
+                    geo.token_offset(layer, t % geo.block_tokens),
+                )
+            };
             for i in 0..s.len {
                 let ctx = s.start + i + 1;
                 let qr = &q[row * qw..(row + 1) * qw];
@@ -306,18 +328,16 @@ impl Compute for CpuCompute {
                     let qh = &qr[h * head_dim..(h + 1) * head_dim];
                     scores.clear();
                     for t in 0..ctx {
-                        let (id, slot) = locate(geo, s.blocks, t)?;
-                        let blk = block_checked(store, geo, id)?;
-                        let off = geo.token_offset(layer, slot) + kvh * head_dim;
+                        let (blk, off) = at(t);
+                        let off = off + kvh * head_dim;
                         scores.push(dot(qh, &blk[off..off + head_dim]) * dims.scale);
                     }
                     softmax_in_place(&mut scores);
                     let oh = &mut or[h * head_dim..(h + 1) * head_dim];
                     oh.fill(0.0);
                     for (t, &p) in scores.iter().enumerate() {
-                        let (id, slot) = locate(geo, s.blocks, t)?;
-                        let blk = block_checked(store, geo, id)?;
-                        let off = geo.token_offset(layer, slot) + kvw + kvh * head_dim;
+                        let (blk, off) = at(t);
+                        let off = off + kvw + kvh * head_dim;
                         for (o, &vv) in oh.iter_mut().zip(&blk[off..off + head_dim]) {
                             *o += p * vv;
                         }
@@ -392,9 +412,19 @@ impl Compute for CpuCompute {
         let mut scores = Vec::new();
         let mut row = 0;
         for s in seqs {
-            if s.len > 0 {
-                locate(geo, s.blocks, s.start + s.len - 1)?;
+            if s.len == 0 {
+                continue;
             }
+            // Validate the whole context up front (no partial output on error) and look every
+            // block up once.
+            locate(geo, s.blocks, s.start + s.len - 1)?;
+            let blks = context_blocks(store, geo, s.blocks, s.start + s.len)?;
+            let at = |t: usize| {
+                (
+                    blks[t / geo.block_tokens],
+                    geo.token_offset(layer, t % geo.block_tokens),
+                )
+            };
             for i in 0..s.len {
                 let ctx = s.start + i + 1;
                 let qr = &q[row * dims.heads * qhd..(row + 1) * dims.heads * qhd];
@@ -413,9 +443,7 @@ impl Compute for CpuCompute {
                     }
                     scores.clear();
                     for t in 0..ctx {
-                        let (id, slot) = locate(geo, s.blocks, t)?;
-                        let blk = block_checked(store, geo, id)?;
-                        let off = geo.token_offset(layer, slot);
+                        let (blk, off) = at(t);
                         let c = &blk[off..off + r];
                         let kpe = &blk[off + r..off + r + rope_dim];
                         scores.push((dot(&q_lat, c) + dot(q_pe, kpe)) * dims.scale);
@@ -423,9 +451,7 @@ impl Compute for CpuCompute {
                     softmax_in_place(&mut scores);
                     o_lat.fill(0.0);
                     for (t, &p) in scores.iter().enumerate() {
-                        let (id, slot) = locate(geo, s.blocks, t)?;
-                        let blk = block_checked(store, geo, id)?;
-                        let off = geo.token_offset(layer, slot);
+                        let (blk, off) = at(t);
                         for (o, &c) in o_lat.iter_mut().zip(&blk[off..off + r]) {
                             *o += p * c;
                         }
