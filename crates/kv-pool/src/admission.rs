@@ -1,7 +1,6 @@
 //! Watermarks: when to admit a new sequence, and when the pool is short of (or long on) blocks.
 
 use crate::error::KvError;
-use crate::ledger::PoolStats;
 
 /// Fractions of a pool's capacity that drive admission and scaling.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,19 +46,20 @@ impl Watermarks {
         (self.admit_reserve * capacity as f64).ceil() as usize
     }
 
-    /// Whether a new sequence needing `blocks` blocks may start, given `stats`.
-    pub fn admits(&self, stats: &PoolStats, blocks: usize) -> bool {
+    /// Whether a new sequence needing `blocks` blocks may start in a pool of `capacity` blocks
+    /// with `free` free.
+    pub fn admits(&self, capacity: usize, free: usize, blocks: usize) -> bool {
         blocks
-            .checked_add(self.reserve_blocks(stats.capacity))
-            .is_some_and(|need| need <= stats.free)
+            .checked_add(self.reserve_blocks(capacity))
+            .is_some_and(|need| need <= free)
     }
 
-    /// The pressure `stats` are under.
-    pub fn pressure(&self, stats: &PoolStats) -> Pressure {
-        if stats.capacity == 0 {
+    /// The pressure a pool of `capacity` blocks with `used` in use is under.
+    pub fn pressure(&self, capacity: usize, used: usize) -> Pressure {
+        if capacity == 0 {
             return Pressure::High;
         }
-        let used = stats.used as f64 / stats.capacity as f64;
+        let used = used as f64 / capacity as f64;
         if used >= self.high {
             Pressure::High
         } else if used <= self.low {
@@ -85,19 +85,6 @@ pub enum Pressure {
 mod tests {
     use super::*;
 
-    fn stats(capacity: usize, used: usize) -> PoolStats {
-        PoolStats {
-            chunks: 1,
-            capacity,
-            used,
-            free: capacity - used,
-            peak_used: used,
-            shared: 0,
-            sequences: 1,
-            free_tail_chunks: 0,
-        }
-    }
-
     #[test]
     fn admission_keeps_the_reserve_free() {
         let w = Watermarks {
@@ -105,19 +92,19 @@ mod tests {
             high: 0.9,
             low: 0.3,
         };
-        let s = stats(100, 80); // 20 free, 10 reserved
-        assert!(w.admits(&s, 10));
-        assert!(!w.admits(&s, 11));
-        assert!(!w.admits(&s, usize::MAX));
+        // 100 blocks, 20 free, 10 kept in reserve.
+        assert!(w.admits(100, 20, 10));
+        assert!(!w.admits(100, 20, 11));
+        assert!(!w.admits(100, 20, usize::MAX));
     }
 
     #[test]
     fn pressure_follows_the_watermarks() {
         let w = Watermarks::default();
-        assert_eq!(w.pressure(&stats(10, 9)), Pressure::High);
-        assert_eq!(w.pressure(&stats(10, 5)), Pressure::Normal);
-        assert_eq!(w.pressure(&stats(10, 3)), Pressure::Low);
-        assert_eq!(w.pressure(&stats(0, 0)), Pressure::High);
+        assert_eq!(w.pressure(10, 9), Pressure::High);
+        assert_eq!(w.pressure(10, 5), Pressure::Normal);
+        assert_eq!(w.pressure(10, 3), Pressure::Low);
+        assert_eq!(w.pressure(0, 0), Pressure::High);
     }
 
     #[test]

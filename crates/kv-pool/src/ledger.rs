@@ -56,6 +56,10 @@ pub(crate) struct Ledger {
     pending: Option<u64>,
     next_compaction: u64,
     peak_used: usize,
+    /// Per chunk, its blocks that are not free (so the free tail is found per chunk, not block).
+    chunk_busy: Vec<u32>,
+    /// Blocks with more than one reference.
+    shared: usize,
 }
 
 impl Ledger {
@@ -77,6 +81,8 @@ impl Ledger {
             pending: None,
             next_compaction: 0,
             peak_used: 0,
+            chunk_busy: Vec::new(),
+            shared: 0,
         }
     }
 
@@ -108,6 +114,38 @@ impl Ledger {
         self.peak_used = self.peak_used.max(self.used());
     }
 
+    /// Takes the lowest free block off the free list.
+    fn pop_free(&mut self) -> Option<u32> {
+        let b = self.free.pop_first()?;
+        self.chunk_busy[b as usize / self.per_chunk] += 1;
+        Some(b)
+    }
+
+    /// Takes block `b` (which must be free) off the free list.
+    fn claim(&mut self, b: u32) {
+        let was_free = self.free.remove(&b);
+        debug_assert!(was_free);
+        self.chunk_busy[b as usize / self.per_chunk] += 1;
+    }
+
+    /// Puts `b` back on the free list if nothing references or holds it; returns whether it did.
+    fn release_if_free(&mut self, b: usize) -> bool {
+        if self.is_free(b) && self.free.insert(b as u32) {
+            self.chunk_busy[b / self.per_chunk] -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn add_ref(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        *r += 1;
+        if *r == 2 {
+            self.shared += 1;
+        }
+    }
+
     /// Adds `k` empty chunks at the tail. The caller has mapped them already.
     pub(crate) fn add_chunks(&mut self, k: usize) {
         let start = self.capacity();
@@ -119,14 +157,16 @@ impl Ledger {
         self.refs.resize(end, 0);
         self.held.resize(end, false);
         self.free.extend((start..end).map(|b| b as u32));
+        self.chunk_busy.resize(self.chunks + k, 0);
         self.chunks += k;
     }
 
     /// Chunks at the tail whose blocks are all free.
     pub(crate) fn free_tail_chunks(&self) -> usize {
-        (0..self.chunks)
+        self.chunk_busy
+            .iter()
             .rev()
-            .take_while(|c| (c * self.per_chunk..(c + 1) * self.per_chunk).all(|b| self.is_free(b)))
+            .take_while(|&&busy| busy == 0)
             .count()
     }
 
@@ -146,6 +186,7 @@ impl Ledger {
         self.refs.truncate(end);
         self.held.truncate(end);
         self.chunks -= k;
+        self.chunk_busy.truncate(self.chunks);
         Ok(())
     }
 
@@ -174,7 +215,7 @@ impl Ledger {
                 free: self.free.len(),
             });
         }
-        let taken: Vec<u32> = (0..n).filter_map(|_| self.free.pop_first()).collect();
+        let taken: Vec<u32> = (0..n).filter_map(|_| self.pop_free()).collect();
         for &b in &taken {
             self.refs[b as usize] = 1;
         }
@@ -185,13 +226,11 @@ impl Ledger {
     /// Drops one reference to `b`, freeing it when it was the last and nothing holds it.
     fn unref(&mut self, b: u32) -> bool {
         let r = &mut self.refs[b as usize];
-        *r -= 1;
-        if self.is_free(b as usize) {
-            self.free.insert(b);
-            true
-        } else {
-            false
+        if *r == 2 {
+            self.shared -= 1;
         }
+        *r -= 1;
+        self.release_if_free(b as usize)
     }
 
     pub(crate) fn create(&mut self) -> SeqId {
@@ -251,7 +290,7 @@ impl Ledger {
             None => None,
         };
         for &b in &blocks[..full] {
-            self.refs[b as usize] += 1;
+            self.add_ref(b);
         }
         let child = self.insert_seq(Seq { blocks, tokens });
         Ok(Forked { child, copy })
@@ -261,6 +300,11 @@ impl Ledger {
     pub(crate) fn import(&mut self, tokens: usize) -> Result<SeqId, KvError> {
         let blocks = self.take(self.blocks_for(tokens))?;
         Ok(self.insert_seq(Seq { blocks, tokens }))
+    }
+
+    /// Tokens `id` holds.
+    pub(crate) fn len(&self, id: SeqId) -> Result<usize, KvError> {
+        Ok(self.seq(id)?.tokens)
     }
 
     pub(crate) fn table(&self, id: SeqId) -> Result<BlockTable, KvError> {
@@ -296,7 +340,7 @@ impl Ledger {
         debug_assert_eq!(dests.len(), sources.len());
         let mut moves = Vec::with_capacity(sources.len());
         for (&from, &to) in sources.iter().zip(&dests) {
-            self.free.remove(&to);
+            self.claim(to);
             self.held[from as usize] = true;
             self.held[to as usize] = true;
             moves.push(Relocation {
@@ -342,9 +386,7 @@ impl Ledger {
             self.held[from] = false;
             self.held[to] = false;
             for b in [from, to] {
-                if self.is_free(b) {
-                    self.free.insert(b as u32);
-                }
+                self.release_if_free(b);
             }
         }
         self.pending = None;
@@ -357,9 +399,7 @@ impl Ledger {
         for m in &c.moves {
             for b in [m.from.index(), m.to.index()] {
                 self.held[b] = false;
-                if self.is_free(b) {
-                    self.free.insert(b as u32);
-                }
+                self.release_if_free(b);
             }
         }
         self.pending = None;
@@ -373,7 +413,7 @@ impl Ledger {
             used: self.used(),
             free: self.free.len(),
             peak_used: self.peak_used,
-            shared: self.refs.iter().filter(|&&r| r > 1).count(),
+            shared: self.shared,
             sequences: self.seqs.len(),
             free_tail_chunks: self.free_tail_chunks(),
         }
@@ -418,7 +458,20 @@ impl Ledger {
         if self.pending.is_none() && self.held.iter().any(|&h| h) {
             return Err("a block is held with no compaction pending".into());
         }
-        if self.chunks * self.per_chunk != self.capacity() {
+        for (c, &busy) in self.chunk_busy.iter().enumerate() {
+            let counted = (c * self.per_chunk..(c + 1) * self.per_chunk)
+                .filter(|&b| !self.is_free(b))
+                .count();
+            if counted != busy as usize {
+                return Err(format!(
+                    "chunk {c}: busy count {busy} but {counted} blocks in use"
+                ));
+            }
+        }
+        if self.shared != self.refs.iter().filter(|&&r| r > 1).count() {
+            return Err("shared-block count disagrees with refs".into());
+        }
+        if self.chunk_busy.len() != self.chunks || self.chunks * self.per_chunk != self.capacity() {
             return Err("chunk count disagrees with capacity".into());
         }
         Ok(())

@@ -356,6 +356,16 @@ impl<B: Backend> BlockPool<B> {
         Ok(self.region.read().set_access(devices)?)
     }
 
+    /// Runs `f` with the pool's region, which cannot grow or shrink meanwhile. This is the door to
+    /// backend-specific access: `slot_bytes` on the host backend, `device_view` on CUDA (for
+    /// cudarc copies and kernels). Block `b` is at byte [`BlockAddressMap::offset`] of the region.
+    ///
+    /// Do not call [`BlockPool::grow`], the shrinks or [`BlockPool::with_host_blocks`] from inside
+    /// `f`: they wait for the region, which `f`'s caller holds.
+    pub fn with_region<R>(&self, f: impl FnOnce(&PagedRegion<B>) -> R) -> R {
+        f(&self.region.read())
+    }
+
     // ---- sequences ------------------------------------------------------------------------
 
     /// A new, empty sequence.
@@ -373,7 +383,7 @@ impl<B: Backend> BlockPool<B> {
     /// Appends `tokens` tokens to `seq`; see [`BlockPool::grow_to`].
     pub fn append(&self, seq: SeqId, tokens: usize) -> Result<Vec<BlockId>, KvError> {
         let mut ledger = self.ledger.lock();
-        let len = ledger.table(seq)?.len();
+        let len = ledger.len(seq)?;
         let target = len.checked_add(tokens).ok_or(KvError::OutOfBlocks {
             needed: usize::MAX,
             free: ledger.free_blocks(),
@@ -390,7 +400,7 @@ impl<B: Backend> BlockPool<B> {
     /// A new sequence sharing all of `parent`'s tokens; see [`BlockPool::fork_prefix`].
     pub fn fork(&self, parent: SeqId) -> Result<Forked, KvError> {
         let mut ledger = self.ledger.lock();
-        let len = ledger.table(parent)?.len();
+        let len = ledger.len(parent)?;
         ledger.fork(parent, len)
     }
 
@@ -502,13 +512,21 @@ impl<B: Backend> BlockPool<B> {
     /// Whether a new sequence of `tokens` tokens may be admitted: its blocks plus the admission
     /// reserve are free. Advisory: a later grow can still fail if others allocate in between.
     pub fn can_admit(&self, tokens: usize) -> bool {
+        let (capacity, free) = {
+            let ledger = self.ledger.lock();
+            (ledger.capacity(), ledger.free_blocks())
+        };
         self.watermarks
-            .admits(&self.stats(), self.layout.blocks_for(tokens))
+            .admits(capacity, free, self.layout.blocks_for(tokens))
     }
 
     /// How full the pool is against its watermarks.
     pub fn pressure(&self) -> Pressure {
-        self.watermarks.pressure(&self.stats())
+        let (capacity, used) = {
+            let ledger = self.ledger.lock();
+            (ledger.capacity(), ledger.used())
+        };
+        self.watermarks.pressure(capacity, used)
     }
 
     pub(crate) fn region_read(&self) -> RwLockReadGuard<'_, PagedRegion<B>> {

@@ -461,9 +461,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             }
                         }
                     }
-                    let target = c.target_chunks();
+                    // (The plan's target may be stale by now: sequences may have grown or the
+                    // pool shrunk since. The commit is still exact.)
                     l.commit(c).unwrap();
-                    prop_assert!(target <= l.chunks());
                 }
             }
             Op::Abort => {
