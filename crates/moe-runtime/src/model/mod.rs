@@ -621,6 +621,9 @@ impl<C: Compute> Model<C> {
         let k = self.router.top_k;
         let x = self.mlp_input(w, hidden)?;
         let routes = self.route(w, &x)?;
+        for r in &routes {
+            check_shape("route length", k, r.len())?;
+        }
         let mut results = vec![0.0; routes.len() * k * h];
         for (e, group) in dispatch(&routes) {
             let mut rows = Vec::with_capacity(group.len() * h);
