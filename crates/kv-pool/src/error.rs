@@ -37,7 +37,7 @@ pub enum LayoutError {
 }
 
 /// Why a pool operation was refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvError {
     /// Not enough free blocks. Nothing was allocated; the caller may preempt a sequence, grow the

@@ -281,6 +281,14 @@ impl<B: Backend> BlockPool<B> {
         if chunks == 0 {
             return Ok(());
         }
+        // A cheap early refusal before creating anything; re-checked under the lock below.
+        let now = self.ledger.lock().chunks();
+        if now.saturating_add(chunks) > self.max_chunks {
+            return Err(KvError::CapacityLimit {
+                requested: now.saturating_add(chunks),
+                max_chunks: self.max_chunks,
+            });
+        }
         // Create outside every lock: this is the slow part on a real device.
         let fresh = (0..chunks)
             .map(|_| {
@@ -410,6 +418,11 @@ impl<B: Backend> BlockPool<B> {
     /// using the child. After a fork, neither sequence ever writes into a shared block.
     pub fn fork_prefix(&self, parent: SeqId, tokens: usize) -> Result<Forked, KvError> {
         self.ledger.lock().fork(parent, tokens)
+    }
+
+    /// Tokens `seq` holds.
+    pub fn tokens(&self, seq: SeqId) -> Result<usize, KvError> {
+        self.ledger.lock().len(seq)
     }
 
     /// A snapshot of `seq`'s block table.

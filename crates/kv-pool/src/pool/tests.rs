@@ -113,6 +113,7 @@ fn grow_and_shrink_map_and_unmap_chunks() {
     assert_eq!(vmm.usage(DeviceId(0)), 3 * page);
     let s = p.create();
     p.grow_to(s, 6).unwrap(); // blocks 0, 1, 2: chunks 0 and 1
+    assert_eq!(p.tokens(s).unwrap(), 6);
     assert_eq!(
         p.shrink(2),
         Err(KvError::ShrinkBelowUse {
@@ -130,6 +131,7 @@ fn grow_and_shrink_map_and_unmap_chunks() {
         })
     );
     assert_eq!(p.stats().chunks, 2, "a refused grow changes nothing");
+    assert_eq!(vmm.usage(DeviceId(0)), 2 * page, "and creates no chunk");
     p.free(s).unwrap();
     assert_eq!(p.shrink_free_tail(1).unwrap(), 1);
     assert_eq!(p.stats().chunks, 1);
