@@ -233,6 +233,15 @@ struct InFlight {
     chunk: Chunk,
     start: Raw<CUevent>,
     end: Raw<CUevent>,
+    /// How to resolve the copy once this chunk has landed, when a later chunk of the same copy
+    /// was skipped or failed meanwhile. (Resolving it earlier would let the ticket finish while
+    /// this chunk is still writing the destination.)
+    then: Option<Resolution>,
+}
+
+enum Resolution {
+    Skip,
+    Fail(CopyFault),
 }
 
 /// What `submit` hands the pump: one batch's chunks per link.
@@ -648,6 +657,11 @@ impl Pump {
             } else {
                 c.ticket.fail(c.copy, fault("cuEventQuery", r));
             }
+            match f.then {
+                Some(Resolution::Skip) => c.ticket.skip(c.copy),
+                Some(Resolution::Fail(why)) => c.ticket.fail(c.copy, why),
+                None => {}
+            }
             l.free_events.push((f.start, f.end));
         }
     }
@@ -660,7 +674,7 @@ impl Pump {
             };
             if !c.ticket.should_run(c.copy) {
                 // Cancelled (or the copy already failed): skip, but keep the fence promise.
-                c.ticket.skip(c.copy);
+                self.resolve(i, &c, Resolution::Skip);
                 if let Some(seq) = c.fence {
                     self.write_fence(i, seq);
                 }
@@ -678,10 +692,8 @@ impl Pump {
                             // SAFETY: a live event we just created and never recorded.
                             unsafe { sys::cuEventDestroy_v2(e.0) };
                         }
-                        c.ticket.fail(
-                            c.copy,
-                            fault("cuEventCreate", CUresult::CUDA_ERROR_OUT_OF_MEMORY),
-                        );
+                        let why = fault("cuEventCreate", CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+                        self.resolve(i, &c, Resolution::Fail(why));
                         if let Some(seq) = c.fence {
                             self.write_fence(i, seq);
                         }
@@ -715,7 +727,7 @@ impl Pump {
             };
             if r != CUresult::CUDA_SUCCESS {
                 l.free_events.push((start, end));
-                c.ticket.fail(c.copy, fault("cuMemcpyPeerAsync", r));
+                self.resolve(i, &c, Resolution::Fail(fault("cuMemcpyPeerAsync", r)));
                 if let Some(seq) = c.fence {
                     self.write_fence(i, seq);
                 }
@@ -728,11 +740,14 @@ impl Pump {
                 // SAFETY: `stream` is this link's live stream.
                 let s = unsafe { sys::cuStreamSynchronize(stream) };
                 l.free_events.push((start, end));
-                if s == CUresult::CUDA_SUCCESS {
-                    c.ticket.fail(c.copy, fault("cuEventRecord", r));
+                // The stream is drained, so nothing of this copy is in flight any more.
+                self.retire(i);
+                let why = if s == CUresult::CUDA_SUCCESS {
+                    fault("cuEventRecord", r)
                 } else {
-                    c.ticket.fail(c.copy, fault("cuStreamSynchronize", s));
-                }
+                    fault("cuStreamSynchronize", s)
+                };
+                self.resolve(i, &c, Resolution::Fail(why));
                 if let Some(seq) = c.fence {
                     self.write_fence(i, seq);
                 }
@@ -743,10 +758,30 @@ impl Pump {
                 chunk: c,
                 start,
                 end,
+                then: None,
             });
             if let Some(seq) = fence {
                 self.write_fence(i, seq);
             }
+        }
+    }
+
+    /// Resolve the copy of chunk `c` (which was not enqueued) as skipped or failed: at once, or,
+    /// if an earlier chunk of the same copy is still in flight on link `i`, when that lands.
+    fn resolve(&mut self, i: usize, c: &Chunk, how: Resolution) {
+        // Chunks of one copy are consecutive on one link, so only the newest in-flight chunk
+        // can belong to it.
+        if let Some(back) = self.links[i].in_flight.back_mut() {
+            if Arc::ptr_eq(&back.chunk.ticket, &c.ticket) && back.chunk.copy == c.copy {
+                if back.then.is_none() {
+                    back.then = Some(how);
+                }
+                return;
+            }
+        }
+        match how {
+            Resolution::Skip => c.ticket.skip(c.copy),
+            Resolution::Fail(why) => c.ticket.fail(c.copy, why),
         }
     }
 
@@ -777,15 +812,10 @@ impl Pump {
     /// streams and events.
     fn shut_down(mut self) {
         for i in 0..self.links.len() {
-            while let Some(c) = self.links[i].pending.pop_front() {
-                c.ticket.shut_down(c.copy);
-                if let Some(seq) = c.fence {
-                    self.write_fence(i, seq);
-                }
-            }
             let l = &self.links[i];
             // SAFETY: the context is retained; the stream is live. Synchronising lets the
-            // in-flight chunks land before `retire` reads their events.
+            // in-flight chunks land before `retire` reads their events, and before any copy is
+            // resolved, so no ticket finishes while its bytes are still moving.
             unsafe {
                 sys::cuCtxSetCurrent(l.src_ctx.0);
                 sys::cuStreamSynchronize(l.stream.0);
@@ -797,6 +827,15 @@ impl Pump {
                 f.chunk.ticket.shut_down(f.chunk.copy);
                 l.free_events.push((f.start, f.end));
             }
+            while let Some(c) = self.links[i].pending.pop_front() {
+                c.ticket.shut_down(c.copy);
+                if let Some(seq) = c.fence {
+                    self.write_fence(i, seq);
+                }
+            }
+            let l = &mut self.links[i];
+            // SAFETY: the fences just written are stream work; let them run before teardown.
+            unsafe { sys::cuStreamSynchronize(l.stream.0) };
             for (a, b) in l.free_events.drain(..) {
                 // SAFETY: the events are live and no longer recorded on any running work.
                 unsafe {
