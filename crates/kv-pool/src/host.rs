@@ -10,8 +10,8 @@ use crate::table::BlockId;
 /// Every mapped block of a host pool, readable and writable, for the length of one
 /// [`BlockPool::with_host_blocks`] call.
 ///
-/// Block slices are exactly [`crate::KvLayout::block_bytes`] long (no padding), in the layout of
-/// [`crate::layout`](crate::KvLayout).
+/// Block slices are exactly [`crate::KvLayout::block_bytes`] long (no padding), laid out as
+/// [`crate::KvLayout`] describes.
 pub struct HostBlocks<'a> {
     chunks: Vec<HostWrite<'a>>,
     per_chunk: usize,
