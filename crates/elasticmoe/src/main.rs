@@ -26,10 +26,13 @@ enum Command {
     /// Write a model directory (config, sharded safetensors with seeded random weights, tokenizer)
     /// for a real architecture.
     GenModel(cmd::gen_model::Args),
+    /// Run prompts through the serving engine on host devices and print the generated text.
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::GenModel(args) => cmd::gen_model::run(&args),
+        Command::Generate(args) => cmd::generate::run(&args),
     }
 }
