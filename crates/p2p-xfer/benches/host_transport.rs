@@ -58,10 +58,11 @@ fn main() {
         );
     }
 
-    // A paced emulation: links at 5 GB/s, ports at 8 GB/s; device 3 gets 8 x 16 MiB held by
-    // devices 0..3, striped.
-    let model = LinkModel::uniform(LinkSpec::gbps(5.0, 20.0))
-        .with_default_ports(Ports::symmetric_gbps(8.0));
+    // A paced emulation: links at 1 GB/s, ports at 1.5 GB/s; device 3 gets 8 x 16 MiB held by
+    // devices 0..3, striped. (Pacing can only slow copies down: the model must stay well below
+    // what the host's memcpy sustains per worker, or the run is memcpy-bound.)
+    let model = LinkModel::uniform(LinkSpec::gbps(1.0, 20.0))
+        .with_default_ports(Ports::symmetric_gbps(1.5));
     let planner = Planner::new(model.clone(), PlannerConfig::default()).unwrap();
     let needs: Vec<Need> = (0..8)
         .map(|k| {

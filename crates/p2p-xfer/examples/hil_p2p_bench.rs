@@ -722,6 +722,7 @@ fn planner_runs(b: &Bench, model: &LinkModel) -> Res<Vec<Value>> {
             "name": name,
             "predicted_ms": predicted_ms,
             "measured_ms": measured_ms,
+            "bound_ms": plan.bound_secs() * 1e3,
             "bytes": plan.total_bytes(),
             "links": links,
         }));

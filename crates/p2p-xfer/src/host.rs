@@ -26,6 +26,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+/// How far behind real time a link's virtual clock may fall and still count as busy.
+const PACING_SLACK: Duration = Duration::from_millis(2);
+
 /// Host transport settings.
 #[derive(Clone, Debug)]
 pub struct HostTransportConfig {
@@ -83,8 +86,16 @@ impl Pacer {
         let secs =
             |rate: f64| Duration::try_from_secs_f64(len as f64 / rate).unwrap_or(Duration::ZERO);
         let mut c = lock(&self.clocks);
+        // A clock that fell behind `now` by less than the slack belongs to a link that stayed
+        // busy and whose worker merely woke late: continue from the clock, so scheduler delays
+        // are caught up instead of stretching the emulated time. Further behind, the link idled.
         let bump = |clock: &mut Instant, d: Duration| {
-            *clock = (*clock).max(now) + d;
+            let start = if now.saturating_duration_since(*clock) > PACING_SLACK {
+                now
+            } else {
+                *clock
+            };
+            *clock = start + d;
             *clock
         };
         let latency = if first { spec.latency } else { Duration::ZERO };

@@ -6,10 +6,18 @@
 //! pair can already use most of a GPU's NVLink bandwidth, so a destination fed by two sources at
 //! once is limited by its ingress, not by twice the pair bandwidth.
 //!
-//! The time a set of link loads takes ([`LinkModel::predict`]) is the longest of:
-//! - for each link, `ops × latency + bytes / bandwidth` (copies on one link run one after another);
-//! - for each device, the bytes it sends to peers divided by its egress rate, and the bytes it
-//!   receives from peers divided by its ingress rate (device-local copies use neither).
+//! Two times are derived from a set of link loads:
+//! - [`LinkModel::bound_secs`], a lower bound: the longest of, for each link,
+//!   `ops × latency + bytes / bandwidth` (copies on one link run one after another), and for each
+//!   device, the bytes it sends to peers over its egress rate and the bytes it receives from peers
+//!   over its ingress rate (device-local copies use neither port);
+//! - [`LinkModel::predict_secs`], the prediction: a fluid simulation in which the links through a
+//!   port share it max-min fairly (every link gets an equal share unless its own rate or another
+//!   port holds it lower). A link's own rate is its bandwidth with its per-copy latencies folded
+//!   in (`bytes / (bytes / bandwidth + ops × latency)`): a link pays its latencies itself, while
+//!   the other links keep the port busy. A link that carries more than its fair share of a port's
+//!   traffic outlives the others and finishes alone, which the bound does not see. For a plan
+//!   that balances its links, the two agree.
 
 use crate::copy::Link;
 use crate::error::PlanError;
@@ -178,11 +186,8 @@ impl LinkModel {
         }
     }
 
-    /// Seconds the given link loads take together (see the module docs).
-    pub fn predict_secs<'a>(
-        &self,
-        loads: impl IntoIterator<Item = (&'a Link, &'a LinkLoad)>,
-    ) -> f64 {
+    /// A lower bound on the seconds the given link loads take (see the module docs).
+    pub fn bound_secs<'a>(&self, loads: impl IntoIterator<Item = (&'a Link, &'a LinkLoad)>) -> f64 {
         let mut worst: f64 = 0.0;
         let mut egress: BTreeMap<DeviceId, u64> = BTreeMap::new();
         let mut ingress: BTreeMap<DeviceId, u64> = BTreeMap::new();
@@ -202,12 +207,170 @@ impl LinkModel {
         worst
     }
 
+    /// The predicted seconds the given link loads take: a max-min fair fluid simulation (see the
+    /// module docs). Never less than [`bound_secs`](Self::bound_secs).
+    pub fn predict_secs<'a>(
+        &self,
+        loads: impl IntoIterator<Item = (&'a Link, &'a LinkLoad)>,
+    ) -> f64 {
+        let mut sim = FairShare::default();
+        for (link, load) in loads {
+            let spec = self.link(*link);
+            let alone = spec.secs(load.bytes, load.ops);
+            if load.bytes == 0 {
+                sim.done = sim.done.max(alone);
+                continue;
+            }
+            let rate = load.bytes as f64 / alone;
+            let mut uses = vec![sim.resource(Resource::Link(*link), rate)];
+            if !link.is_local() {
+                uses.push(sim.resource(Resource::Egress(link.src), self.ports(link.src).egress));
+                uses.push(sim.resource(Resource::Ingress(link.dst), self.ports(link.dst).ingress));
+            }
+            sim.flows.push(Flow {
+                start: 0.0,
+                left: load.bytes as f64,
+                uses,
+                rate: 0.0,
+            });
+        }
+        sim.run()
+    }
     /// [`predict_secs`](Self::predict_secs) as a `Duration` (saturating).
     pub fn predict<'a>(
         &self,
         loads: impl IntoIterator<Item = (&'a Link, &'a LinkLoad)>,
     ) -> Duration {
         secs_to_duration(self.predict_secs(loads))
+    }
+}
+
+/// What a flow of the fair-share simulation passes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Resource {
+    Link(Link),
+    Egress(DeviceId),
+    Ingress(DeviceId),
+}
+
+/// One link's traffic in the simulation.
+#[derive(Debug)]
+struct Flow {
+    /// When its bytes start moving.
+    start: f64,
+    /// Bytes still to move.
+    left: f64,
+    /// Indices into `FairShare::caps`.
+    uses: Vec<usize>,
+    rate: f64,
+}
+
+/// A max-min fair fluid simulation of flows through capacitated resources.
+#[derive(Debug, Default)]
+struct FairShare {
+    index: BTreeMap<Resource, usize>,
+    caps: Vec<f64>,
+    flows: Vec<Flow>,
+    /// The latest completion so far (flows of zero bytes end at their start).
+    done: f64,
+}
+
+impl FairShare {
+    fn resource(&mut self, r: Resource, cap: f64) -> usize {
+        let next = self.caps.len();
+        let i = *self.index.entry(r).or_insert(next);
+        if i == next {
+            self.caps.push(cap);
+        }
+        i
+    }
+
+    /// Max-min fair rates for the flows in `active` (progressive filling).
+    fn fill(&mut self, active: &[usize]) {
+        let mut used = vec![0.0f64; self.caps.len()];
+        let mut frozen = vec![false; self.flows.len()];
+        for &f in active {
+            self.flows[f].rate = 0.0;
+        }
+        loop {
+            // Unfrozen active flows through each resource.
+            let mut count = vec![0usize; self.caps.len()];
+            for &f in active.iter().filter(|&&f| !frozen[f]) {
+                for &r in &self.flows[f].uses {
+                    count[r] += 1;
+                }
+            }
+            let step = (0..self.caps.len())
+                .filter(|&r| count[r] > 0 && self.caps[r].is_finite())
+                .map(|r| ((self.caps[r] - used[r]) / count[r] as f64).max(0.0))
+                .fold(f64::INFINITY, f64::min);
+            if !step.is_finite() {
+                // Only unlimited resources left: cannot happen, every flow has a finite link.
+                return;
+            }
+            for &f in active.iter().filter(|&&f| !frozen[f]) {
+                self.flows[f].rate += step;
+                for &r in &self.flows[f].uses {
+                    used[r] += step;
+                }
+            }
+            let saturated: Vec<bool> = (0..self.caps.len())
+                .map(|r| self.caps[r].is_finite() && used[r] >= self.caps[r] * (1.0 - 1e-12))
+                .collect();
+            let mut any = false;
+            for &f in active {
+                if !frozen[f] && self.flows[f].uses.iter().any(|&r| saturated[r]) {
+                    frozen[f] = true;
+                    any = true;
+                }
+            }
+            if !any || active.iter().all(|&f| frozen[f]) {
+                return;
+            }
+        }
+    }
+
+    /// Run to completion; returns when the last flow finishes.
+    fn run(mut self) -> f64 {
+        let mut t = 0.0f64;
+        loop {
+            let active: Vec<usize> = (0..self.flows.len())
+                .filter(|&f| self.flows[f].left > 0.0 && self.flows[f].start <= t)
+                .collect();
+            let next_start = self
+                .flows
+                .iter()
+                .filter(|f| f.left > 0.0 && f.start > t)
+                .map(|f| f.start)
+                .fold(f64::INFINITY, f64::min);
+            if active.is_empty() {
+                if next_start.is_finite() {
+                    t = next_start;
+                    continue;
+                }
+                return t.max(self.done);
+            }
+            self.fill(&active);
+            let finish = active
+                .iter()
+                .map(|&f| self.flows[f].left / self.flows[f].rate)
+                .fold(f64::INFINITY, f64::min);
+            let dt = finish.min(next_start - t);
+            if !dt.is_finite() {
+                // A flow with no rate and nothing else to wait for: never finishes.
+                return f64::INFINITY;
+            }
+            for &f in &active {
+                let fl = &mut self.flows[f];
+                // The flow(s) that set `finish` end exactly now, whatever the rounding.
+                if fl.left <= fl.rate * dt * (1.0 + 1e-12) {
+                    fl.left = 0.0;
+                } else {
+                    fl.left -= fl.rate * dt;
+                }
+            }
+            t += dt;
+        }
     }
 }
 
@@ -262,6 +425,46 @@ mod tests {
         let loads = [(Link::new(D2, D2), load(10 * gb, 1))];
         let t = m.predict_secs(loads.iter().map(|(l, x)| (l, x)));
         assert!((t - 0.1).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn an_unbalanced_port_share_outlives_the_bound() {
+        // Two 60 GB/s links into a 100 GB/s ingress: 2 GB and 1 GB. They share the port at 50
+        // GB/s each until the 1 GB link finishes (20 ms); the other then runs alone at its own
+        // 60 GB/s for its last 1 GB (16.7 ms). The bound only sees 2 GB over 60 GB/s.
+        let m = LinkModel::uniform(LinkSpec::gbps(60.0, 0.0))
+            .with_default_ports(Ports::symmetric_gbps(100.0));
+        let gb = 1_000_000_000;
+        let loads = [
+            (Link::new(D0, D2), load(2 * gb, 1)),
+            (Link::new(D1, D2), load(gb, 1)),
+        ];
+        let it = || loads.iter().map(|(l, x)| (l, x));
+        assert!((m.bound_secs(it()) - 2.0 / 60.0).abs() < 1e-12);
+        let t = m.predict_secs(it());
+        assert!((t - (0.02 + 1.0 / 60.0)).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn latency_slows_only_its_own_link() {
+        // Link A pays 1000 copies of 10 us: 10 ms of latency plus 10 ms of bytes, so it moves at
+        // 50 GB/s on average; B moves at (almost) 100 GB/s. Through a 100 GB/s ingress, fair
+        // sharing gives each 50 GB/s and both end at 20 ms: A's latencies cost the port nothing.
+        let m = LinkModel::uniform(LinkSpec::gbps(100.0, 10.0))
+            .with_default_ports(Ports::symmetric_gbps(100.0));
+        let gb = 1_000_000_000;
+        let loads = [
+            (Link::new(D0, D2), load(gb, 1000)),
+            (Link::new(D1, D2), load(gb, 1)),
+        ];
+        let it = || loads.iter().map(|(l, x)| (l, x));
+        assert!((m.bound_secs(it()) - 0.02).abs() < 1e-12);
+        let t = m.predict_secs(it());
+        assert!((t - 0.02).abs() < 1e-9, "{t}");
+        // Alone, a link takes its latencies plus its bytes.
+        let one = [(Link::new(D0, D2), load(gb, 1000))];
+        let t = m.predict_secs(one.iter().map(|(l, x)| (l, x)));
+        assert!((t - 0.02).abs() < 1e-12, "{t}");
     }
 
     #[test]

@@ -8,9 +8,13 @@
 //! into steps of the configured granularity (coarser for very large needs, so planning stays cheap)
 //! and every step goes to the holder on which it would finish earliest, given everything already
 //! planned: that holder's link (per-copy latency the first time the link is used for this need,
-//! then bytes over bandwidth), the holder's egress port and the destination's ingress port. A
-//! holder's steps are then laid out as one contiguous copy, so a need striped over `k` holders
-//! becomes at most `k` copies.
+//! then bytes over bandwidth), the holder's egress port and the destination's ingress port. Ties
+//! (typically: every holder limited by the same destination ingress) go to the least loaded
+//! link, so links that share a port carry equal time. A holder's steps are then laid out as one
+//! contiguous copy, so a need striped over `k` holders becomes at most `k` copies.
+//!
+//! The plan's prediction is [`LinkModel::predict_secs`] of its link loads: a max-min fair
+//! simulation, never below the simple bound [`LinkModel::bound_secs`] that the greedy balances.
 
 use crate::copy::{find_hazard, CopyOp, Hazard, Link, Location};
 use crate::error::PlanError;
@@ -73,6 +77,7 @@ pub struct Plan {
     copies: Vec<PlannedCopy>,
     loads: BTreeMap<Link, LinkLoad>,
     predicted_secs: f64,
+    bound_secs: f64,
 }
 
 impl Plan {
@@ -104,6 +109,12 @@ impl Plan {
     /// The predicted completion time, in seconds, under the planner's link model.
     pub fn predicted_secs(&self) -> f64 {
         self.predicted_secs
+    }
+
+    /// The lower bound on the completion time under the planner's link model
+    /// ([`LinkModel::bound_secs`]); equal to the prediction when the plan's links are balanced.
+    pub fn bound_secs(&self) -> f64 {
+        self.bound_secs
     }
 
     /// The predicted completion time.
@@ -167,10 +178,12 @@ impl Planner {
             l.ops += 1;
         }
         let predicted_secs = self.model.predict_secs(&loads);
+        let bound_secs = self.model.bound_secs(&loads);
         Ok(Plan {
             copies,
             loads,
             predicted_secs,
+            bound_secs,
         })
     }
 
@@ -235,7 +248,9 @@ impl Planner {
         let mut left = need.len;
         while left > 0 {
             let bytes = step.min(left);
-            let mut best: Option<(f64, usize)> = None;
+            // Earliest finish first; among equals (e.g. all limited by the destination's
+            // ingress), the least loaded link, so that links sharing a port stay balanced.
+            let mut best: Option<((f64, f64), usize)> = None;
             for (k, h) in holders.iter().enumerate() {
                 let t = self.finish_if(usage, Link::new(h.device, dst), bytes, share[k] == 0);
                 if best.is_none_or(|(bt, _)| t < bt) {
@@ -272,19 +287,21 @@ impl Planner {
         }
     }
 
-    /// When the resources `link` uses would be free if `bytes` more went over it.
-    fn finish_if(&self, usage: &Usage, link: Link, bytes: u64, new_op: bool) -> f64 {
+    /// When the resources `link` uses would be free if `bytes` more went over it, and when the
+    /// link alone would be.
+    fn finish_if(&self, usage: &Usage, link: Link, bytes: u64, new_op: bool) -> (f64, f64) {
         let spec = self.model.link(link);
         let link_t = usage.link_secs.get(&link).copied().unwrap_or(0.0)
             + spec.secs(bytes, u64::from(new_op));
         if link.is_local() {
-            return link_t;
+            return (link_t, link_t);
         }
         let out = usage.egress.get(&link.src).copied().unwrap_or(0) + bytes;
         let inn = usage.ingress.get(&link.dst).copied().unwrap_or(0) + bytes;
-        link_t
+        let all = link_t
             .max(out as f64 / self.model.ports(link.src).egress)
-            .max(inn as f64 / self.model.ports(link.dst).ingress)
+            .max(inn as f64 / self.model.ports(link.dst).ingress);
+        (all, link_t)
     }
 
     fn charge(&self, usage: &mut Usage, link: Link, bytes: u64, new_op: bool) {
