@@ -7,8 +7,9 @@
 //! 2. **Interference**: a bf16 cuBLAS GEMM loop (8192³) runs on the source and on the destination,
 //!    alone and then while 1 GiB batches stream from source to destination. Reported: the GEMM's
 //!    slowdown (the worse of the two devices) and the transfer rate during the loop.
-//! 3. **Planner**: a link model calibrated from single-link measurements (bandwidth per pair,
-//!    per-copy latency, device-local bandwidth, and with 3+ GPUs the ingress/egress port limits),
+//! 3. **Planner**: a link model calibrated from single-link measurements (bandwidth per pair from
+//!    8 x 256 MiB batches, per-copy latency from a batch of 256 x 2 MiB, device-local bandwidth,
+//!    and with 3+ GPUs the ingress/egress port limits from two concurrent links),
 //!    then plans the calibration never ran (bidirectional, local+peer striped, many small
 //!    tensors; with 3+ GPUs a new device fed by all others, partial holders; with 4+ two new
 //!    devices at once): predicted against measured time.
@@ -260,7 +261,7 @@ fn run() -> Res<()> {
 
     let sizes = sizes_table(&b)?;
     let interference = interference(&b)?;
-    let (model, calibration) = calibrate(&b, &sizes)?;
+    let (model, calibration) = calibrate(&b)?;
     let planner = planner_runs(&b, &model)?;
 
     for s in b.t.stats() {
@@ -331,6 +332,8 @@ struct Gemm {
     dev: usize,
     handle: blas::cublasHandle_t,
     stream: CUstream,
+    /// Timing events around each loop.
+    events: [sys::CUevent; 2],
     a: u64,
     b: u64,
     c: u64,
@@ -366,10 +369,16 @@ impl Gemm {
             blas::cublasSetStream_v2(handle, stream.cast())
         })?;
         let base = map.addr();
+        let mut events = [std::ptr::null_mut(); 2];
+        for e in &mut events {
+            // SAFETY: valid out-pointer; context current.
+            ok("cuEventCreate", unsafe { sys::cuEventCreate(e, 0) })?;
+        }
         Ok(Self {
             dev,
             handle,
             stream,
+            events,
             a: base,
             b: base + 2 * elems,
             c: base + 4 * elems,
@@ -379,6 +388,10 @@ impl Gemm {
 
     fn enqueue(&self, bench: &Bench, iters: usize) -> Res<()> {
         bench.bind(self.dev)?;
+        // SAFETY: a live event and stream of the current context.
+        ok("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.events[0], self.stream)
+        })?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         for _ in 0..iters {
             // SAFETY: A, B, C are live device buffers of GEMM_N² bf16 each on this device;
@@ -407,7 +420,20 @@ impl Gemm {
                 )
             })?;
         }
-        Ok(())
+        // SAFETY: as above.
+        ok("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.events[1], self.stream)
+        })
+    }
+
+    /// The device time of the last loop (call after `sync`).
+    fn elapsed(&self) -> Res<Duration> {
+        let mut ms = 0f32;
+        // SAFETY: both events were recorded on this stream and have completed.
+        ok("cuEventElapsedTime", unsafe {
+            sys::cuEventElapsedTime_v2(&mut ms, self.events[0], self.events[1])
+        })?;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
     }
 
     fn sync(&self, bench: &Bench) -> Res<()> {
@@ -424,20 +450,20 @@ impl Drop for Gemm {
         // SAFETY: the handle and stream are live; the stream is idle after `sync`.
         unsafe {
             blas::cublasDestroy_v2(self.handle);
+            sys::cuEventDestroy_v2(self.events[0]);
+            sys::cuEventDestroy_v2(self.events[1]);
             sys::cuStreamDestroy_v2(self.stream);
         }
     }
 }
 
-/// Run `iters` GEMMs on both devices at once; per-device wall time until each finished.
+/// Run `iters` GEMMs on both devices at once; each device's loop time, timed on the device.
 fn gemm_pair(b: &Bench, g: &[Gemm; 2], iters: usize) -> Res<[Duration; 2]> {
-    let t0 = Instant::now();
     g[0].enqueue(b, iters)?;
     g[1].enqueue(b, iters)?;
     g[0].sync(b)?;
-    let t_src = t0.elapsed();
     g[1].sync(b)?;
-    Ok([t_src, t0.elapsed()])
+    Ok([g[0].elapsed()?, g[1].elapsed()?])
 }
 
 fn interference(b: &Bench) -> Res<Value> {
@@ -532,17 +558,34 @@ fn interference(b: &Bench) -> Res<Value> {
 }
 
 /// A link model from measurements the planner runs below never repeat.
-fn calibrate(b: &Bench, sizes: &[Value]) -> Res<(LinkModel, Value)> {
+fn calibrate(b: &Bench) -> Res<(LinkModel, Value)> {
     let n = b.n;
-    // Per-copy latency: from the 2 MiB row, time per copy minus its bytes at the 1 GiB rate.
-    let rate = |row: &Value| row["ours_gbps"].as_f64().unwrap_or(1.0) * 1e9;
-    let small = &sizes[0];
-    let big = &sizes[sizes.len() - 1];
-    let small_bytes = small["bytes"].as_f64().unwrap_or(0.0);
-    let latency_s = (small_bytes / rate(small) - small_bytes / rate(big)).max(0.0);
+    // Bandwidth of 0 -> 1 from one batch of 8 x 256 MiB; per-copy latency from one batch of
+    // 256 x 2 MiB on the same link: its time beyond the bytes at that bandwidth, per copy.
+    let big: Vec<CopyOp> = (0..8)
+        .map(|k| {
+            CopyOp::new(
+                b.mem[0].src(k * 256 * MIB),
+                b.mem[1].dst(k * 256 * MIB),
+                256 * MIB,
+            )
+        })
+        .collect();
+    let bw01 = (2 * GIB) as f64 / b.run_batch(&big, 3)?.as_secs_f64();
+    let small: Vec<CopyOp> = (0..256)
+        .map(|k| {
+            CopyOp::new(
+                b.mem[0].src(k * 2 * MIB),
+                b.mem[1].dst(k * 2 * MIB),
+                2 * MIB,
+            )
+        })
+        .collect();
+    let t_small = b.run_batch(&small, 3)?.as_secs_f64();
+    let latency_s = ((t_small - (512 * MIB) as f64 / bw01) / 256.0).max(0.0);
 
     let mut model = LinkModel::uniform(LinkSpec {
-        bandwidth: rate(big),
+        bandwidth: bw01,
         latency: Duration::from_secs_f64(latency_s),
     });
     let mut pairs = Vec::new();
@@ -618,10 +661,10 @@ fn planner_runs(b: &Bench, model: &LinkModel) -> Res<Vec<Value>> {
     ));
     // Device 1 already holds a copy locally: striped over the local copy and the peer.
     cases.push((
-        "local+peer striped into 1, 1 GiB".into(),
+        "local+peer striped into 1, 2 GiB".into(),
         vec![Need::new(
             b.mem[1].dst(0),
-            GIB,
+            REGION,
             vec![b.mem[0].src(0), b.mem[1].src(0)],
         )],
     ));
