@@ -28,11 +28,14 @@ enum Command {
     GenModel(cmd::gen_model::Args),
     /// Run prompts through the serving engine on host devices and print the generated text.
     Generate(cmd::generate::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with metrics and admin scaling.
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::GenModel(args) => cmd::gen_model::run(&args),
         Command::Generate(args) => cmd::generate::run(&args),
+        Command::Serve(args) => cmd::serve::run(&args),
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod gen_model;
 pub mod generate;
+pub mod serve;

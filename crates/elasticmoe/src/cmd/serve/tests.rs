@@ -1,0 +1,778 @@
+//! The server against a real engine over loopback: endpoints, streaming, errors, auth, metrics,
+//! disconnects, shutdown and a bounded concurrent load.
+//!
+//! Each test builds its own runtime and server on port 0 and talks plain HTTP/1.1 to it over a
+//! `TcpStream` from the test thread.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use moe_runtime::engine::EngineConfig;
+use moe_runtime::presets::Preset;
+use moe_runtime::synth::{write_model, SynthOptions};
+use serde_json::{json, Value};
+
+use super::{Server, Setup, SetupConfig};
+use crate::cmd::generate::PlacementArg;
+
+const TOKEN: &str = "s3cret-token";
+
+fn model_dir(preset: Preset) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&preset.config(), dir.path(), &SynthOptions::new(4), |_| {}).unwrap();
+    dir
+}
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    server: Option<Server>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+struct Opts {
+    devices: usize,
+    max_queue: usize,
+    admin: bool,
+    run_engine: bool,
+    drain: Duration,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            devices: 2,
+            max_queue: 64,
+            admin: true,
+            run_engine: true,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Harness {
+    fn new(opts: Opts) -> Harness {
+        let dir = model_dir(Preset::TinyMixtral);
+        let config = SetupConfig {
+            max_devices: opts.devices,
+            initial: opts.devices,
+            placement: PlacementArg::Balanced,
+            max_queue: opts.max_queue,
+            admin_token: opts.admin.then(|| TOKEN.to_string()),
+            model_id: "tiny".into(),
+            engine: EngineConfig::default(),
+        };
+        let setup = Setup::load(dir.path(), &config).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt
+            .block_on(Server::start(
+                setup,
+                "127.0.0.1:0".parse().unwrap(),
+                opts.run_engine,
+                opts.drain,
+            ))
+            .unwrap();
+        let addr = server.addr;
+        Harness {
+            rt,
+            server: Some(server),
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.server.take() {
+            self.rt.block_on(s.shutdown()).unwrap();
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A response: status, lower-cased headers, de-chunked body.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn sse(&self) -> Vec<String> {
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+         content-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    req.into_bytes()
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&raw[..eol])
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 2 + size + 2..];
+    }
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    let head = std::str::from_utf8(&raw[..split]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = &raw[split + 4..];
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(&request_bytes(method, path, headers, body))
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse(&raw)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    call(
+        addr,
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        &body.to_string(),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    call(addr, "GET", path, &[], "")
+}
+
+/// Concatenated text of an SSE completion stream, and its finish reason; asserts `[DONE]` ends it.
+fn stream_text(r: &Resp, chat: bool) -> (String, String) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream"),
+        "{:?}",
+        r.headers
+    );
+    let data = r.sse();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.body
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        let piece = if chat {
+            c["delta"]["content"].as_str()
+        } else {
+            c["text"].as_str()
+        };
+        text.push_str(piece.unwrap_or(""));
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish)
+}
+
+fn metric(text: &str, line_prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_prefix} in metrics:\n{text}"))
+}
+
+#[test]
+fn completions_text_and_token_ids_agree_and_stream_matches() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let body = json!({"model": "tiny", "prompt": "Hi!", "max_tokens": 6, "ignore_eos": true});
+    let r = post(a, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], 3);
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+    assert_eq!(v["usage"]["total_tokens"], 9);
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    // "Hi!" is bytes 72, 105, 33 in the byte-level tokenizer: the same prompt as ids.
+    let ids = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [72, 105, 33], "max_tokens": 6, "ignore_eos": true}),
+    );
+    assert_eq!(ids.json()["choices"][0]["text"], text);
+    let batch = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [[72, 105, 33]], "max_tokens": 6, "ignore_eos": true}),
+    );
+    assert_eq!(batch.json()["choices"][0]["text"], text);
+
+    let s = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Hi!", "max_tokens": 6, "ignore_eos": true, "stream": true,
+                "stream_options": {"include_usage": true}}),
+    );
+    let (streamed, finish) = stream_text(&s, false);
+    assert_eq!(
+        streamed, text,
+        "the stream's text equals the whole response's"
+    );
+    assert_eq!(finish, "length");
+    let data = s.sse();
+    let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+}
+
+#[test]
+fn chat_applies_the_template_and_streams_deltas() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let messages = json!([{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hello"}]);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 5, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    // The rendered ChatML prompt: <|im_start|> and <|im_end|> are one special token each, every
+    // other byte one token.
+    let rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n\
+                    <|im_start|>assistant\n";
+    let bytes = rendered.len() - 3 * "<|im_start|>".len() - 2 * "<|im_end|>".len();
+    assert_eq!(v["usage"]["prompt_tokens"], bytes + 5);
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let s = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 5, "ignore_eos": true, "stream": true}),
+    );
+    let (streamed, finish) = stream_text(&s, true);
+    assert_eq!(streamed, text);
+    assert_eq!(finish, "length");
+    let first: Value = serde_json::from_str(&s.sse()[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+}
+
+#[test]
+fn every_bad_request_gets_a_400_with_an_openai_error_body() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let long = "x".repeat(3000);
+    let cases: Vec<(&str, String, Option<&str>)> = vec![
+        ("/v1/completions", "{not json".into(), None),
+        ("/v1/completions", String::new(), None),
+        (
+            "/v1/completions",
+            json!({"max_tokens": 3}).to_string(),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ""}).to_string(),
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long}).to_string(),
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 0}).to_string(),
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 1_000_000}).to_string(),
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "temperature": -1}).to_string(),
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "temperature": 0.7, "top_p": 0}).to_string(),
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "n": 3}).to_string(),
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["a", "b"]}).to_string(),
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [1, 999_999]}).to_string(),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}).to_string(),
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user"}]}).to_string(),
+            None,
+        ),
+    ];
+    for (path, body, param) in cases {
+        let r = call(
+            a,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            &body,
+        );
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{body}");
+        }
+    }
+    let vocab = post(a, "/v1/completions", &json!({"prompt": [1, 999_999]}));
+    assert!(vocab.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("vocabulary"));
+    assert_eq!(get(a, "/v1/nothing").status, 404);
+    let m = get(a, "/metrics").body;
+    assert_eq!(
+        metric(
+            &m,
+            "elasticmoe_http_requests_total{endpoint=\"completions\",code=\"400\"}"
+        ),
+        13.0
+    );
+}
+
+#[test]
+fn models_health_ready_and_metrics() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let m = get(a, "/v1/models").json();
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(m["data"][0]["max_model_len"], 2048);
+    assert_eq!(get(a, "/health").status, 200);
+    assert_eq!(get(a, "/ready").status, 200);
+    for _ in 0..2 {
+        let r = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "abc", "max_tokens": 4, "ignore_eos": true}),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let r = get(a, "/metrics");
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let t = r.body;
+    assert_eq!(
+        metric(
+            &t,
+            "elasticmoe_http_requests_total{endpoint=\"completions\",code=\"200\"}"
+        ),
+        2.0
+    );
+    assert_eq!(metric(&t, "elasticmoe_prompt_tokens_total "), 6.0);
+    assert_eq!(metric(&t, "elasticmoe_generation_tokens_total "), 8.0);
+    assert_eq!(
+        metric(&t, "elasticmoe_requests_finished_total{reason=\"length\"}"),
+        2.0
+    );
+    assert_eq!(metric(&t, "elasticmoe_ttft_seconds_count "), 2.0);
+    assert_eq!(metric(&t, "elasticmoe_tpot_seconds_count "), 2.0);
+    assert_eq!(
+        metric(&t, "elasticmoe_ttft_seconds_bucket{le=\"+Inf\"}"),
+        2.0
+    );
+    assert_eq!(metric(&t, "elasticmoe_active_devices "), 2.0);
+    assert_eq!(metric(&t, "elasticmoe_queue_depth "), 0.0);
+    assert_eq!(metric(&t, "elasticmoe_running_sequences "), 0.0);
+    assert_eq!(metric(&t, "elasticmoe_kv_blocks_used{rank=\"1\"}"), 0.0);
+    assert!(metric(&t, "elasticmoe_kv_blocks_total{rank=\"0\"}") > 0.0);
+    assert_eq!(metric(&t, "elasticmoe_scale_bytes_moved_total "), 0.0);
+    assert!(t.contains("# TYPE elasticmoe_scale_events_total counter"));
+}
+
+#[test]
+fn admin_endpoints_need_the_bearer_token() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let none = call(a, "GET", "/admin/status", &[], "");
+    assert_eq!(none.status, 401);
+    assert_eq!(none.header("www-authenticate"), Some("Bearer"));
+    let basic = call(
+        a,
+        "GET",
+        "/admin/status",
+        &[("authorization", "Basic abc")],
+        "",
+    );
+    assert_eq!(basic.status, 401);
+    let wrong = call(
+        a,
+        "GET",
+        "/admin/status",
+        &[("authorization", "Bearer nope")],
+        "",
+    );
+    assert_eq!(wrong.status, 403);
+    let auth = format!("Bearer {TOKEN}");
+    let ok = call(a, "GET", "/admin/status", &[("authorization", &auth)], "");
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["scale"]["active_devices"], 2);
+    let scale = |body: &str, hdr: &[(&str, &str)]| call(a, "POST", "/admin/scale", hdr, body);
+    assert_eq!(scale("{\"devices\": 1}", &[]).status, 401);
+    assert_eq!(
+        scale("{\"devices\": 1}", &[("authorization", "Bearer x")]).status,
+        403
+    );
+    let with = [("authorization", auth.as_str())];
+    for bad in [
+        "{\"devices\": 0}",
+        "{\"devices\": 3}",
+        "{\"add\": 1}",
+        "{\"remove\": 2}",
+        "{\"remove\": 0}",
+        "{\"devices\": -1}",
+        "{\"devices\": 1, \"add\": 1}",
+        "{\"grow\": 1}",
+        "[1]",
+        "nope",
+    ] {
+        let r = scale(bad, &with);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    // A valid command reaches the scaler seam, which in this build cannot scale.
+    let r = scale("{\"remove\": 1}", &with);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("scaling not available in this build"));
+}
+
+#[test]
+fn admin_endpoints_are_absent_without_a_token_file() {
+    let h = Harness::new(Opts {
+        admin: false,
+        ..Opts::default()
+    });
+    let auth = format!("Bearer {TOKEN}");
+    assert_eq!(
+        call(
+            h.addr,
+            "GET",
+            "/admin/status",
+            &[("authorization", &auth)],
+            ""
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        call(h.addr, "POST", "/admin/scale", &[], "{\"add\":1}").status,
+        404
+    );
+}
+
+#[test]
+fn a_full_queue_gets_429_with_retry_after() {
+    // The engine loop is not running, so the first request stays queued.
+    let mut h = Harness::new(Opts {
+        max_queue: 1,
+        run_engine: false,
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let mut first = TcpStream::connect(a).unwrap();
+    let body =
+        json!({"prompt": "a", "max_tokens": 2, "stream": true, "ignore_eos": true}).to_string();
+    first
+        .write_all(&request_bytes("POST", "/v1/completions", &[], &body))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.server().state.engine().metrics().queue_depth < 1 {
+        assert!(Instant::now() < deadline, "the first request never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "b", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["type"], "rate_limit_exceeded");
+    // Once the engine runs, the queued stream completes normally.
+    h.server.as_mut().unwrap().start_engine();
+    first
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut raw = Vec::new();
+    first.read_to_end(&mut raw).unwrap();
+    let (_, finish) = stream_text(&parse(&raw), false);
+    assert_eq!(finish, "length");
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_request_and_frees_its_kv() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let mut s = TcpStream::connect(a).unwrap();
+    let body = json!({"prompt": "tell me a long story", "max_tokens": 2000, "stream": true,
+                      "ignore_eos": true})
+    .to_string();
+    s.write_all(&request_bytes("POST", "/v1/completions", &[], &body))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: {") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before its first chunk");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let engine = h.server().state.engine().clone();
+    assert_eq!(engine.metrics().running, 1);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = engine.metrics();
+        let used: usize = m.kv.iter().map(|r| r.used_blocks).sum();
+        if m.running == 0 && used == 0 && h.server().state.inflight_count() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = get(a, "/metrics").body;
+    assert_eq!(metric(&t, "elasticmoe_client_disconnects_total "), 1.0);
+    assert!(metric(&t, "elasticmoe_generation_tokens_total ") < 2000.0);
+}
+
+#[test]
+fn shutdown_finishes_running_streams_and_refuses_new_ones() {
+    let mut h = Harness::new(Opts::default());
+    let a = h.addr;
+    let body = json!({"prompt": "abc", "max_tokens": 400, "stream": true, "ignore_eos": true});
+    let client = std::thread::spawn(move || post(a, "/v1/completions", &body));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let engine = h.server().state.engine().clone();
+    while engine.metrics().generated_tokens == 0 {
+        assert!(Instant::now() < deadline, "no token came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        h.server().state.inflight_count(),
+        1,
+        "shut down while it runs"
+    );
+    let state = std::sync::Arc::clone(&h.server().state);
+    let server = h.server.take().unwrap();
+    let done = h.rt.spawn(server.shutdown());
+    let r = client.join().unwrap();
+    let (_, finish) = stream_text(&r, false);
+    assert_eq!(finish, "length", "the running stream finished in full");
+    h.rt.block_on(done).unwrap().unwrap();
+    assert!(state
+        .engine()
+        .submit(moe_runtime::engine::Request::greedy(vec![1], 1))
+        .is_err());
+    assert!(TcpStream::connect(a).is_err() || get_refused(a));
+}
+
+/// After shutdown, a connection either fails or gets no HTTP response.
+fn get_refused(a: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(a) else {
+        return true;
+    };
+    let _ = s.write_all(&request_bytes("GET", "/health", &[], ""));
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    raw.is_empty()
+}
+
+#[test]
+fn shutdown_cancels_what_does_not_finish_by_the_deadline() {
+    let mut h = Harness::new(Opts {
+        drain: Duration::from_millis(50),
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let body = json!({"prompt": "abc", "max_tokens": 2000, "stream": true, "ignore_eos": true});
+    let client = std::thread::spawn(move || post(a, "/v1/completions", &body));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.server().state.engine().metrics().generated_tokens == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.shutdown();
+    let r = client.join().unwrap();
+    let (_, finish) = stream_text(&r, false);
+    assert_eq!(finish, "abort");
+}
+
+#[test]
+fn concurrent_load_streams_all_finish_and_match_a_sequential_reference() {
+    let h = Harness::new(Opts {
+        devices: 3,
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let prompts: Vec<String> = (0..12).map(|i| format!("prompt number {i}: ")).collect();
+    let reference: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            post(
+                a,
+                "/v1/completions",
+                &json!({"prompt": p, "max_tokens": 8, "ignore_eos": true}),
+            )
+            .json()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let started = Instant::now();
+    let threads: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let body =
+                    json!({"prompt": p, "max_tokens": 8, "ignore_eos": true, "stream": i % 2 == 0});
+                let r = post(a, "/v1/completions", &body);
+                assert!(r.status < 500, "{}", r.body);
+                if i % 2 == 0 {
+                    stream_text(&r, false).0
+                } else {
+                    r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+                }
+            })
+        })
+        .collect();
+    let got: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        got, reference,
+        "outputs under load equal the sequential ones"
+    );
+    assert!(started.elapsed() < Duration::from_secs(120));
+}
