@@ -1,0 +1,142 @@
+//! Decode throughput of the CUDA runner on one GPU, beside the weight-bytes-read floor.
+//!
+//! Shapes: `qwen3-30b-a3b` reduced to 24 of its 48 layers (the full model's bf16 weights, about
+//! 61 GB, leave too little room on an 80 GB card next to the scratch and KV), and `deepseek-v2-lite`
+//! with all 27 layers. Weights are random bf16 generated on the device (never written to disk).
+//! For batch B, B sequences each get a one-token prompt, then 3 warm-up and 10 timed decode steps.
+//!
+//! Floor: bytes read per step (every replicated weight except the embedding table, plus each
+//! routed expert that the step's routes touched, once per layer) divided by the device copy
+//! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
+//! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
+
+use std::time::Instant;
+
+use moe_runtime::cuda::{self, CudaConfig, CudaRunner};
+use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
+use moe_runtime::presets::{with_layers, Preset};
+
+const WARMUP: usize = 3;
+const STEPS: usize = 10;
+
+fn main() {
+    if let Err(e) = cuda::device_count() {
+        println!("no GPU ({e}): skipping the decode benchmark");
+        return;
+    }
+    let mut rows = Vec::new();
+    let mut card = String::new();
+    for (preset, layers) in [
+        (Preset::Qwen3_30bA3b, 24usize),
+        (Preset::DeepseekV2Lite, 27),
+    ] {
+        let cfg = with_layers(&preset.config(), layers).expect("layer count");
+        let t = Instant::now();
+        let mut r = match CudaRunner::synthetic(
+            &cfg,
+            1,
+            CudaConfig {
+                devices: 1,
+                block_tokens: 16,
+                kv_blocks_per_rank: 1024,
+                max_batch_tokens: 256,
+                max_context: 64,
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{preset:?}: {e}");
+                std::process::exit(1);
+            }
+        };
+        card = r.device_name().unwrap_or_default();
+        println!(
+            "{preset:?} ({layers} layers) loaded in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        let bw = r.copy_bandwidth(1 << 30, 20).expect("copy bandwidth");
+        let embed = (cfg.vocab_size * cfg.hidden_size * 2) as u64;
+        let replicated = r.replicated_weight_bytes() - embed;
+        println!("copy bandwidth {:.0} GB/s", bw / 1e9);
+        let mut next_id = 0u64;
+        for batch in [1usize, 8, 64, 256] {
+            let seqs: Vec<RequestId> = (0..batch)
+                .map(|_| {
+                    next_id += 1;
+                    RequestId(next_id)
+                })
+                .collect();
+            let mut tokens: Vec<u32> = (0..batch)
+                .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+                .collect();
+            let mut pos = 0usize;
+            let step = |r: &mut CudaRunner, tokens: &mut Vec<u32>, pos: usize| {
+                for &s in &seqs {
+                    assert!(r.ledger().grow(RankId(0), s, pos + 1), "KV full");
+                }
+                let toks: Vec<[u32; 1]> = tokens.iter().map(|&t| [t]).collect();
+                let work: Vec<Work<'_>> = seqs
+                    .iter()
+                    .zip(&toks)
+                    .map(|(&s, t)| Work {
+                        chunk: Chunk {
+                            seq: s,
+                            rank: RankId(0),
+                            start: pos,
+                            len: 1,
+                            sample: true,
+                        },
+                        tokens: t,
+                    })
+                    .collect();
+                let logits = r.run(&work).expect("decode step");
+                for (t, l) in tokens.iter_mut().zip(&logits) {
+                    let mut best = 0;
+                    for (i, &x) in l.iter().enumerate() {
+                        if x > l[best] {
+                            best = i;
+                        }
+                    }
+                    *t = best as u32;
+                }
+            };
+            for _ in 0..WARMUP {
+                step(&mut r, &mut tokens, pos);
+                pos += 1;
+            }
+            let t = Instant::now();
+            let mut bytes = 0u64;
+            for _ in 0..STEPS {
+                step(&mut r, &mut tokens, pos);
+                bytes += replicated + r.last_step_expert_bytes();
+                pos += 1;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let tps = (batch * STEPS) as f64 / secs;
+            let floor_secs = bytes as f64 / bw;
+            let floor = (batch * STEPS) as f64 / floor_secs;
+            println!(
+                "{preset:?} batch {batch}: {tps:.1} tok/s ({:.2} ms/step), floor {floor:.1} tok/s ({:.2} ms/step, {:.2} GB/step) -> {:.2}x floor",
+                secs * 1e3 / STEPS as f64,
+                floor_secs * 1e3 / STEPS as f64,
+                bytes as f64 / STEPS as f64 / 1e9,
+                floor / tps
+            );
+            for &s in &seqs {
+                r.ledger().release(RankId(0), s);
+            }
+            rows.push(serde_json::json!({
+                "shape": preset.to_string(), "layers": layers, "batch": batch,
+                "tokens_per_s": tps, "floor_tokens_per_s": floor,
+                "ms_per_step": secs * 1e3 / STEPS as f64,
+                "bytes_per_step": bytes / STEPS as u64, "copy_bandwidth_bytes_per_s": bw,
+            }));
+        }
+    }
+    let dir = std::env::var("HIL_RESULTS").unwrap_or_else(|_| ".".into());
+    let _ = std::fs::create_dir_all(&dir);
+    let path = std::path::Path::new(&dir).join("cuda-runtime-decode.json");
+    let out = serde_json::json!({"card": card, "decode": rows});
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}

@@ -1,0 +1,360 @@
+//! The NVRTC kernels of the CUDA backend, compiled once per device.
+//!
+//! bf16 is handled as raw `unsigned short` bits (no CUDA headers, so NVRTC needs no include path):
+//! weights and GEMM inputs are bf16, everything else (residual stream, attention, router, KV cache)
+//! is `f32`. Reductions run in `f32`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+
+use super::CudaError;
+
+/// The CUDA C source of every kernel.
+pub(crate) const SOURCE: &str = r#"
+typedef unsigned short bf16;
+__device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ bf16 f2b(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16)(u >> 16);
+}
+__device__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = (l < nw) ? red[l] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (l == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+__device__ float block_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = (l < nw) ? red[l] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (l == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+extern "C" __global__ void embed(const int* tok, const bf16* table, float* out, int hidden) {
+  int r = blockIdx.x;
+  const bf16* src = table + (size_t)tok[r] * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[(size_t)r * hidden + i] = b2f(src[i]);
+}
+
+// RMS norm of segment blockIdx.x of row blockIdx.y; either output may be null. In place is fine.
+extern "C" __global__ void rms_norm(const float* x, int x_row, int seg_stride, const bf16* w,
+    int width, float eps, float* out_f, int of_row, bf16* out_b, int ob_row) {
+  __shared__ float red[32];
+  int r = blockIdx.y, s = blockIdx.x;
+  const float* xr = x + (size_t)r * x_row + (size_t)s * seg_stride;
+  float acc = 0.f;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) acc += xr[i] * xr[i];
+  float ss = block_sum(acc, red);
+  float inv = 1.f / sqrtf(ss / (float)width + eps);
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    float v = b2f(w[i]) * (xr[i] * inv);
+    if (out_f) out_f[(size_t)r * of_row + (size_t)s * seg_stride + i] = v;
+    if (out_b) out_b[(size_t)r * ob_row + (size_t)s * seg_stride + i] = f2b(v);
+  }
+}
+
+extern "C" __global__ void rope(float* x, int row_stride, int heads, int head_stride, int offset,
+    int dim, const int* pos, const float* cos_t, const float* sin_t, int interleaved) {
+  int r = blockIdx.x, half = dim / 2;
+  const float* c = cos_t + (size_t)pos[r] * half;
+  const float* sn = sin_t + (size_t)pos[r] * half;
+  for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+    int h = idx / half, i = idx % half;
+    float* b = x + (size_t)r * row_stride + (size_t)h * head_stride + offset;
+    int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    float a = b[ia], bb = b[ib];
+    b[ia] = a * c[i] - bb * sn[i];
+    b[ib] = bb * c[i] + a * sn[i];
+  }
+}
+
+__device__ __forceinline__ float* kv_token(float* kv, int block_floats, int bt, int layer,
+    int token_floats, const int* table, int p) {
+  int blk = table[p / bt];
+  return kv + (size_t)blk * block_floats + ((size_t)layer * bt + (p % bt)) * token_floats;
+}
+
+extern "C" __global__ void kv_write(float* kv, int block_floats, int bt, int layer,
+    int token_floats, const int* tables, const int* tbl_off, const int* pos, const float* a,
+    int a_stride, int wa, const float* b, int b_stride, int wb) {
+  int r = blockIdx.x;
+  float* dst = kv_token(kv, block_floats, bt, layer, token_floats, tables + tbl_off[r], pos[r]);
+  for (int i = threadIdx.x; i < wa; i += blockDim.x) dst[i] = a[(size_t)r * a_stride + i];
+  for (int i = threadIdx.x; i < wb; i += blockDim.x) dst[wa + i] = b[(size_t)r * b_stride + i];
+}
+
+// Causal GQA over paged f32 KV. grid (heads, rows); shared: q[hd] then scores[ctx].
+extern "C" __global__ void attn_gqa(const float* q, int q_row, float* kv, int block_floats,
+    int bt, int layer, int token_floats, const int* tables, const int* tbl_off, const int* pos,
+    int heads, int kv_heads, int hd, float scale, bf16* out, int out_row) {
+  extern __shared__ float sm[];
+  __shared__ float red[32];
+  int h = blockIdx.x, r = blockIdx.y;
+  int kvh = h / (heads / kv_heads);
+  const int* table = tables + tbl_off[r];
+  int ctx = pos[r] + 1;
+  float* qs = sm;
+  float* sc = sm + hd;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[(size_t)r * q_row + h * hd + d];
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int t = threadIdx.x; t < ctx; t += blockDim.x) {
+    const float* k = kv_token(kv, block_floats, bt, layer, token_floats, table, t) + kvh * hd;
+    float s = 0.f;
+    for (int d = 0; d < hd; d++) s += qs[d] * k[d];
+    s *= scale;
+    sc[t] = s;
+    mx = fmaxf(mx, s);
+  }
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int t = threadIdx.x; t < ctx; t += blockDim.x) {
+    float e = expf(sc[t] - mx);
+    sc[t] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, red);
+  float inv = 1.f / sum;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float acc = 0.f;
+    for (int t = 0; t < ctx; t++) {
+      const float* v = kv_token(kv, block_floats, bt, layer, token_floats, table, t)
+          + kv_heads * hd + kvh * hd;
+      acc += (sc[t] * inv) * v[d];
+    }
+    out[(size_t)r * out_row + h * hd + d] = f2b(acc);
+  }
+}
+
+// MLA in latent space (absorbed). grid (heads, rows); shared: qlat[r], qpe[rope], scores[ctx].
+extern "C" __global__ void attn_mla(const float* qlat, const float* q, int q_row, int qhd,
+    int nope, int rope_dim, int lr, float* kv, int block_floats, int bt, int layer,
+    int token_floats, const int* tables, const int* tbl_off, const int* pos, int heads,
+    float scale, bf16* olat) {
+  extern __shared__ float sm[];
+  __shared__ float red[32];
+  int h = blockIdx.x, r = blockIdx.y;
+  const int* table = tables + tbl_off[r];
+  int ctx = pos[r] + 1;
+  float* ql = sm;
+  float* qp = sm + lr;
+  float* sc = qp + rope_dim;
+  for (int d = threadIdx.x; d < lr; d += blockDim.x) ql[d] = qlat[((size_t)r * heads + h) * lr + d];
+  for (int d = threadIdx.x; d < rope_dim; d += blockDim.x)
+    qp[d] = q[(size_t)r * q_row + h * qhd + nope + d];
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int t = threadIdx.x; t < ctx; t += blockDim.x) {
+    const float* c = kv_token(kv, block_floats, bt, layer, token_floats, table, t);
+    float s1 = 0.f, s2 = 0.f;
+    for (int d = 0; d < lr; d++) s1 += ql[d] * c[d];
+    for (int d = 0; d < rope_dim; d++) s2 += qp[d] * c[lr + d];
+    float s = (s1 + s2) * scale;
+    sc[t] = s;
+    mx = fmaxf(mx, s);
+  }
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int t = threadIdx.x; t < ctx; t += blockDim.x) {
+    float e = expf(sc[t] - mx);
+    sc[t] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, red);
+  float inv = 1.f / sum;
+  for (int d = threadIdx.x; d < lr; d += blockDim.x) {
+    float acc = 0.f;
+    for (int t = 0; t < ctx; t++)
+      acc += (sc[t] * inv) * kv_token(kv, block_floats, bt, layer, token_floats, table, t)[d];
+    olat[((size_t)r * heads + h) * lr + d] = f2b(acc);
+  }
+}
+
+// out[r, o] = dot(x[r, :], w[o, :]) with f32 activations and bf16 weights. grid (out, rows).
+extern "C" __global__ void linear_f32(const float* x, const bf16* w, float* out, int in, int outf) {
+  __shared__ float red[32];
+  int o = blockIdx.x, r = blockIdx.y;
+  const float* xr = x + (size_t)r * in;
+  const bf16* wr = w + (size_t)o * in;
+  float acc = 0.f;
+  for (int i = threadIdx.x; i < in; i += blockDim.x) acc += xr[i] * b2f(wr[i]);
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) out[(size_t)r * outf + o] = acc;
+}
+
+// Softmax router with optional group limit; one thread per row. Choices ascending by expert id.
+extern "C" __global__ void route(const float* logits, int rows, int E, int k, int n_group,
+    int topk_group, int normalize, float scale, int* ids, float* wts) {
+  int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  float p[256];
+  bool allowed[256];
+  int chosen[32];
+  const float* lr = logits + (size_t)r * E;
+  float mx = -INFINITY;
+  for (int e = 0; e < E; e++) mx = fmaxf(mx, lr[e]);
+  float sum = 0.f;
+  for (int e = 0; e < E; e++) { p[e] = expf(lr[e] - mx); sum += p[e]; }
+  for (int e = 0; e < E; e++) { p[e] /= sum; allowed[e] = true; }
+  if (n_group > 0) {
+    int per = E / n_group;
+    float gs[64];
+    bool keep[64];
+    for (int g = 0; g < n_group; g++) {
+      float m = -INFINITY;
+      for (int e = g * per; e < (g + 1) * per; e++) m = fmaxf(m, p[e]);
+      gs[g] = m;
+      keep[g] = false;
+    }
+    for (int j = 0; j < topk_group; j++) {
+      int best = -1;
+      for (int g = 0; g < n_group; g++)
+        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      keep[best] = true;
+    }
+    for (int e = 0; e < E; e++) allowed[e] = keep[e / per];
+  }
+  for (int j = 0; j < k; j++) {
+    int best = -1;
+    for (int e = 0; e < E; e++)
+      if (allowed[e] && (best < 0 || p[e] > p[best])) best = e;
+    chosen[j] = best;
+    allowed[best] = false;
+  }
+  float w[32];
+  float tot = 0.f;
+  for (int j = 0; j < k; j++) { w[j] = p[chosen[j]]; tot += w[j]; }
+  for (int j = 0; j < k; j++) w[j] = normalize ? w[j] / tot : w[j] * scale;
+  for (int a = 1; a < k; a++) {
+    int ci = chosen[a]; float wi = w[a]; int b = a - 1;
+    while (b >= 0 && chosen[b] > ci) { chosen[b + 1] = chosen[b]; w[b + 1] = w[b]; b--; }
+    chosen[b + 1] = ci; w[b + 1] = wi;
+  }
+  for (int j = 0; j < k; j++) { ids[r * k + j] = chosen[j]; wts[r * k + j] = w[j]; }
+}
+
+// dst[g] = src[idx[g]] (zero row when idx[g] < 0). grid rows.
+extern "C" __global__ void gather_bf16(const bf16* src, int width, const int* idx, bf16* dst) {
+  int g = blockIdx.x, s = idx[g];
+  for (int i = threadIdx.x; i < width; i += blockDim.x)
+    dst[(size_t)g * width + i] = s < 0 ? (bf16)0 : src[(size_t)s * width + i];
+}
+
+extern "C" __global__ void silu_mul(const float* g, int g_row, const float* u, int u_row,
+    bf16* out, int inter) {
+  int r = blockIdx.x;
+  for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+    float a = g[(size_t)r * g_row + i];
+    out[(size_t)r * inter + i] = f2b(a / (1.f + expf(-a)) * u[(size_t)r * u_row + i]);
+  }
+}
+
+// hidden[t] += sum_s w[t,s] * eout[idx[t,s]] (ascending expert id) + shared[t].
+extern "C" __global__ void combine(float* hidden, int H, int k, const int* idx, const float* wts,
+    const float* eout, const float* shared, int shared_row) {
+  int t = blockIdx.x;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < k; s++) acc += eout[(size_t)idx[t * k + s] * H + i] * wts[t * k + s];
+    if (shared) acc += shared[(size_t)t * shared_row + i];
+    hidden[(size_t)t * H + i] += acc;
+  }
+}
+
+extern "C" __global__ void cast_bf16(const float* x, bf16* y, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    y[i] = f2b(x[i]);
+}
+
+extern "C" __global__ void fill_random(bf16* p, long long n, unsigned long long seed, float scale) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    unsigned long long x = (unsigned long long)i * 0x9E3779B97F4A7C15ull ^ seed;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    float u = (float)(x >> 40) / 16777216.0f;
+    p[i] = f2b((2.f * u - 1.f) * scale);
+  }
+}
+
+extern "C" __global__ void fill_const(bf16* p, long long n, float v) {
+  bf16 b = f2b(v);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    p[i] = b;
+}
+"#;
+
+/// The compiled kernels of one device.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    pub embed: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub rope: CudaFunction,
+    pub kv_write: CudaFunction,
+    pub attn_gqa: CudaFunction,
+    pub attn_mla: CudaFunction,
+    pub linear_f32: CudaFunction,
+    pub route: CudaFunction,
+    pub gather_bf16: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub combine: CudaFunction,
+    pub cast_bf16: CudaFunction,
+    pub fill_random: CudaFunction,
+    pub fill_const: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles [`SOURCE`] with NVRTC and loads it into `ctx`.
+    pub(crate) fn compile(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
+        let ptx =
+            cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(CudaError::driver("load_module"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(CudaError::driver("load_function"))
+        };
+        Ok(Self {
+            embed: f("embed")?,
+            rms_norm: f("rms_norm")?,
+            rope: f("rope")?,
+            kv_write: f("kv_write")?,
+            attn_gqa: f("attn_gqa")?,
+            attn_mla: f("attn_mla")?,
+            linear_f32: f("linear_f32")?,
+            route: f("route")?,
+            gather_bf16: f("gather_bf16")?,
+            silu_mul: f("silu_mul")?,
+            combine: f("combine")?,
+            cast_bf16: f("cast_bf16")?,
+            fill_random: f("fill_random")?,
+            fill_const: f("fill_const")?,
+            _module: module,
+        })
+    }
+}

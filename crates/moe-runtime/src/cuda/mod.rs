@@ -1,0 +1,1967 @@
+//! The CUDA backend (feature `cuda`): [`CudaRunner`] runs the model on one or more NVIDIA GPUs and
+//! implements the engine's [`Runner`] with device-resident state.
+//!
+//! - **Memory.** Every byte it uses on a device is an `hbm-vmm` chunk: one global chunk (embedding,
+//!   final norm, LM head), one chunk per layer (norms, attention, router, shared experts or dense
+//!   MLP), one chunk per routed expert per MoE layer (`[gate | up | down]`), a KV chunk and a scratch
+//!   chunk per rank. Weights are bf16; the residual stream, attention, router and KV cache are f32.
+//! - **Compute.** cuBLAS (`cublasGemmEx`, bf16 inputs, f32 accumulation) for projections, the
+//!   LM head and MLA's absorbed per-head products (strided-batched); routed experts run as two
+//!   pointer-array batched GEMMs per layer (`cublasGemmBatchedEx`) over the tokens gathered per
+//!   expert (padded to the busiest expert's count). NVRTC kernels ([`kernels`]) do embedding,
+//!   RMS norm, rope (plain and yarn, from host-computed tables, so the same values as the CPU
+//!   reference), paged attention (GQA, and MLA in the absorbed form), the softmax/top-k router
+//!   (with DeepSeek's group limit and scaling), SiLU-mul, gather and the fixed-order combine.
+//! - **Ranks and experts.** Each device is an attention data-parallel rank with its own stream,
+//!   cuBLAS handle, kernels, replicated weights and KV. Routed experts are split between the
+//!   devices in contiguous id ranges; their reservations grant every device access
+//!   (`cuMemSetAccess` through `Reservation::set_access`), so a rank's expert GEMMs read remote
+//!   experts directly over NVLink.
+//! - **Host synchronisation.** One per MoE layer, unavoidable with per-expert GEMMs: the router's
+//!   choices are copied to the host to size and address the expert GEMMs (which experts are
+//!   active, how many rows each). One at the end of a step to read the logits. None elsewhere.
+//!
+//! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
+//! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
+//!
+//! ```no_run
+//! use moe_runtime::cuda::{CudaConfig, CudaRunner};
+//! use moe_runtime::presets::Preset;
+//! let cfg = Preset::TinyQwen3.config();
+//! let runner = CudaRunner::synthetic(&cfg, 7, CudaConfig::default());
+//! match runner {
+//!     Ok(r) => println!("{} rank(s)", r.rank_count()),
+//!     Err(e) => println!("no GPU run: {e}"),
+//! }
+//! ```
+
+mod kernels;
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use hbm_vmm::cuda::CudaBackend;
+use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
+
+use crate::compute::cpu::CpuCompute;
+use crate::compute::{KvGeometry, RopeStyle};
+use crate::config::ModelConfig;
+use crate::engine::{KvLedger, RankId, RankKv, RequestId, RequestLimits, RunError, Runner, Work};
+use crate::model::weights::{ChunkLayout, TensorSource};
+use crate::model::{AttnDims, Model, ModelError};
+use crate::schema::{self, TensorRole};
+use kernels::Kernels;
+
+/// `eps` of DeepSeek-V2's `q_a_layernorm` and `kv_a_layernorm` (as in the CPU model).
+const MLA_NORM_EPS: f32 = 1e-6;
+
+/// What went wrong in the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// No driver, no CUDA library or no GPU.
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
+    /// A driver call failed.
+    #[error("CUDA {call} failed: {msg}")]
+    Driver {
+        /// The call.
+        call: &'static str,
+        /// The driver's error.
+        msg: String,
+    },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS {call} failed with status {status}")]
+    Blas {
+        /// The call.
+        call: &'static str,
+        /// The status code.
+        status: i32,
+    },
+    /// NVRTC refused the kernels.
+    #[error("NVRTC could not compile the kernels: {0}")]
+    Compile(String),
+    /// Device memory could not be created or mapped.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The model config or a weight is unusable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Reading a tensor failed.
+    #[error("reading tensor `{name}`: {msg}")]
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// Why.
+        msg: String,
+    },
+    /// The model or settings are outside what this backend supports.
+    #[error("unsupported by the CUDA backend: {0}")]
+    Unsupported(String),
+    /// A step's input does not fit the runner (too many tokens, unknown sequence, ...).
+    #[error("bad step input: {0}")]
+    Input(String),
+}
+
+impl CudaError {
+    fn driver<E: std::fmt::Debug>(call: &'static str) -> impl Fn(E) -> CudaError {
+        move |e| CudaError::Driver {
+            call,
+            msg: format!("{e:?}"),
+        }
+    }
+}
+
+fn cu(call: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(CudaError::Driver {
+            call,
+            msg: format!("{r:?}"),
+        })
+    }
+}
+
+fn blas(call: &'static str, s: blas_sys::cublasStatus_t) -> Result<(), CudaError> {
+    if s == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(CudaError::Blas {
+            call,
+            status: s as i32,
+        })
+    }
+}
+
+/// Checks that the driver, cuBLAS and NVRTC libraries load and returns the number of GPUs.
+pub fn device_count() -> Result<usize, CudaError> {
+    // SAFETY: each check only tries to dlopen a library; it has no other effect.
+    let libs = unsafe {
+        [
+            ("libcuda", sys::is_culib_present()),
+            ("libcublas", blas_sys::is_culib_present()),
+            ("libnvrtc", cudarc::nvrtc::sys::is_culib_present()),
+        ]
+    };
+    for (name, ok) in libs {
+        if !ok {
+            return Err(CudaError::NoGpu(format!(
+                "{name} was not found; run on a machine with the NVIDIA driver and CUDA 13"
+            )));
+        }
+    }
+    let n = CudaContext::device_count().map_err(|e| CudaError::NoGpu(format!("{e:?}")))?;
+    if n <= 0 {
+        return Err(CudaError::NoGpu("the driver sees no CUDA device".into()));
+    }
+    Ok(n as usize)
+}
+
+/// Settings of a [`CudaRunner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaConfig {
+    /// GPUs (ranks) to use: devices `0..devices`.
+    pub devices: usize,
+    /// Tokens per KV block.
+    pub block_tokens: usize,
+    /// KV blocks per rank.
+    pub kv_blocks_per_rank: usize,
+    /// Most tokens one rank computes in one step.
+    pub max_batch_tokens: usize,
+    /// Most tokens a sequence may hold (capped by the model's `max_position_embeddings`).
+    pub max_context: usize,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        Self {
+            devices: 1,
+            block_tokens: 16,
+            kv_blocks_per_rank: 1024,
+            max_batch_tokens: 256,
+            max_context: 2048,
+        }
+    }
+}
+
+/// One device allocation: an `hbm-vmm` chunk mapped into its own reservation (the mapping keeps
+/// both alive).
+struct DevBuf {
+    map: Mapping<CudaBackend>,
+}
+
+impl DevBuf {
+    fn new(
+        vmm: &Vmm<CudaBackend>,
+        dev: DeviceId,
+        bytes: usize,
+        access: &[DeviceId],
+    ) -> Result<Self, CudaError> {
+        let g = vmm.granularity(dev)?;
+        let size = bytes.max(1).div_ceil(g) * g;
+        let chunk = vmm.create_chunk(dev, size, false)?;
+        let res = vmm.reserve(dev, size)?;
+        if !access.is_empty() {
+            res.set_access(access)?;
+        }
+        let map = res.map(0, &chunk, 0, size)?;
+        Ok(Self { map })
+    }
+
+    fn addr(&self) -> u64 {
+        self.map.addr()
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.addr(), self.len())
+    }
+}
+
+/// A kernel argument (kept alive in a vector until the launch).
+#[derive(Debug, Clone, Copy)]
+enum Arg {
+    P(u64),
+    I(i32),
+    L(i64),
+    U(u64),
+    F(f32),
+}
+
+/// Addresses of one rank's scratch buffers (all in its scratch chunk).
+#[derive(Debug, Default, Clone, Copy)]
+struct Scratch {
+    hidden: u64,
+    xn: u64,
+    xb: u64,
+    q: u64,
+    qbf: u64,
+    kbuf: u64,
+    vbuf: u64,
+    att: u64,
+    att2: u64,
+    qlat: u64,
+    rlogits: u64,
+    ids: u64,
+    wts: u64,
+    f1: u64,
+    f2: u64,
+    hb: u64,
+    y: u64,
+    xg: u64,
+    gu: u64,
+    eh: u64,
+    eo: u64,
+    gidx: u64,
+    cidx: u64,
+    ptrs: u64,
+    tokens: u64,
+    pos: u64,
+    tbl_off: u64,
+    last: u64,
+    tables: u64,
+    lastb: u64,
+    logits: u64,
+    cos: u64,
+    sin: u64,
+}
+
+/// Sizes the scratch of a rank needs.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    h: usize,
+    vocab: usize,
+    qw: usize,
+    kvw: usize,
+    qr: usize,
+    attw: usize,
+    lat: usize,
+    inter_max: usize,
+    inter_e: usize,
+    experts: usize,
+    top_k: usize,
+    rows: usize,
+    table_cap: usize,
+    gather_cap: usize,
+    half_rope: usize,
+    max_context: usize,
+}
+
+/// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
+struct Rank {
+    dev: DeviceId,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    global: DevBuf,
+    layers: Vec<DevBuf>,
+    kv: DevBuf,
+    _scratch: DevBuf,
+    s: Scratch,
+}
+
+impl std::fmt::Debug for Rank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rank")
+            .field("dev", &self.dev)
+            .field("kv", &self.kv)
+            .finish()
+    }
+}
+
+impl Rank {
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))
+    }
+
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: every argument matches the kernel's parameter list in `kernels::SOURCE` (device
+        // addresses as u64, ints as i32/i64, floats as f32), and every address points into a live
+        // chunk of this rank (or a peer chunk this device was granted access to) sized for the
+        // launch by the caller.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
+        Ok(())
+    }
+
+    fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<(), CudaError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` is an address inside a live scratch chunk of this rank with room for
+        // `src` (the caller sized the scratch for the step's limits, checked before the copy);
+        // `src` is a valid host slice. From pageable memory the call returns only once `src`
+        // has been staged, so the slice may be dropped afterwards.
+        cu("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.as_ptr().cast::<c_void>(),
+                std::mem::size_of_val(src),
+                self.stream.cu_stream(),
+            )
+        })
+    }
+
+    fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); n];
+        if n == 0 {
+            return Ok(out);
+        }
+        // SAFETY: `src` holds at least `n` elements of `T` in a live chunk of this rank; `out` is
+        // a writable host buffer of that size; the stream is synchronised before `out` is read.
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                out.as_mut_ptr().cast::<c_void>(),
+                src,
+                n * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        Ok(out)
+    }
+
+    /// `y[rows, outf] (ldy) = x[rows, inf] (ldx, bf16) * w[outf, inf]^T (bf16) + beta * y`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        w: u64,
+        x: u64,
+        ldx: usize,
+        y: u64,
+        ldy: usize,
+        y_bf16: bool,
+        rows: usize,
+        inf: usize,
+        outf: usize,
+        beta: f32,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let alpha = 1.0f32;
+        let ct = if y_bf16 {
+            blas_sys::cudaDataType::CUDA_R_16BF
+        } else {
+            blas_sys::cudaDataType::CUDA_R_32F
+        };
+        // SAFETY: the handle is bound to this rank's stream; `w` holds `outf*inf` bf16 values,
+        // `x` `rows` rows of `ldx` bf16 values and `y` `rows` rows of `ldy` outputs, all in live
+        // chunks this device can access; alpha and beta are host scalars (host pointer mode).
+        blas("cublasGemmEx", unsafe {
+            blas_sys::cublasGemmEx(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                outf as i32,
+                rows as i32,
+                inf as i32,
+                (&alpha as *const f32).cast(),
+                w as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                inf as i32,
+                x as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                ldx as i32,
+                (&beta as *const f32).cast(),
+                y as *mut c_void,
+                ct,
+                ldy as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        })
+    }
+
+    /// Batched `C_i[n, m] = B_i[n, k] * A_i[m, k]^T` from device pointer arrays (bf16 in, f32 out).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_batched(
+        &self,
+        a: u64,
+        b: u64,
+        c: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        count: usize,
+    ) -> Result<(), CudaError> {
+        if count == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: `a`, `b`, `c` are device arrays of `count` pointers (uploaded before this call
+        // on the same stream) to bf16 `[m, k]` weights, bf16 `[n, k]` rows and f32 `[n, m]`
+        // outputs in live chunks this device can access.
+        blas("cublasGemmBatchedEx", unsafe {
+            blas_sys::cublasGemmBatchedEx(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                a as *const *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                b as *const *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                (&beta as *const f32).cast(),
+                c as *const *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                m as i32,
+                count as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        })
+    }
+
+    /// Strided-batched GEMM over heads (bf16 inputs, f32 or bf16 output), column-major terms.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_strided(
+        &self,
+        trans_a: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        sa: usize,
+        b: u64,
+        ldb: usize,
+        sb: usize,
+        c: u64,
+        ldc: usize,
+        sc: usize,
+        c_bf16: bool,
+        count: usize,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let ta = if trans_a {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        let ct = if c_bf16 {
+            blas_sys::cudaDataType::CUDA_R_16BF
+        } else {
+            blas_sys::cudaDataType::CUDA_R_32F
+        };
+        // SAFETY: the caller passes matrices in live chunks of this rank whose extents cover
+        // `count` batches at the given strides and leading dimensions.
+        blas("cublasGemmStridedBatchedEx", unsafe {
+            blas_sys::cublasGemmStridedBatchedEx(
+                *self.blas.handle(),
+                ta,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                a as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                lda as i32,
+                sa as i64,
+                b as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                ldb as i32,
+                sb as i64,
+                (&beta as *const f32).cast(),
+                c as *mut c_void,
+                ct,
+                ldc as i32,
+                sc as i64,
+                count as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rms(
+        &self,
+        x: u64,
+        x_row: usize,
+        segs: usize,
+        seg_stride: usize,
+        w: u64,
+        width: usize,
+        eps: f32,
+        out_f: u64,
+        of_row: usize,
+        out_b: u64,
+        ob_row: usize,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.rms_norm,
+            (segs as u32, rows as u32),
+            256,
+            0,
+            &[
+                Arg::P(x),
+                Arg::I(x_row as i32),
+                Arg::I(seg_stride as i32),
+                Arg::P(w),
+                Arg::I(width as i32),
+                Arg::F(eps),
+                Arg::P(out_f),
+                Arg::I(of_row as i32),
+                Arg::P(out_b),
+                Arg::I(ob_row as i32),
+            ],
+        )
+    }
+
+    fn fill(
+        &self,
+        ptr: u64,
+        n: usize,
+        random: Option<(u64, f32)>,
+        v: f32,
+    ) -> Result<(), CudaError> {
+        let grid = (n.div_ceil(256).min(65535) as u32).max(1);
+        match random {
+            Some((seed, scale)) => self.launch(
+                &self.k.fill_random,
+                (grid, 1),
+                256,
+                0,
+                &[Arg::P(ptr), Arg::L(n as i64), Arg::U(seed), Arg::F(scale)],
+            ),
+            None => self.launch(
+                &self.k.fill_const,
+                (grid, 1),
+                256,
+                0,
+                &[Arg::P(ptr), Arg::L(n as i64), Arg::F(v)],
+            ),
+        }
+    }
+}
+
+/// A routed expert's chunk, on the device that holds it.
+#[derive(Debug)]
+struct ExpertBuf {
+    dev: DeviceId,
+    buf: DevBuf,
+}
+
+#[derive(Debug, Default)]
+struct RankLedger {
+    total: usize,
+    free: Vec<u32>,
+    tables: BTreeMap<RequestId, Vec<u32>>,
+}
+
+/// Per-rank KV bookkeeping for the scheduler.
+#[derive(Debug)]
+struct Ledger {
+    block_tokens: usize,
+    ranks: Vec<(RankId, RankLedger)>,
+}
+
+impl Ledger {
+    fn rank(&self, r: RankId) -> Option<&RankLedger> {
+        self.ranks.iter().find(|(id, _)| *id == r).map(|(_, l)| l)
+    }
+    fn rank_mut(&mut self, r: RankId) -> Option<&mut RankLedger> {
+        self.ranks
+            .iter_mut()
+            .find(|(id, _)| *id == r)
+            .map(|(_, l)| l)
+    }
+}
+
+impl KvLedger for Ledger {
+    fn can_admit(&self, rank: RankId, tokens: usize) -> bool {
+        self.rank(rank)
+            .is_some_and(|l| l.free.len() > tokens.div_ceil(self.block_tokens))
+    }
+    fn grow(&mut self, rank: RankId, seq: RequestId, tokens: usize) -> bool {
+        let bt = self.block_tokens;
+        let Some(l) = self.rank_mut(rank) else {
+            return false;
+        };
+        let have = l.tables.get(&seq).map_or(0, Vec::len);
+        let need = tokens.div_ceil(bt).saturating_sub(have);
+        if need > l.free.len() {
+            return false;
+        }
+        let new: Vec<u32> = (0..need).filter_map(|_| l.free.pop()).collect();
+        l.tables.entry(seq).or_default().extend(new);
+        true
+    }
+    fn release(&mut self, rank: RankId, seq: RequestId) {
+        if let Some(l) = self.rank_mut(rank) {
+            if let Some(t) = l.tables.remove(&seq) {
+                l.free.extend(t);
+                l.free.sort_unstable_by(|a, b| b.cmp(a));
+            }
+        }
+    }
+}
+
+/// One sequence chunk of a step on one rank.
+#[derive(Debug, Clone)]
+struct Item {
+    tokens: Vec<u32>,
+    start: usize,
+    blocks: Vec<u32>,
+    sample: bool,
+}
+
+/// The model on one or more GPUs, serving the engine (see the module docs).
+pub struct CudaRunner {
+    ranks: Vec<Rank>,
+    experts: Vec<Vec<ExpertBuf>>,
+    model: Model<CpuCompute>,
+    cfg: ModelConfig,
+    config: CudaConfig,
+    dims: Dims,
+    geo: KvGeometry,
+    ledger: Ledger,
+    last_expert_bytes: u64,
+    vmm: Vmm<CudaBackend>,
+}
+
+impl std::fmt::Debug for CudaRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaRunner")
+            .field("ranks", &self.ranks)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Drop for CudaRunner {
+    fn drop(&mut self) {
+        // Work still queued on a stream must finish before its chunks are unmapped. Errors are
+        // ignored: Drop must not panic, and the memory is released either way.
+        for r in &self.ranks {
+            let _ = r.stream.synchronize();
+        }
+    }
+}
+
+fn slot_addr(base: u64, layout: &ChunkLayout, role: TensorRole) -> Result<u64, CudaError> {
+    layout
+        .tensors()
+        .iter()
+        .find(|t| t.role == role)
+        .map(|t| base + 2 * t.offset as u64)
+        .ok_or(CudaError::Model(ModelError::Layout { role }))
+}
+
+fn has_role(layout: &ChunkLayout, role: TensorRole) -> bool {
+    layout.tensors().iter().any(|t| t.role == role)
+}
+
+/// How weights get their values.
+enum Fill<'a> {
+    Source(&'a dyn TensorSource),
+    Random(u64),
+}
+
+impl CudaRunner {
+    /// Loads every tensor from `src` (read as f32, converted to bf16 on the host, copied in).
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        config: CudaConfig,
+    ) -> Result<Self, CudaError> {
+        Self::build(cfg, config, Fill::Source(src))
+    }
+
+    /// Random bf16 weights generated on the device (uniform in `±1/sqrt(fan_in)`, norms 1), for
+    /// benchmarks of shapes too large to write to disk.
+    pub fn synthetic(cfg: &ModelConfig, seed: u64, config: CudaConfig) -> Result<Self, CudaError> {
+        Self::build(cfg, config, Fill::Random(seed))
+    }
+
+    fn build(cfg: &ModelConfig, config: CudaConfig, fill: Fill<'_>) -> Result<Self, CudaError> {
+        let n_dev = device_count()?;
+        if config.devices == 0 || config.devices > n_dev {
+            return Err(CudaError::NoGpu(format!(
+                "{} GPU(s) asked for, {n_dev} present",
+                config.devices
+            )));
+        }
+        if config.block_tokens == 0
+            || config.kv_blocks_per_rank == 0
+            || config.max_batch_tokens == 0
+        {
+            return Err(CudaError::Unsupported(
+                "block_tokens, kv_blocks_per_rank and max_batch_tokens must be positive".into(),
+            ));
+        }
+        let model = Model::new(cfg, CpuCompute::new())?;
+        let spec = model.router_spec();
+        if cfg.num_moe_layers() > 0 && (spec.experts > 256 || spec.top_k > 32) {
+            return Err(CudaError::Unsupported(format!(
+                "router with {} experts and top-{} (at most 256 and 32)",
+                spec.experts, spec.top_k
+            )));
+        }
+        if spec.groups.is_some_and(|g| g.n_group > 64) {
+            return Err(CudaError::Unsupported("more than 64 expert groups".into()));
+        }
+        let max_context = config.max_context.min(cfg.max_position_embeddings).max(1);
+        let geo = model.kv_geometry(config.block_tokens);
+        let h = cfg.hidden_size;
+        let (qw, kvw, qr, attw, lat) = match model.attn_dims() {
+            AttnDims::Gqa(d) => (
+                d.heads * d.head_dim,
+                d.kv_heads * d.head_dim,
+                0,
+                d.heads * d.head_dim,
+                0,
+            ),
+            AttnDims::Mla(d) => {
+                let qr = match &cfg.attention {
+                    crate::config::AttentionConfig::Mla(m) => m.q_lora_rank.unwrap_or(0),
+                    _ => 0,
+                };
+                (
+                    d.heads * (d.qk_nope + d.qk_rope),
+                    d.kv_lora_rank + d.qk_rope,
+                    qr,
+                    d.heads * d.v_head,
+                    d.heads * d.kv_lora_rank,
+                )
+            }
+        };
+        let inter_e = cfg.moe.expert_intermediate_size;
+        let inter_max = cfg
+            .intermediate_size
+            .max(cfg.moe.n_shared_experts * inter_e)
+            .max(1);
+        let rows = config.max_batch_tokens;
+        let e = spec.experts.max(1);
+        let dims = Dims {
+            h,
+            vocab: cfg.vocab_size,
+            qw,
+            kvw,
+            qr,
+            attw,
+            lat,
+            inter_max,
+            inter_e,
+            experts: e,
+            top_k: spec.top_k,
+            rows,
+            table_cap: rows * max_context.div_ceil(config.block_tokens),
+            gather_cap: e.min(rows * spec.top_k.max(1)) * rows,
+            half_rope: model.rope().dim() / 2,
+            max_context,
+        };
+        // Shared memory of the attention kernels: the query parts plus one score per context token.
+        let smem = 4 * (dims.lat.max(qw) + max_context) + 256;
+        if smem > 48 * 1024 {
+            return Err(CudaError::Unsupported(format!(
+                "max_context {max_context} needs {smem} bytes of shared memory per attention block \
+                 (at most 48 KiB); lower max_context"
+            )));
+        }
+        let vmm = Vmm::new(CudaBackend::new()?);
+        let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
+        let layout = model.layout().clone();
+        let mut ranks = Vec::with_capacity(devs.len());
+        let mut seed_ctr = 0u64;
+        for &dev in &devs {
+            ranks.push(Self::make_rank(
+                &vmm,
+                dev,
+                cfg,
+                &model,
+                &dims,
+                &geo,
+                &config,
+                &layout,
+                &fill,
+                &mut seed_ctr,
+            )?);
+        }
+        // Routed experts: contiguous id ranges per device, readable by every device.
+        let mut experts = Vec::with_capacity(cfg.num_layers);
+        let ebytes = layout.expert_floats() * 2;
+        for l in 0..cfg.num_layers {
+            let mut layer = Vec::new();
+            if cfg.is_moe_layer(l) {
+                for ex in 0..cfg.moe.num_experts {
+                    let owner = ex * devs.len() / cfg.moe.num_experts;
+                    let rank = &ranks[owner];
+                    rank.bind()?;
+                    let access = if devs.len() > 1 {
+                        devs.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    let buf = DevBuf::new(&vmm, rank.dev, ebytes, &access)?;
+                    let specs = schema::expert_tensors(cfg, l, ex);
+                    let mut off = 0u64;
+                    for s in &specs {
+                        let n = s.numel();
+                        Self::fill_tensor(rank, buf.addr() + off, n, s, &fill, &mut seed_ctr)?;
+                        off += 2 * n as u64;
+                    }
+                    layer.push(ExpertBuf { dev: rank.dev, buf });
+                }
+            }
+            experts.push(layer);
+        }
+        for r in &ranks {
+            r.stream
+                .synchronize()
+                .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        }
+        let ledger = Ledger {
+            block_tokens: config.block_tokens,
+            ranks: devs
+                .iter()
+                .map(|d| {
+                    (
+                        RankId(d.0),
+                        RankLedger {
+                            total: config.kv_blocks_per_rank,
+                            free: (0..config.kv_blocks_per_rank as u32).rev().collect(),
+                            tables: BTreeMap::new(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        Ok(Self {
+            ranks,
+            experts,
+            cfg: cfg.clone(),
+            model,
+            config,
+            dims,
+            geo,
+            ledger,
+            last_expert_bytes: 0,
+            vmm,
+        })
+    }
+
+    fn fill_tensor(
+        rank: &Rank,
+        addr: u64,
+        n: usize,
+        spec: &crate::schema::TensorSpec,
+        fill: &Fill<'_>,
+        seed_ctr: &mut u64,
+    ) -> Result<(), CudaError> {
+        match fill {
+            Fill::Source(src) => {
+                src.check(spec).map_err(|e| CudaError::Tensor {
+                    name: spec.name.clone(),
+                    msg: e.to_string(),
+                })?;
+                let mut f = vec![0.0f32; n];
+                src.read_f32_into(&spec.name, &mut f)
+                    .map_err(|e| CudaError::Tensor {
+                        name: spec.name.clone(),
+                        msg: e.to_string(),
+                    })?;
+                let b: Vec<u16> = f
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                rank.htod(addr, &b)
+            }
+            Fill::Random(seed) => {
+                *seed_ctr += 1;
+                if spec.shape.len() == 1 {
+                    rank.fill(addr, n, None, 1.0)
+                } else {
+                    let fan_in = *spec.shape.last().unwrap_or(&1) as f32;
+                    let s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ *seed_ctr;
+                    rank.fill(addr, n, Some((s, 1.0 / fan_in.sqrt())), 0.0)
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_rank(
+        vmm: &Vmm<CudaBackend>,
+        dev: DeviceId,
+        cfg: &ModelConfig,
+        model: &Model<CpuCompute>,
+        d: &Dims,
+        geo: &KvGeometry,
+        config: &CudaConfig,
+        layout: &crate::model::weights::WeightLayout,
+        fill: &Fill<'_>,
+        seed_ctr: &mut u64,
+    ) -> Result<Rank, CudaError> {
+        let ctx = CudaContext::new(dev.0 as usize).map_err(CudaError::driver("cuCtxCreate"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))?;
+        let blas_h = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas {
+            call: "cublasCreate",
+            status: e.0 as i32,
+        })?;
+        let k = Kernels::compile(&ctx)?;
+        let global = DevBuf::new(vmm, dev, layout.global().floats() * 2, &[])?;
+        let layers = (0..cfg.num_layers)
+            .map(|l| {
+                let lay = layout
+                    .layer(l)
+                    .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
+                DevBuf::new(vmm, dev, lay.floats() * 2, &[])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let kv = DevBuf::new(
+            vmm,
+            dev,
+            geo.block_floats() * 4 * config.kv_blocks_per_rank,
+            &[],
+        )?;
+        // Scratch: bump-allocate every buffer at 256-byte alignment.
+        let r = d.rows;
+        let sizes: Vec<(&str, usize)> = vec![
+            ("hidden", 4 * r * d.h),
+            ("xn", 4 * r * d.h),
+            ("xb", 2 * r * d.h.max(d.qr)),
+            ("q", 4 * r * d.qw),
+            ("qbf", 2 * r * d.qw),
+            ("kbuf", 4 * r * d.kvw.max(d.qr)),
+            ("vbuf", 4 * r * d.kvw),
+            ("att", 2 * r * d.attw.max(d.lat)),
+            ("att2", 2 * r * d.attw),
+            ("qlat", 4 * r * d.lat),
+            ("rlogits", 4 * r * d.experts),
+            ("ids", 4 * r * d.top_k),
+            ("wts", 4 * r * d.top_k),
+            ("f1", 4 * r * d.inter_max),
+            ("f2", 4 * r * d.inter_max),
+            ("hb", 2 * r * d.inter_max),
+            ("y", 4 * r * d.h),
+            ("xg", 2 * d.gather_cap * d.h),
+            ("gu", 4 * d.gather_cap * 2 * d.inter_e),
+            ("eh", 2 * d.gather_cap * d.inter_e),
+            ("eo", 4 * d.gather_cap * d.h),
+            ("gidx", 4 * d.gather_cap),
+            ("cidx", 4 * r * d.top_k),
+            ("ptrs", 8 * 6 * d.experts),
+            ("tokens", 4 * r),
+            ("pos", 4 * r),
+            ("tbl_off", 4 * r),
+            ("last", 4 * r),
+            ("tables", 4 * d.table_cap),
+            ("lastb", 2 * r * d.h.max(d.qr)),
+            ("logits", 4 * r * d.vocab),
+            ("cos", 4 * d.max_context * d.half_rope),
+            ("sin", 4 * d.max_context * d.half_rope),
+        ];
+        let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
+        let scratch = DevBuf::new(vmm, dev, total, &[])?;
+        let mut at = scratch.addr();
+        let mut addr = BTreeMap::new();
+        for (name, b) in &sizes {
+            addr.insert(*name, at);
+            at += (b.div_ceil(256) * 256 + 256) as u64;
+        }
+        let a = |n: &str| addr[n];
+        let s = Scratch {
+            hidden: a("hidden"),
+            xn: a("xn"),
+            xb: a("xb"),
+            q: a("q"),
+            qbf: a("qbf"),
+            kbuf: a("kbuf"),
+            vbuf: a("vbuf"),
+            att: a("att"),
+            att2: a("att2"),
+            qlat: a("qlat"),
+            rlogits: a("rlogits"),
+            ids: a("ids"),
+            wts: a("wts"),
+            f1: a("f1"),
+            f2: a("f2"),
+            hb: a("hb"),
+            y: a("y"),
+            xg: a("xg"),
+            gu: a("gu"),
+            eh: a("eh"),
+            eo: a("eo"),
+            gidx: a("gidx"),
+            cidx: a("cidx"),
+            ptrs: a("ptrs"),
+            tokens: a("tokens"),
+            pos: a("pos"),
+            tbl_off: a("tbl_off"),
+            last: a("last"),
+            tables: a("tables"),
+            lastb: a("lastb"),
+            logits: a("logits"),
+            cos: a("cos"),
+            sin: a("sin"),
+        };
+        let rank = Rank {
+            dev,
+            ctx,
+            stream,
+            blas: blas_h,
+            k,
+            global,
+            layers,
+            kv,
+            _scratch: scratch,
+            s,
+        };
+        rank.bind()?;
+        // Rope tables, computed on the host exactly as the CPU reference computes them.
+        let half = d.half_rope;
+        let (mut cos, mut sin) = (
+            vec![0.0f32; d.max_context * half],
+            vec![0.0f32; d.max_context * half],
+        );
+        for p in 0..d.max_context {
+            model.rope().cos_sin(
+                p,
+                &mut cos[p * half..(p + 1) * half],
+                &mut sin[p * half..(p + 1) * half],
+            );
+        }
+        rank.htod(rank.s.cos, &cos)?;
+        rank.htod(rank.s.sin, &sin)?;
+        // Replicated weights.
+        let fill_chunk =
+            |base: u64, lay: &ChunkLayout, seed_ctr: &mut u64| -> Result<(), CudaError> {
+                for t in lay.tensors() {
+                    Self::fill_tensor(
+                        &rank,
+                        base + 2 * t.offset as u64,
+                        t.len,
+                        &t.spec(),
+                        fill,
+                        seed_ctr,
+                    )?;
+                }
+                Ok(())
+            };
+        fill_chunk(rank.global.addr(), layout.global(), seed_ctr)?;
+        for (l, buf) in rank.layers.iter().enumerate() {
+            if let Some(lay) = layout.layer(l) {
+                fill_chunk(buf.addr(), lay, seed_ctr)?;
+            }
+        }
+        Ok(rank)
+    }
+
+    /// The name of rank 0's GPU (for reports).
+    pub fn device_name(&self) -> Result<String, CudaError> {
+        self.ranks[0]
+            .ctx
+            .name()
+            .map_err(CudaError::driver("cuDeviceGetName"))
+    }
+
+    /// Ranks (GPUs) in use.
+    pub fn rank_count(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// The device holding routed expert `expert` of `layer` (`None` for dense layers or bad ids).
+    pub fn expert_device(&self, layer: usize, expert: usize) -> Option<DeviceId> {
+        self.experts.get(layer)?.get(expert).map(|e| e.dev)
+    }
+
+    /// The KV block geometry.
+    pub fn kv_geometry(&self) -> KvGeometry {
+        self.geo
+    }
+
+    /// Bytes of one rank's replicated weights (global plus every layer's chunk, bf16, unpadded).
+    pub fn replicated_weight_bytes(&self) -> u64 {
+        let layout = self.model.layout();
+        let mut f = layout.global().floats();
+        for l in 0..self.cfg.num_layers {
+            f += layout.layer(l).map_or(0, ChunkLayout::floats);
+        }
+        2 * f as u64
+    }
+
+    /// Routed-expert weight bytes the last step read (each active expert once per rank and layer).
+    pub fn last_step_expert_bytes(&self) -> u64 {
+        self.last_expert_bytes
+    }
+
+    /// Device memory bandwidth of rank 0, measured with `iters` device-to-device copies of `bytes`
+    /// bytes; returns bytes moved (read plus written) per second.
+    pub fn copy_bandwidth(&self, bytes: usize, iters: usize) -> Result<f64, CudaError> {
+        let r = &self.ranks[0];
+        r.bind()?;
+        let buf = DevBuf::new(&self.vmm, r.dev, 2 * bytes, &[])?;
+        let copy = || {
+            // SAFETY: both halves lie in `buf`, a live mapping of `2 * bytes` (or more) bytes on
+            // this device, and do not overlap.
+            cu("cuMemcpyDtoDAsync", unsafe {
+                sys::cuMemcpyDtoDAsync_v2(
+                    buf.addr() + bytes as u64,
+                    buf.addr(),
+                    bytes,
+                    r.stream.cu_stream(),
+                )
+            })
+        };
+        copy()?;
+        r.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            copy()?;
+        }
+        r.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        Ok(2.0 * bytes as f64 * iters.max(1) as f64 / t.elapsed().as_secs_f64())
+    }
+
+    fn rank_index(&self, r: RankId) -> Option<usize> {
+        self.ranks.iter().position(|k| k.dev.0 == r.0)
+    }
+
+    /// Runs one batch on rank `ri`; returns the logits of the sampled items, in order.
+    fn forward(&mut self, ri: usize, items: &[Item]) -> Result<Vec<Vec<f32>>, CudaError> {
+        let d = self.dims;
+        let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        if rows > d.rows {
+            return Err(CudaError::Input(format!(
+                "{rows} tokens in one step on one rank; the runner was sized for {}",
+                d.rows
+            )));
+        }
+        let (mut tokens, mut pos, mut tbl_off, mut tables, mut last) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for it in items {
+            let off = tables.len() as i32;
+            tables.extend(it.blocks.iter().map(|&b| b as i32));
+            for (j, &t) in it.tokens.iter().enumerate() {
+                if t as usize >= d.vocab {
+                    return Err(CudaError::Input(format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        d.vocab
+                    )));
+                }
+                tokens.push(t as i32);
+                pos.push((it.start + j) as i32);
+                tbl_off.push(off);
+            }
+            if it.sample {
+                last.push(tokens.len() as i32 - 1);
+            }
+        }
+        if tables.len() > d.table_cap {
+            return Err(CudaError::Input("too many KV blocks in one step".into()));
+        }
+        let ctx_max = items
+            .iter()
+            .map(|i| i.start + i.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let geo = self.geo;
+        let rank = &self.ranks[ri];
+        rank.bind()?;
+        let s = rank.s;
+        rank.htod(s.tokens, &tokens)?;
+        rank.htod(s.pos, &pos)?;
+        rank.htod(s.tbl_off, &tbl_off)?;
+        rank.htod(s.tables, &tables)?;
+        rank.htod(s.last, &last)?;
+        let layout = self.model.layout().clone();
+        let glay = layout.global();
+        let g_embed = slot_addr(rank.global.addr(), glay, TensorRole::Embedding)?;
+        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm)?;
+        let g_head = if has_role(glay, TensorRole::LmHead) {
+            slot_addr(rank.global.addr(), glay, TensorRole::LmHead)?
+        } else {
+            g_embed
+        };
+        let h = d.h;
+        let eps = self.cfg.rms_norm_eps as f32;
+        rank.launch(
+            &rank.k.embed,
+            (rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.tokens),
+                Arg::P(g_embed),
+                Arg::P(s.hidden),
+                Arg::I(h as i32),
+            ],
+        )?;
+        let kv_args = |layer: usize| {
+            [
+                Arg::P(rank.kv.addr()),
+                Arg::I(geo.block_floats() as i32),
+                Arg::I(geo.block_tokens as i32),
+                Arg::I(layer as i32),
+                Arg::I(geo.token_floats() as i32),
+                Arg::P(s.tables),
+                Arg::P(s.tbl_off),
+                Arg::P(s.pos),
+            ]
+        };
+        let rope_args = |x: u64, row: usize, heads: usize, hs: usize, off: usize| {
+            [
+                Arg::P(x),
+                Arg::I(row as i32),
+                Arg::I(heads as i32),
+                Arg::I(hs as i32),
+                Arg::I(off as i32),
+                Arg::I(2 * d.half_rope as i32),
+                Arg::P(s.pos),
+                Arg::P(s.cos),
+                Arg::P(s.sin),
+                Arg::I(i32::from(
+                    self.model.rope().style() == RopeStyle::Interleaved,
+                )),
+            ]
+        };
+        let mut expert_bytes = 0u64;
+        for l in 0..self.cfg.num_layers {
+            let lay = layout
+                .layer(l)
+                .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
+            let base = rank.layers[l].addr();
+            let w = |role| slot_addr(base, lay, role);
+            // Attention.
+            rank.rms(
+                s.hidden,
+                h,
+                1,
+                0,
+                w(TensorRole::InputNorm)?,
+                h,
+                eps,
+                0,
+                0,
+                s.xb,
+                h,
+                rows,
+            )?;
+            match self.model.attn_dims() {
+                AttnDims::Gqa(a) => {
+                    let (qw, kvw, hd) = (d.qw, d.kvw, a.head_dim);
+                    rank.gemm(
+                        w(TensorRole::QProj)?,
+                        s.xb,
+                        h,
+                        s.q,
+                        qw,
+                        false,
+                        rows,
+                        h,
+                        qw,
+                        0.0,
+                    )?;
+                    rank.gemm(
+                        w(TensorRole::KProj)?,
+                        s.xb,
+                        h,
+                        s.kbuf,
+                        kvw,
+                        false,
+                        rows,
+                        h,
+                        kvw,
+                        0.0,
+                    )?;
+                    rank.gemm(
+                        w(TensorRole::VProj)?,
+                        s.xb,
+                        h,
+                        s.vbuf,
+                        kvw,
+                        false,
+                        rows,
+                        h,
+                        kvw,
+                        0.0,
+                    )?;
+                    if has_role(lay, TensorRole::QNorm) {
+                        rank.rms(
+                            s.q,
+                            qw,
+                            a.heads,
+                            hd,
+                            w(TensorRole::QNorm)?,
+                            hd,
+                            eps,
+                            s.q,
+                            qw,
+                            0,
+                            0,
+                            rows,
+                        )?;
+                    }
+                    if has_role(lay, TensorRole::KNorm) {
+                        rank.rms(
+                            s.kbuf,
+                            kvw,
+                            a.kv_heads,
+                            hd,
+                            w(TensorRole::KNorm)?,
+                            hd,
+                            eps,
+                            s.kbuf,
+                            kvw,
+                            0,
+                            0,
+                            rows,
+                        )?;
+                    }
+                    rank.launch(
+                        &rank.k.rope,
+                        (rows as u32, 1),
+                        128,
+                        0,
+                        &rope_args(s.q, qw, a.heads, hd, 0),
+                    )?;
+                    rank.launch(
+                        &rank.k.rope,
+                        (rows as u32, 1),
+                        128,
+                        0,
+                        &rope_args(s.kbuf, kvw, a.kv_heads, hd, 0),
+                    )?;
+                    let mut args = kv_args(l).to_vec();
+                    args.extend([
+                        Arg::P(s.kbuf),
+                        Arg::I(kvw as i32),
+                        Arg::I(kvw as i32),
+                        Arg::P(s.vbuf),
+                        Arg::I(kvw as i32),
+                        Arg::I(kvw as i32),
+                    ]);
+                    rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                    let mut args = vec![Arg::P(s.q), Arg::I(qw as i32)];
+                    args.extend(kv_args(l)[..8].iter().copied());
+                    args.extend([
+                        Arg::I(a.heads as i32),
+                        Arg::I(a.kv_heads as i32),
+                        Arg::I(hd as i32),
+                        Arg::F(a.scale),
+                        Arg::P(s.att),
+                        Arg::I(qw as i32),
+                    ]);
+                    let smem = (4 * (hd + ctx_max)) as u32;
+                    rank.launch(
+                        &rank.k.attn_gqa,
+                        (a.heads as u32, rows as u32),
+                        128,
+                        smem,
+                        &args,
+                    )?;
+                    rank.gemm(
+                        w(TensorRole::OProj)?,
+                        s.att,
+                        qw,
+                        s.hidden,
+                        h,
+                        false,
+                        rows,
+                        qw,
+                        h,
+                        1.0,
+                    )?;
+                }
+                AttnDims::Mla(a) => {
+                    let qhd = a.qk_nope + a.qk_rope;
+                    let (qw, r) = (d.qw, a.kv_lora_rank);
+                    if d.qr > 0 {
+                        let qr = d.qr;
+                        rank.gemm(
+                            w(TensorRole::QAProj)?,
+                            s.xb,
+                            h,
+                            s.kbuf,
+                            qr,
+                            false,
+                            rows,
+                            h,
+                            qr,
+                            0.0,
+                        )?;
+                        // Normalised q_a goes to `lastb` (bf16) as the input of q_b_proj.
+                        rank.rms(
+                            s.kbuf,
+                            qr,
+                            1,
+                            0,
+                            w(TensorRole::QANorm)?,
+                            qr,
+                            MLA_NORM_EPS,
+                            0,
+                            0,
+                            s.lastb,
+                            qr,
+                            rows,
+                        )?;
+                        rank.gemm(
+                            w(TensorRole::QBProj)?,
+                            s.lastb,
+                            qr,
+                            s.q,
+                            qw,
+                            false,
+                            rows,
+                            qr,
+                            qw,
+                            0.0,
+                        )?;
+                    } else {
+                        rank.gemm(
+                            w(TensorRole::QProj)?,
+                            s.xb,
+                            h,
+                            s.q,
+                            qw,
+                            false,
+                            rows,
+                            h,
+                            qw,
+                            0.0,
+                        )?;
+                    }
+                    let kvw = d.kvw;
+                    rank.gemm(
+                        w(TensorRole::KvAProjWithMqa)?,
+                        s.xb,
+                        h,
+                        s.vbuf,
+                        kvw,
+                        false,
+                        rows,
+                        h,
+                        kvw,
+                        0.0,
+                    )?;
+                    rank.rms(
+                        s.vbuf,
+                        kvw,
+                        1,
+                        0,
+                        w(TensorRole::KvANorm)?,
+                        r,
+                        MLA_NORM_EPS,
+                        s.vbuf,
+                        kvw,
+                        0,
+                        0,
+                        rows,
+                    )?;
+                    rank.launch(
+                        &rank.k.rope,
+                        (rows as u32, 1),
+                        128,
+                        0,
+                        &rope_args(s.q, qw, a.heads, qhd, a.qk_nope),
+                    )?;
+                    rank.launch(
+                        &rank.k.rope,
+                        (rows as u32, 1),
+                        128,
+                        0,
+                        &rope_args(s.vbuf, kvw, 1, a.qk_rope, r),
+                    )?;
+                    let mut args = kv_args(l).to_vec();
+                    args.extend([
+                        Arg::P(s.vbuf),
+                        Arg::I(kvw as i32),
+                        Arg::I(r as i32),
+                        Arg::P(s.vbuf + 4 * r as u64),
+                        Arg::I(kvw as i32),
+                        Arg::I(a.qk_rope as i32),
+                    ]);
+                    rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                    // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
+                    let n = (rows * qw) as i64;
+                    rank.launch(
+                        &rank.k.cast_bf16,
+                        ((n as usize).div_ceil(256).min(65535) as u32, 1),
+                        256,
+                        0,
+                        &[Arg::P(s.q), Arg::P(s.qbf), Arg::L(n)],
+                    )?;
+                    let kv_b = w(TensorRole::KvBProj)?;
+                    let kvb_head = (a.qk_nope + a.v_head) * r;
+                    rank.gemm_strided(
+                        false,
+                        r,
+                        rows,
+                        a.qk_nope,
+                        kv_b,
+                        r,
+                        kvb_head,
+                        s.qbf,
+                        a.heads * qhd,
+                        qhd,
+                        s.qlat,
+                        a.heads * r,
+                        r,
+                        false,
+                        a.heads,
+                    )?;
+                    let mut args = vec![
+                        Arg::P(s.qlat),
+                        Arg::P(s.q),
+                        Arg::I(qw as i32),
+                        Arg::I(qhd as i32),
+                        Arg::I(a.qk_nope as i32),
+                        Arg::I(a.qk_rope as i32),
+                        Arg::I(r as i32),
+                    ];
+                    args.extend(kv_args(l)[..8].iter().copied());
+                    args.extend([Arg::I(a.heads as i32), Arg::F(a.scale), Arg::P(s.att)]);
+                    let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
+                    rank.launch(
+                        &rank.k.attn_mla,
+                        (a.heads as u32, rows as u32),
+                        128,
+                        smem,
+                        &args,
+                    )?;
+                    // Expand: out[row, h] = W_UV[h] o_lat[row, h].
+                    rank.gemm_strided(
+                        true,
+                        a.v_head,
+                        rows,
+                        r,
+                        kv_b + 2 * (a.qk_nope * r) as u64,
+                        r,
+                        kvb_head,
+                        s.att,
+                        a.heads * r,
+                        r,
+                        s.att2,
+                        a.heads * a.v_head,
+                        a.v_head,
+                        true,
+                        a.heads,
+                    )?;
+                    let ow = a.heads * a.v_head;
+                    rank.gemm(
+                        w(TensorRole::OProj)?,
+                        s.att2,
+                        ow,
+                        s.hidden,
+                        h,
+                        false,
+                        rows,
+                        ow,
+                        h,
+                        1.0,
+                    )?;
+                }
+            }
+            // Feed-forward.
+            rank.rms(
+                s.hidden,
+                h,
+                1,
+                0,
+                w(TensorRole::PostAttentionNorm)?,
+                h,
+                eps,
+                s.xn,
+                h,
+                s.xb,
+                h,
+                rows,
+            )?;
+            let swiglu = |inter: usize, out: u64, ldo: usize, beta: f32| -> Result<(), CudaError> {
+                rank.gemm(
+                    w(TensorRole::Gate)?,
+                    s.xb,
+                    h,
+                    s.f1,
+                    inter,
+                    false,
+                    rows,
+                    h,
+                    inter,
+                    0.0,
+                )?;
+                rank.gemm(
+                    w(TensorRole::Up)?,
+                    s.xb,
+                    h,
+                    s.f2,
+                    inter,
+                    false,
+                    rows,
+                    h,
+                    inter,
+                    0.0,
+                )?;
+                rank.launch(
+                    &rank.k.silu_mul,
+                    (rows as u32, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.f1),
+                        Arg::I(inter as i32),
+                        Arg::P(s.f2),
+                        Arg::I(inter as i32),
+                        Arg::P(s.hb),
+                        Arg::I(inter as i32),
+                    ],
+                )?;
+                rank.gemm(
+                    w(TensorRole::Down)?,
+                    s.hb,
+                    inter,
+                    out,
+                    ldo,
+                    false,
+                    rows,
+                    inter,
+                    h,
+                    beta,
+                )
+            };
+            if !self.cfg.is_moe_layer(l) {
+                swiglu(self.cfg.intermediate_size, s.hidden, h, 1.0)?;
+                continue;
+            }
+            let spec = self.model.router_spec();
+            let (e, k) = (spec.experts, spec.top_k);
+            rank.launch(
+                &rank.k.linear_f32,
+                (e as u32, rows as u32),
+                128,
+                0,
+                &[
+                    Arg::P(s.xn),
+                    Arg::P(w(TensorRole::RouterGate)?),
+                    Arg::P(s.rlogits),
+                    Arg::I(h as i32),
+                    Arg::I(e as i32),
+                ],
+            )?;
+            let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+            rank.launch(
+                &rank.k.route,
+                (rows.div_ceil(64) as u32, 1),
+                64,
+                0,
+                &[
+                    Arg::P(s.rlogits),
+                    Arg::I(rows as i32),
+                    Arg::I(e as i32),
+                    Arg::I(k as i32),
+                    Arg::I(ng as i32),
+                    Arg::I(tg as i32),
+                    Arg::I(i32::from(spec.normalize)),
+                    Arg::F(spec.scale),
+                    Arg::P(s.ids),
+                    Arg::P(s.wts),
+                ],
+            )?;
+            // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
+            let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
+            let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (slot, &ex) in ids.iter().enumerate() {
+                if ex < 0 || ex as usize >= e {
+                    return Err(CudaError::Input(format!("router produced expert id {ex}")));
+                }
+                per.entry(ex as usize).or_default().push(slot);
+            }
+            let max_n = per.values().map(Vec::len).max().unwrap_or(0);
+            let active = per.len();
+            if active * max_n > d.gather_cap {
+                return Err(CudaError::Input(
+                    "expert dispatch exceeds the gather buffer".into(),
+                ));
+            }
+            let ie = d.inter_e;
+            let mut gidx = vec![-1i32; active * max_n];
+            let mut cidx = vec![0i32; rows * k];
+            let mut ptrs = vec![0u64; 6 * active];
+            for (a, (&ex, slots)) in per.iter().enumerate() {
+                for (j, &slot) in slots.iter().enumerate() {
+                    gidx[a * max_n + j] = (slot / k) as i32;
+                    cidx[slot] = (a * max_n + j) as i32;
+                }
+                let eb = self.experts[l][ex].buf.addr();
+                let g = (a * max_n) as u64;
+                ptrs[a] = eb;
+                ptrs[active + a] = s.xg + g * 2 * h as u64;
+                ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
+                ptrs[3 * active + a] = eb + 2 * (2 * h * ie) as u64;
+                ptrs[4 * active + a] = s.eh + g * 2 * ie as u64;
+                ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
+            }
+            expert_bytes += (active * 3 * h * ie * 2) as u64;
+            rank.htod(s.gidx, &gidx)?;
+            rank.htod(s.cidx, &cidx)?;
+            rank.htod(s.ptrs, &ptrs)?;
+            let gr = (active * max_n) as u32;
+            rank.launch(
+                &rank.k.gather_bf16,
+                (gr, 1),
+                256,
+                0,
+                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+            )?;
+            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
+            rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
+            rank.launch(
+                &rank.k.silu_mul,
+                (gr, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.gu),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.gu + 4 * ie as u64),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.eh),
+                    Arg::I(ie as i32),
+                ],
+            )?;
+            rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
+            let shared = if self.cfg.moe.n_shared_experts > 0 {
+                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                s.y
+            } else {
+                0
+            };
+            rank.launch(
+                &rank.k.combine,
+                (rows as u32, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.hidden),
+                    Arg::I(h as i32),
+                    Arg::I(k as i32),
+                    Arg::P(s.cidx),
+                    Arg::P(s.wts),
+                    Arg::P(s.eo),
+                    Arg::P(shared),
+                    Arg::I(h as i32),
+                ],
+            )?;
+        }
+        self.last_expert_bytes = expert_bytes;
+        // Final norm of every row, then the LM head on the sampled rows.
+        let n = last.len();
+        if n == 0 {
+            rank.stream
+                .synchronize()
+                .map_err(CudaError::driver("cuStreamSynchronize"))?;
+            return Ok(Vec::new());
+        }
+        rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, rows)?;
+        rank.launch(
+            &rank.k.gather_bf16,
+            (n as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.xb),
+                Arg::I(h as i32),
+                Arg::P(s.last),
+                Arg::P(s.lastb),
+            ],
+        )?;
+        rank.gemm(
+            g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
+        )?;
+        let flat: Vec<f32> = rank.dtoh(s.logits, n * d.vocab)?;
+        Ok(flat.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl Runner for CudaRunner {
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            vocab_size: self.cfg.vocab_size,
+            max_context: self.dims.max_context,
+        }
+    }
+
+    fn kv_capacity_tokens(&self) -> usize {
+        self.config.kv_blocks_per_rank * self.config.block_tokens
+    }
+
+    fn ranks(&self) -> Vec<RankId> {
+        self.ranks.iter().map(|r| RankId(r.dev.0)).collect()
+    }
+
+    fn ledger(&mut self) -> &mut dyn KvLedger {
+        &mut self.ledger
+    }
+
+    fn kv_usage(&self) -> Vec<RankKv> {
+        self.ledger
+            .ranks
+            .iter()
+            .map(|(rank, l)| RankKv {
+                rank: *rank,
+                used_blocks: l.total - l.free.len(),
+                total_blocks: l.total,
+            })
+            .collect()
+    }
+
+    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Vec<f32>>, RunError> {
+        let err = |e: CudaError| RunError(e.to_string());
+        let mut per_rank: Vec<Vec<Item>> = vec![Vec::new(); self.ranks.len()];
+        let mut order = Vec::new();
+        for w in work {
+            let c = w.chunk;
+            let ri = self
+                .rank_index(c.rank)
+                .ok_or_else(|| RunError(format!("{} is not a rank of this runner", c.rank)))?;
+            if w.tokens.len() != c.len || c.len == 0 {
+                return Err(RunError(format!(
+                    "{}: chunk of {} tokens came with {} token ids",
+                    c.seq,
+                    c.len,
+                    w.tokens.len()
+                )));
+            }
+            if c.start + c.len > self.dims.max_context {
+                return Err(RunError(format!(
+                    "{} reaches position {}, beyond max_context {}",
+                    c.seq,
+                    c.start + c.len,
+                    self.dims.max_context
+                )));
+            }
+            let blocks = self
+                .ledger
+                .rank(c.rank)
+                .and_then(|l| l.tables.get(&c.seq))
+                .cloned()
+                .unwrap_or_default();
+            if blocks.len() * self.config.block_tokens < c.start + c.len {
+                return Err(RunError(format!("{} has no KV room", c.seq)));
+            }
+            if c.sample {
+                order.push(ri);
+            }
+            per_rank[ri].push(Item {
+                tokens: w.tokens.to_vec(),
+                start: c.start,
+                blocks,
+                sample: c.sample,
+            });
+        }
+        let mut outs = Vec::with_capacity(self.ranks.len());
+        let mut bytes = 0;
+        for (ri, items) in per_rank.iter().enumerate() {
+            let o = self.forward(ri, items).map_err(err)?;
+            bytes += self.last_expert_bytes;
+            outs.push(o.into_iter());
+        }
+        self.last_expert_bytes = bytes;
+        order
+            .into_iter()
+            .map(|ri| {
+                outs[ri]
+                    .next()
+                    .ok_or_else(|| RunError("missing logits".into()))
+            })
+            .collect()
+    }
+}

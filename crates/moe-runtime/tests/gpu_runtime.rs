@@ -1,0 +1,197 @@
+//! GPU correctness of the CUDA runner against the CPU reference (feature `cuda`; run through
+//! `cargo xtask hil`). Without a GPU the test prints why it skips and returns.
+//!
+//! Both sides run the same bf16-rounded synthetic weights, so the comparison measures the CUDA
+//! kernels (bf16 GEMM inputs, f32 accumulation), not weight quantisation. Decoding is
+//! teacher-forced with the CPU's greedy tokens, so every position compares the same context.
+
+#![cfg(feature = "cuda")]
+
+use hbm_vmm::host::{HostBackend, HostConfig};
+use hbm_vmm::{DeviceId, Vmm};
+use moe_runtime::compute::cpu::CpuCompute;
+use moe_runtime::config::ModelConfig;
+use moe_runtime::cuda::{self, CudaConfig, CudaRunner};
+use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
+use moe_runtime::model::runner::SingleDevice;
+use moe_runtime::model::weights::{MemTensors, TensorSource};
+use moe_runtime::model::Model;
+use moe_runtime::presets::Preset;
+use moe_runtime::schema::TensorSpec;
+
+type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+
+/// A source whose values are rounded to bf16 (what the GPU holds).
+struct Bf16Rounded(MemTensors);
+
+impl TensorSource for Bf16Rounded {
+    fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<(), BoxErr> {
+        self.0.read_f32_into(name, out)?;
+        for v in out.iter_mut() {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        Ok(())
+    }
+    fn check(&self, spec: &TensorSpec) -> Result<(), BoxErr> {
+        self.0.check(spec)
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    let scale = cpu.iter().fold(0.0f64, |m, &x| m.max(f64::from(x.abs())));
+    let diff = gpu
+        .iter()
+        .zip(cpu)
+        .fold(0.0f64, |m, (&g, &c)| m.max(f64::from((g - c).abs())));
+    diff / scale.max(1e-6)
+}
+
+struct Outcome {
+    token_match: f64,
+    max_rel: f64,
+}
+
+/// Prompts of several lengths (fixed), prefilled as one batch, then `steps` batched decodes.
+fn compare(cfg: &ModelConfig, gpus: usize) -> Outcome {
+    let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
+    let host = Vmm::new(HostBackend::new(
+        HostConfig::devices(1, 1 << 30)
+            .with_granularity(4096)
+            .unwrap(),
+    ));
+    let model = Model::new(cfg, CpuCompute::new()).unwrap();
+    let mut cpu = SingleDevice::load(model, &host, DeviceId(0), &src, 16).unwrap();
+    let mut gpu = CudaRunner::load(
+        cfg,
+        &src,
+        CudaConfig {
+            devices: gpus,
+            block_tokens: 16,
+            kv_blocks_per_rank: 128,
+            max_batch_tokens: 128,
+            max_context: 256,
+        },
+    )
+    .unwrap();
+    if gpus > 1 {
+        // Experts really are split between the devices.
+        let l = cfg.moe_layers().next().unwrap();
+        let last = cfg.moe.num_experts - 1;
+        assert_eq!(gpu.expert_device(l, 0), Some(DeviceId(0)));
+        assert_eq!(gpu.expert_device(l, last), Some(DeviceId(gpus as u32 - 1)));
+    }
+    let vocab = cfg.vocab_size as u32;
+    let lens = [5usize, 12, 1, 23, 8, 3];
+    let mut seed = 12345u32;
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 8) % vocab
+                })
+                .collect()
+        })
+        .collect();
+    let ids: Vec<_> = prompts.iter().map(|_| cpu.add_sequence()).collect();
+    let rank = |i: usize| RankId((i % gpus) as u32);
+    let mut inputs: Vec<Vec<u32>> = prompts.clone();
+    let mut start = vec![0usize; prompts.len()];
+    let (mut matched, mut total, mut max_rel) = (0usize, 0usize, 0.0f64);
+    for _step in 0..12 {
+        let cpu_in: Vec<_> = ids
+            .iter()
+            .zip(&inputs)
+            .map(|(&s, t)| (s, t.clone()))
+            .collect();
+        let cpu_logits = cpu.step(&cpu_in).unwrap();
+        for (i, t) in inputs.iter().enumerate() {
+            assert!(gpu
+                .ledger()
+                .grow(rank(i), RequestId(i as u64), start[i] + t.len()));
+        }
+        let work: Vec<Work<'_>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Work {
+                chunk: Chunk {
+                    seq: RequestId(i as u64),
+                    rank: rank(i),
+                    start: start[i],
+                    len: t.len(),
+                    sample: true,
+                },
+                tokens: t,
+            })
+            .collect();
+        let gpu_logits = gpu.run(&work).unwrap();
+        assert_eq!(gpu_logits.len(), cpu_logits.len());
+        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+            assert_eq!(g.len(), c.len());
+            assert!(g.iter().all(|x| x.is_finite()), "non-finite GPU logits");
+            total += 1;
+            let want = argmax(c);
+            if argmax(g) == want {
+                matched += 1;
+            }
+            max_rel = max_rel.max(rel_err(g, c));
+            start[i] += inputs[i].len();
+            inputs[i] = vec![want as u32];
+        }
+    }
+    Outcome {
+        token_match: matched as f64 / total as f64,
+        max_rel,
+    }
+}
+
+#[test]
+fn gpu_runtime_matches_cpu_reference() {
+    let n = match cuda::device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("no GPU ({e}): skipping");
+            return;
+        }
+    };
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
+        for gpus in [1usize, 2] {
+            if gpus > n {
+                println!("only {n} GPU(s): skipping the {gpus}-GPU check");
+                continue;
+            }
+            let cfg = preset.config();
+            let o = compare(&cfg, gpus);
+            let name = format!("{preset:?}");
+            println!(
+                "{name} on {gpus} GPU(s): token match {:.4}, max rel logit err {:.3e}",
+                o.token_match, o.max_rel
+            );
+            if o.token_match < 0.99 || o.max_rel > 2e-2 {
+                failures.push(format!("{name}/{gpus}"));
+            }
+            rows.push(serde_json::json!({
+                "preset": name, "gpus": gpus,
+                "token_match_fraction": o.token_match, "max_rel_logit_err": o.max_rel,
+            }));
+        }
+    }
+    let dir = std::env::var("HIL_RESULTS").unwrap_or_else(|_| ".".into());
+    let _ = std::fs::create_dir_all(&dir);
+    let path = std::path::Path::new(&dir).join("cuda-runtime-correctness.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    assert!(failures.is_empty(), "failed checks: {failures:?}");
+}
