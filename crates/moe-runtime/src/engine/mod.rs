@@ -15,17 +15,33 @@
 //! - [`Engine::at_boundary`] queues an action on the runner and scheduler that runs between two
 //!   iterations; the scaler uses it to swap deployments and move sequences.
 //!
+//! Architecture invariants:
+//! - the engine never touches device memory itself: the [`Runner`] owns KV and weights;
+//! - submitting, cancelling and queueing boundary actions never wait for the iteration in
+//!   progress (they take only the intake's short lock);
+//! - scheduling and sampling are deterministic: a request's tokens depend only on the model, its
+//!   prompt and its sampling parameters, never on what else runs or where.
+//!
 //! # Example
 //!
-//! ```ignore
-//! let engine = Engine::new(runner, EngineConfig::default());
-//! let handle = engine.submit(Request::greedy(vec![1, 2, 3], 8))?;
-//! let run = engine.start();
+//! ```
+//! use moe_runtime::engine::{FinishReason, Request};
+//! use moe_runtime::model::weights::MemTensors;
+//! use moe_runtime::presets::Preset;
+//! use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+//!
+//! let cfg = Preset::TinyQwen3.config();
+//! let src = MemTensors::seeded(&cfg, 1);
+//! let host = HostEngineConfig::default(); // one host device
+//! let (engine, _store) = DeploymentRunner::host_engine(&cfg, &src, &host).unwrap();
+//! let handle = engine.submit(Request::greedy(vec![1, 2, 3], 8)).unwrap();
+//! let run = engine.start(); // iterations on a thread; submit keeps working meanwhile
 //! let done = handle.wait();
-//! println!("{:?} ({})", done.tokens, done.finish.as_str());
+//! assert_eq!((done.tokens.len(), done.finish), (8, FinishReason::Length));
 //! run.stop();
 //! ```
 
+mod intake;
 pub(crate) mod loom;
 pub(crate) mod mesh;
 pub mod request;
@@ -33,12 +49,15 @@ pub mod sampling;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use self::loom::{AtomicBool, Ordering};
+use intake::{Intake, Submitted};
 
 pub use mesh::MeshError;
 pub use request::{
@@ -192,46 +211,6 @@ impl StepReport {
 
 /// An action run between two iterations with the runner and the scheduler.
 pub type BoundaryAction<R> = Box<dyn FnOnce(&mut R, &mut Scheduler) + Send>;
-
-struct Submitted {
-    id: RequestId,
-    request: Request,
-    tx: Sender<Event>,
-    at: Instant,
-}
-
-struct IntakeState {
-    new: Vec<Submitted>,
-    cancels: Vec<RequestId>,
-    limits: RequestLimits,
-    capacity_tokens: usize,
-    stopped: bool,
-}
-
-/// The request queue shared by submitters, handles and the iteration loop.
-struct Intake {
-    state: Mutex<IntakeState>,
-    wake: Condvar,
-}
-
-impl std::fmt::Debug for Intake {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Intake").finish_non_exhaustive()
-    }
-}
-
-impl Intake {
-    fn lock(&self) -> MutexGuard<'_, IntakeState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn cancel(&self, id: RequestId) {
-        self.lock().cancels.push(id);
-        self.wake.notify_all();
-    }
-}
 
 /// A submitted request's stream of events.
 ///
@@ -419,16 +398,7 @@ impl<R: Runner> Engine<R> {
             kv: runner.kv_usage(),
             ..EngineMetrics::default()
         };
-        let intake = Intake {
-            state: Mutex::new(IntakeState {
-                new: Vec::new(),
-                cancels: Vec::new(),
-                limits,
-                capacity_tokens,
-                stopped: false,
-            }),
-            wake: Condvar::new(),
-        };
+        let intake = Intake::new(limits, capacity_tokens);
         Self {
             shared: Arc::new(Shared {
                 intake: Arc::new(intake),
@@ -471,7 +441,7 @@ impl<R: Runner> Engine<R> {
             at: Instant::now(),
         });
         drop(st);
-        intake.wake.notify_all();
+        intake.notify();
         Ok(RequestHandle {
             id,
             rx,
@@ -490,7 +460,7 @@ impl<R: Runner> Engine<R> {
     /// scheduler (the scaler swaps deployments and moves sequences this way).
     pub fn at_boundary(&self, action: impl FnOnce(&mut R, &mut Scheduler) + Send + 'static) {
         lock(&self.shared.actions).push(Box::new(action));
-        self.shared.intake.wake.notify_all();
+        self.shared.intake.poke();
     }
 
     /// A snapshot of the metrics as of the last iteration.
@@ -508,17 +478,14 @@ impl<R: Runner> Engine<R> {
 
     /// Stops taking requests. Running ones continue while iterations run.
     pub fn close(&self) {
-        self.shared.intake.lock().stopped = true;
-        self.shared.intake.wake.notify_all();
+        self.shared.intake.update(|st| st.stopped = true);
     }
 
     /// Whether nothing is queued, running, or waiting to be applied.
     pub fn is_idle(&self) -> bool {
-        let st = self.shared.intake.lock();
-        if !st.new.is_empty() || !st.cancels.is_empty() {
+        if self.shared.intake.has_work() {
             return false;
         }
-        drop(st);
         let no_actions = lock(&self.shared.actions).is_empty();
         no_actions && lock(&self.shared.core).scheduler.is_idle()
     }
@@ -529,7 +496,6 @@ impl<R: Runner> Engine<R> {
         let mut report = StepReport::default();
         let actions = std::mem::take(&mut *lock(&self.shared.actions));
         report.boundary_actions = actions.len();
-        let ranks_before = core.runner.ranks();
         for action in actions {
             let Core {
                 runner, scheduler, ..
@@ -538,11 +504,11 @@ impl<R: Runner> Engine<R> {
         }
         let (new, cancels) = {
             let mut st = self.shared.intake.lock();
-            if report.boundary_actions > 0 && core.runner.ranks() != ranks_before {
+            if report.boundary_actions > 0 {
                 st.capacity_tokens = core.runner.kv_capacity_tokens();
                 st.limits = core.runner.limits();
             }
-            (std::mem::take(&mut st.new), std::mem::take(&mut st.cancels))
+            Intake::take(&mut st)
         };
         let result = core.iterate(
             new,
@@ -586,11 +552,9 @@ impl<R: Runner> Engine<R> {
             // A runner error ends that batch's sequences and is kept in the metrics; serving goes on.
             let idle = self.step().is_ok_and(|r| r.is_idle());
             if idle {
-                let intake = &self.shared.intake;
-                let st = intake.lock();
-                if st.new.is_empty() && st.cancels.is_empty() && !stop.load(Ordering::Acquire) {
-                    let _ = intake.wake.wait_timeout(st, self.shared.config.idle_wait);
-                }
+                self.shared
+                    .intake
+                    .wait_for_work(stop, self.shared.config.idle_wait);
             }
         }
     }
@@ -613,9 +577,7 @@ impl RunLoop {
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(intake) = self.wake.upgrade() {
-            // Take the lock so the loop is either before its check or inside the wait.
-            drop(intake.lock());
-            intake.wake.notify_all();
+            intake.wake_all();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
