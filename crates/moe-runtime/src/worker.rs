@@ -757,6 +757,9 @@ impl DeploymentRunner {
             report.removed.push(from);
         }
         self.slot.swap(next);
+        // This runs between iterations, so no iteration's epoch can still see the old deployment:
+        // drop it now rather than at the next iteration (which may be far off when idle).
+        self.slot.collect();
         self.workers.retain(&new_devs);
         Ok(report)
     }
@@ -1058,6 +1061,30 @@ mod tests {
         let err = e.step().unwrap_err();
         assert!(err.to_string().contains("not running"), "{err}");
         assert!(matches!(h.wait().finish, FinishReason::Error(_)));
+    }
+
+    #[test]
+    fn an_idle_engine_drops_the_old_deployment_at_the_swap() {
+        let e = engine(Preset::TinyMixtral, 2, PlacementKind::Balanced);
+        let (store, cur) = e.with_runner(|r| (Arc::clone(r.store()), Arc::clone(r.deployment())));
+        let config = DeploymentConfig {
+            block_tokens: 4,
+            kv_chunks: 2,
+            kv_max_chunks: 8,
+            ..DeploymentConfig::default()
+        };
+        let next =
+            Arc::new(Deployment::build(&store, cur.placement(), &config, Some(&cur)).unwrap());
+        let old = Arc::downgrade(&cur);
+        drop(cur);
+        let rx = e.swap_deployment(Arc::clone(&next));
+        assert!(!e.is_idle(), "a queued swap is work");
+        let report = e.step().unwrap();
+        assert_eq!(report.boundary_actions, 1);
+        let swap = rx.try_recv().unwrap().unwrap();
+        assert_eq!(swap.installed, next.generation());
+        assert!(old.upgrade().is_none(), "dropped without another iteration");
+        assert_eq!(e.with_runner(DeploymentRunner::pending_retired), 0);
     }
 
     #[test]
