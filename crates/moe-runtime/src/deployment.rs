@@ -1291,6 +1291,45 @@ mod tests {
         .unwrap();
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever the device set and placement, every device's expert ranges hold exactly its
+        /// placement slots, in order, each slot reading the bytes of the chunk the store holds
+        /// for that expert on that device, and the deployment's references all go back on drop.
+        #[test]
+        fn expert_ranges_mirror_the_placement(devices in 1usize..=4, kind in 0usize..3, extra in 0u32..2) {
+            let (store, config, src) = setup(Preset::TinyMixtral, 4);
+            let cfg = store.model().config().clone();
+            let kind = [PlacementKind::Balanced, PlacementKind::RoundRobin, PlacementKind::LoadAware][kind];
+            // Devices need not start at 0.
+            let ids: Vec<expert_placement::DeviceId> =
+                (0..devices as u32).map(|d| expert_placement::DeviceId((d + extra) % 4)).collect();
+            let p = kind.placement_on(&cfg, &ids).unwrap();
+            store.load_placement(&src, &p).unwrap();
+            let before: Vec<(WeightKey, Option<usize>)> =
+                store.keys().into_iter().map(|k| (k, store.hmm().refcount(&k))).collect();
+            let d = Deployment::build(&store, &p, &config, None).unwrap();
+            for rank in d.ranks() {
+                for (ml, layer) in cfg.moe_layers().enumerate() {
+                    let want: Vec<u32> = p.slots(ml, pdev(rank.device())).iter().map(|e| e.0).collect();
+                    let range = rank.experts(layer).unwrap();
+                    proptest::prop_assert_eq!(range.slots(), want.as_slice());
+                    for &e in &want {
+                        let key = WeightKey::Expert { device: rank.device(), layer, expert: e };
+                        let chunk = store.hmm().get(&key).unwrap();
+                        let m = store.vmm().reserve(rank.device(), chunk.size()).unwrap().map(0, &chunk, 0, chunk.size()).unwrap();
+                        proptest::prop_assert!(*range.expert(e).unwrap().unwrap() == *m.as_slice());
+                    }
+                }
+            }
+            drop(d);
+            let after: Vec<(WeightKey, Option<usize>)> =
+                store.keys().into_iter().map(|k| (k, store.hmm().refcount(&k))).collect();
+            proptest::prop_assert_eq!(before, after);
+        }
+    }
+
     #[test]
     fn the_slot_retires_old_deployments_after_their_last_iteration() {
         let (store, config, src) = setup(Preset::TinyMixtral, 2);
