@@ -72,7 +72,9 @@
 
 mod action;
 mod coordinator;
+pub mod demo;
 mod device;
+pub mod executor;
 mod loom;
 mod placement_plan;
 mod plan;

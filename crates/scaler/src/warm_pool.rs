@@ -178,6 +178,11 @@ impl<F: WorkerFactory> WarmPool<F> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The factory (for a cold initialisation that bypasses the pool).
+    pub fn factory(&self) -> &F {
+        &self.factory
+    }
+
     /// The most idle workers kept.
     pub fn capacity(&self) -> usize {
         self.capacity

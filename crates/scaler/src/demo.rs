@@ -1,0 +1,752 @@
+//! The demo pipeline behind `elasticmoe demo`: a trace with a step, a ramp and a burst drives
+//! [`SloPolicy`] on a live host engine, and the [`HostExecutor`] carries out its decisions
+//! while requests keep arriving.
+//!
+//! [`run`] returns a [`DemoRun`]: the stable [`Report`] (`report.json`), the timeline samples
+//! and the scale events (for the picture), and every request's tokens. The report's
+//! `outputs_identical_to_reference` is computed by [`reference_tokens`]: the same requests on a
+//! fixed deployment, compared token by token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, TryRecvError};
+use moe_runtime::config::ModelConfig;
+use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
+use moe_runtime::engine::{
+    EngineConfig, Event as TokenStreamEvent, FinishReason, Request, RequestHandle, SchedulerConfig,
+    TokenId,
+};
+use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use serde::Serialize;
+
+use crate::device::{DeviceId, DeviceSet};
+use crate::executor::{Checkpoint, ExecError, HostExecutor, HostExecutorConfig, ScaleEvent};
+use crate::policy::{
+    ClusterView, Decision, LoadObservation, Observation, Policy, RequestObservation, SloPolicy,
+    SloPolicyConfig,
+};
+use crate::strategy::{Strategy, TransitionKind};
+use crate::time::{millis, Time};
+use crate::transition::TransitionSpec;
+
+/// One request of a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceRequest {
+    /// When it arrives, from the start.
+    pub at: Duration,
+    /// Its prompt.
+    pub prompt: Vec<TokenId>,
+    /// Tokens to generate.
+    pub max_tokens: usize,
+}
+
+/// Requests in arrival order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trace {
+    /// The requests.
+    pub requests: Vec<TraceRequest>,
+}
+
+impl Trace {
+    /// A low base load, a step up, a ramp down, a burst, then a quiet tail, stretched to
+    /// `seconds` in all. Deterministic in `seed`.
+    pub fn step_ramp_burst(vocab: usize, seconds: f64, max_tokens: usize, seed: u64) -> Trace {
+        let v = vocab.clamp(2, 256) as u64;
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // (phase start fraction, end fraction, requests/s at start, at end).
+        let phases: [(f64, f64, f64, f64); 5] = [
+            (0.00, 0.15, 2.0, 2.0),   // base
+            (0.15, 0.40, 14.0, 14.0), // step
+            (0.40, 0.60, 14.0, 2.0),  // ramp down
+            (0.60, 0.68, 24.0, 24.0), // burst
+            (0.68, 1.00, 0.7, 0.7),   // quiet tail
+        ];
+        let mut requests = Vec::new();
+        for (a, b, r0, r1) in phases {
+            let (start, end) = (a * seconds, b * seconds);
+            let mut t = start;
+            while t < end {
+                let frac = if end > start {
+                    (t - start) / (end - start)
+                } else {
+                    0.0
+                };
+                let rate = (r0 + (r1 - r0) * frac).max(0.1);
+                let len = 2 + (next() % 12) as usize;
+                let prompt = (0..len)
+                    .map(|_| (1 + next() % (v - 1)) as TokenId)
+                    .collect();
+                requests.push(TraceRequest {
+                    at: Duration::from_secs_f64(t),
+                    prompt,
+                    max_tokens,
+                });
+                t += 1.0 / rate;
+            }
+        }
+        Trace { requests }
+    }
+}
+
+/// How a demo runs.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// The strategy for every transition.
+    pub strategy: Strategy,
+    /// Host devices.
+    pub devices_max: u32,
+    /// Devices serving at the start.
+    pub initial: u32,
+    /// KV pools.
+    pub deployment: DeploymentConfig,
+    /// Batching.
+    pub scheduler: SchedulerConfig,
+    /// The autoscaler.
+    pub policy: SloPolicyConfig,
+    /// How often load is sampled and the policy asked.
+    pub tick: Duration,
+    /// The model's name in the report.
+    pub model: String,
+}
+
+impl DemoConfig {
+    /// The demo's defaults for `strategy` on `devices_max` host devices.
+    pub fn new(strategy: Strategy, devices_max: u32, model: &str) -> DemoConfig {
+        let mut policy = SloPolicyConfig::new(
+            Duration::from_millis(1500),
+            Duration::from_millis(200),
+            devices_max as usize,
+        );
+        policy.window = Duration::from_secs(3);
+        policy.min_requests = 5;
+        policy.sustain_up = Duration::from_millis(600);
+        policy.sustain_down = Duration::from_millis(1500);
+        policy.cooldown = Duration::from_millis(1500);
+        policy.queue_per_device_high = 2.0;
+        policy.sequences_per_device = 4;
+        policy.utilisation_low = 0.35;
+        if strategy == Strategy::Extravagant {
+            // The new instance needs its own devices beside the old one.
+            policy.max_devices = (devices_max / 2).max(1) as usize;
+        }
+        DemoConfig {
+            strategy,
+            devices_max,
+            initial: 1,
+            deployment: DeploymentConfig {
+                block_tokens: 4,
+                blocks_per_chunk: 8,
+                kv_chunks: 2,
+                kv_max_chunks: 16,
+                ..DeploymentConfig::default()
+            },
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 32,
+                max_running_per_rank: 4,
+            },
+            policy,
+            tick: Duration::from_millis(50),
+            model: model.to_string(),
+        }
+    }
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The engine could not be built.
+    #[error("building the host engine failed: {0}")]
+    Engine(#[from] moe_runtime::deployment::DeploymentError),
+    /// The policy configuration is invalid.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyConfigError),
+    /// A transition could not be carried out.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// A request was refused.
+    #[error("a trace request was refused: {0}")]
+    Request(#[from] moe_runtime::engine::RequestError),
+    /// The trace is empty.
+    #[error("the trace has no requests")]
+    EmptyTrace,
+}
+
+/// `requests` in the report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    /// Submitted.
+    pub submitted: u64,
+    /// Finished by length or stop token.
+    pub completed: u64,
+    /// Finished otherwise.
+    pub failed: u64,
+    /// Preempted (or re-queued) and recomputed.
+    pub preempted: u64,
+}
+
+/// `phases_ms` in the report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PhasesMs {
+    /// Plan.
+    pub plan: f64,
+    /// Prepare.
+    pub prepare: f64,
+    /// Switch.
+    pub switch: f64,
+    /// Retire.
+    pub retire: f64,
+}
+
+/// One `scale_events` entry.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScaleEventReport {
+    /// `up`, `down`, `rebalance` or `failure`.
+    pub kind: String,
+    /// Devices before.
+    pub from_devices: u64,
+    /// Devices after.
+    pub to_devices: u64,
+    /// The strategy.
+    pub strategy: String,
+    /// From the decision to the switch.
+    pub latency_ms: f64,
+    /// How long the serving loop was stopped.
+    pub downtime_ms: f64,
+    /// How long intake was paused.
+    pub intake_paused_ms: f64,
+    /// Bytes copied between devices.
+    pub bytes_moved: u64,
+    /// Bytes reused in place.
+    pub bytes_zero_copy: u64,
+    /// Peak bytes per involved device, ascending device id.
+    pub peak_bytes_per_device: Vec<u64>,
+    /// Phase durations.
+    pub phases_ms: PhasesMs,
+}
+
+impl ScaleEventReport {
+    /// The report entry of a finished transition.
+    pub fn from_event(e: &ScaleEvent) -> ScaleEventReport {
+        let r = &e.report;
+        ScaleEventReport {
+            kind: r.kind.as_str().to_string(),
+            from_devices: r.from.len() as u64,
+            to_devices: r.to.len() as u64,
+            strategy: r.strategy.as_str().to_string(),
+            latency_ms: r.latency_ms.unwrap_or(0.0),
+            downtime_ms: e.downtime_ms,
+            intake_paused_ms: r.intake_paused_ms,
+            bytes_moved: r.bytes_moved,
+            bytes_zero_copy: r.bytes_zero_copy,
+            peak_bytes_per_device: e.peak_bytes_per_device.values().copied().collect(),
+            phases_ms: PhasesMs {
+                plan: r.phases_ms.plan,
+                prepare: r.phases_ms.prepare,
+                switch: r.phases_ms.switch,
+                retire: r.phases_ms.retire,
+            },
+        }
+    }
+}
+
+/// `throughput_tokens_per_s`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Throughput {
+    /// Before the first transition.
+    pub before: f64,
+    /// While transitions ran.
+    pub during: f64,
+    /// After the last transition.
+    pub after: f64,
+}
+
+/// `latency_ms`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// TTFT median.
+    pub ttft_p50: f64,
+    /// TTFT 99th percentile.
+    pub ttft_p99: f64,
+    /// TPOT median.
+    pub tpot_p50: f64,
+    /// TPOT 99th percentile.
+    pub tpot_p99: f64,
+}
+
+/// `report.json`: the stable schema of issue 8.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    /// `host`.
+    pub backend: String,
+    /// The model.
+    pub model: String,
+    /// Devices of the backend.
+    pub devices_max: u64,
+    /// The strategy.
+    pub strategy: String,
+    /// Request counts.
+    pub requests: RequestCounts,
+    /// Whether every completed request's tokens equal the fixed deployment's.
+    pub outputs_identical_to_reference: bool,
+    /// Transitions that completed, in order.
+    pub scale_events: Vec<ScaleEventReport>,
+    /// Generated tokens per second.
+    pub throughput_tokens_per_s: Throughput,
+    /// Latency percentiles over completed requests.
+    pub latency_ms: Latency,
+}
+
+/// One timeline sample.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Sample {
+    /// Seconds from the start.
+    pub t_s: f64,
+    /// Generated tokens per second over the last tick.
+    pub tokens_per_s: f64,
+    /// Devices serving.
+    pub devices: usize,
+    /// TTFT p99 of requests finished in the last policy window, ms.
+    pub ttft_p99_ms: f64,
+    /// TPOT p99 of requests finished in the last policy window, ms.
+    pub tpot_p99_ms: f64,
+    /// Requests waiting.
+    pub queue: usize,
+}
+
+/// A transition on the timeline.
+#[derive(Clone, Debug)]
+pub struct TimedEvent {
+    /// Seconds from the start when it was decided.
+    pub start_s: f64,
+    /// Seconds from the start when it ended.
+    pub end_s: f64,
+    /// What happened.
+    pub event: ScaleEvent,
+}
+
+/// Everything a demo run produced.
+#[derive(Clone, Debug)]
+pub struct DemoRun {
+    /// The report.
+    pub report: Report,
+    /// Samples, one per tick.
+    pub timeline: Vec<Sample>,
+    /// Transitions, completed or rolled back.
+    pub events: Vec<TimedEvent>,
+    /// Per trace request: its tokens if it completed.
+    pub tokens: Vec<Option<Vec<TokenId>>>,
+}
+
+/// What the caller sees while it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Seconds from the start.
+    pub t_s: f64,
+    /// Requests finished so far.
+    pub finished: usize,
+    /// Requests in the trace.
+    pub total: usize,
+    /// Devices serving.
+    pub devices: usize,
+    /// Tokens per second now.
+    pub tokens_per_s: f64,
+    /// Transitions so far.
+    pub transitions: usize,
+}
+
+fn host_config(config: &DemoConfig, devices: u32) -> HostEngineConfig {
+    HostEngineConfig {
+        devices: devices as usize,
+        max_devices: config.devices_max as usize,
+        placement: PlacementKind::Balanced,
+        deployment: config.deployment,
+        engine: EngineConfig {
+            scheduler: config.scheduler,
+            idle_wait: Duration::from_millis(5),
+            ..EngineConfig::default()
+        },
+        ..HostEngineConfig::default()
+    }
+}
+
+fn to_request(r: &TraceRequest) -> Request {
+    Request::greedy(r.prompt.clone(), r.max_tokens)
+}
+
+/// The tokens of every trace request on a fixed deployment of `devices` devices (no scaling).
+pub fn reference_tokens(
+    cfg: &ModelConfig,
+    checkpoint: &Checkpoint,
+    config: &DemoConfig,
+    devices: u32,
+    trace: &Trace,
+) -> Result<Vec<Vec<TokenId>>, DemoError> {
+    let (engine, _store) =
+        DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host_config(config, devices))?;
+    let handles = trace
+        .requests
+        .iter()
+        .map(|r| engine.submit(to_request(r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let run = engine.start();
+    let out = handles.into_iter().map(|h| h.wait().tokens).collect();
+    run.stop();
+    Ok(out)
+}
+
+/// The next device set for `n` devices, from `current`, under `strategy`: elastic and cold
+/// restarts add the lowest free devices or drop the highest; the extravagant baseline takes
+/// the lowest devices not in use. `None` if there are not enough devices.
+pub fn target_devices(
+    strategy: Strategy,
+    current: &DeviceSet,
+    n: usize,
+    devices_max: u32,
+) -> Option<DeviceSet> {
+    let all = DeviceSet::first(devices_max);
+    if strategy == Strategy::Extravagant {
+        let free: Vec<DeviceId> = all.difference(current).iter().take(n).collect();
+        return (free.len() == n).then(|| free.into_iter().collect());
+    }
+    if n >= current.len() {
+        let add: Vec<DeviceId> = all
+            .difference(current)
+            .iter()
+            .take(n - current.len())
+            .collect();
+        (add.len() == n - current.len()).then(|| current.union(&add.into_iter().collect()))
+    } else {
+        Some(current.iter().take(n).collect())
+    }
+}
+
+struct Live {
+    index: usize,
+    handle: RequestHandle,
+    submitted: Instant,
+    first: Option<Duration>,
+    last: Option<Duration>,
+    tokens: Vec<TokenId>,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Runs `trace` under the policy with `config.strategy`, then compares with `reference`.
+pub fn run(
+    cfg: &ModelConfig,
+    checkpoint: &Checkpoint,
+    config: &DemoConfig,
+    trace: &Trace,
+    reference: &[Vec<TokenId>],
+    mut progress: impl FnMut(&Progress),
+) -> Result<DemoRun, DemoError> {
+    if trace.requests.is_empty() {
+        return Err(DemoError::EmptyTrace);
+    }
+    let mut policy = SloPolicy::new(config.policy)?;
+    let (engine, _store) = DeploymentRunner::host_engine(
+        cfg,
+        checkpoint.as_ref(),
+        &host_config(config, config.initial),
+    )?;
+    let exec_config = HostExecutorConfig {
+        deployment: config.deployment,
+        ..HostExecutorConfig::default()
+    };
+    let mut executor = HostExecutor::new(engine.clone(), Arc::clone(checkpoint), exec_config);
+    let all = DeviceSet::first(config.devices_max);
+    executor.prewarm(&all.difference(&executor.devices()));
+    let gate = Arc::clone(executor.gate());
+    let start = Instant::now();
+    let serving = engine.start();
+
+    // The submitter: requests arrive on the trace's clock, through the intake gate.
+    let (sub_tx, sub_rx) = unbounded::<(usize, Instant, Result<RequestHandle, String>)>();
+    let submitter = {
+        let engine = engine.clone();
+        let gate = Arc::clone(&gate);
+        let requests = trace.requests.clone();
+        std::thread::spawn(move || {
+            for (i, r) in requests.iter().enumerate() {
+                let due = start + r.at;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let h = gate
+                    .submit(&engine, to_request(r))
+                    .map_err(|e| e.to_string());
+                if sub_tx.send((i, due, h)).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // The scaler: one transition at a time, on its own thread.
+    let (cmd_tx, cmd_rx) = unbounded::<TransitionSpec>();
+    let (ev_tx, ev_rx) = unbounded::<(f64, Result<ScaleEvent, ExecError>)>();
+    let scaler = std::thread::spawn(move || {
+        while let Ok(spec) = cmd_rx.recv() {
+            let out = executor.run(spec);
+            if ev_tx.send((start.elapsed().as_secs_f64(), out)).is_err() {
+                return;
+            }
+        }
+    });
+
+    let total = trace.requests.len();
+    let mut live: Vec<Live> = Vec::new();
+    let mut tokens: Vec<Option<Vec<TokenId>>> = vec![None; total];
+    let mut counts = RequestCounts::default();
+    let mut ttfts: Vec<(f64, f64)> = Vec::new();
+    let mut tpots: Vec<(f64, f64)> = Vec::new();
+    let mut timeline = Vec::new();
+    let mut events: Vec<TimedEvent> = Vec::new();
+    let mut devices = DeviceSet::first(config.initial);
+    let mut pending: Option<f64> = None;
+    let mut finished = 0usize;
+    let mut submitted_all = false;
+    let mut last_generated = 0u64;
+    let mut last_tick = Instant::now();
+    let mut exec_error = None;
+    loop {
+        std::thread::sleep(config.tick);
+        let t_s = start.elapsed().as_secs_f64();
+        loop {
+            match sub_rx.try_recv() {
+                Ok((index, at, Ok(handle))) => {
+                    counts.submitted += 1;
+                    live.push(Live {
+                        index,
+                        handle,
+                        submitted: at,
+                        first: None,
+                        last: None,
+                        tokens: Vec::new(),
+                    });
+                }
+                Ok((_, _, Err(_))) => {
+                    counts.submitted += 1;
+                    counts.failed += 1;
+                    finished += 1;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    submitted_all = true;
+                    break;
+                }
+            }
+        }
+        let mut i = 0;
+        while i < live.len() {
+            let mut done = None;
+            while let Some(ev) = live[i].handle.try_recv() {
+                match ev {
+                    TokenStreamEvent::Token(tok) => {
+                        let l = &mut live[i];
+                        // Latency counts from the trace's arrival, so a paused intake shows.
+                        let at = l.submitted.elapsed();
+                        l.first.get_or_insert(at);
+                        l.last = Some(at);
+                        l.tokens.push(tok.token);
+                    }
+                    TokenStreamEvent::Finished { reason, timings } => {
+                        done = Some((reason, timings.preemptions));
+                        break;
+                    }
+                }
+            }
+            match done {
+                Some((reason, preemptions)) => {
+                    let l = live.swap_remove(i);
+                    finished += 1;
+                    counts.preempted += u64::from(preemptions > 0);
+                    let ok = matches!(reason, FinishReason::Length | FinishReason::Stop(_));
+                    if ok {
+                        counts.completed += 1;
+                        let ttft = l.first.unwrap_or_default();
+                        let n = l.tokens.len().max(1);
+                        let tpot = if n > 1 {
+                            (l.last.unwrap_or_default().saturating_sub(ttft)) / (n as u32 - 1)
+                        } else {
+                            Duration::ZERO
+                        };
+                        ttfts.push((t_s, millis(ttft)));
+                        tpots.push((t_s, millis(tpot)));
+                        policy.observe(Observation::RequestFinished(RequestObservation {
+                            at: Time::from_duration(start.elapsed()),
+                            ttft,
+                            tpot,
+                        }));
+                        tokens[l.index] = Some(l.tokens);
+                    } else {
+                        counts.failed += 1;
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        while let Ok((end_s, out)) = ev_rx.try_recv() {
+            let start_s = pending.take().unwrap_or(end_s);
+            match out {
+                Ok(event) => {
+                    devices = event.devices_after.clone();
+                    events.push(TimedEvent {
+                        start_s,
+                        end_s,
+                        event,
+                    });
+                }
+                Err(e) => exec_error = Some(e),
+            }
+        }
+        if let Some(e) = exec_error.take() {
+            drop(cmd_tx);
+            serving.stop();
+            let _ = scaler.join();
+            let _ = submitter.join();
+            return Err(e.into());
+        }
+        let m = engine.metrics();
+        let dt = last_tick.elapsed().as_secs_f64().max(1e-6);
+        last_tick = Instant::now();
+        let tps = (m.generated_tokens.saturating_sub(last_generated)) as f64 / dt;
+        last_generated = m.generated_tokens;
+        let now = Time::from_duration(start.elapsed());
+        policy.observe(Observation::Load(LoadObservation {
+            at: now,
+            queue_depth: m.queue_depth,
+            running: m.running,
+            kv_usage: m.kv_utilisation(),
+            tokens_per_s: tps,
+        }));
+        let window = config.policy.window.as_secs_f64();
+        let recent = |v: &[(f64, f64)]| -> f64 {
+            let mut r: Vec<f64> = v
+                .iter()
+                .filter(|(t, _)| *t >= t_s - window)
+                .map(|x| x.1)
+                .collect();
+            percentile(&mut r, 0.99)
+        };
+        timeline.push(Sample {
+            t_s,
+            tokens_per_s: tps,
+            devices: devices.len(),
+            ttft_p99_ms: recent(&ttfts),
+            tpot_p99_ms: recent(&tpots),
+            queue: m.queue_depth,
+        });
+        let view = ClusterView {
+            devices: devices.len(),
+            transition_running: pending.is_some(),
+        };
+        if let Decision::ScaleTo { devices: n, .. } = policy.decide(now, view) {
+            if let Some(to) = target_devices(config.strategy, &devices, n, config.devices_max) {
+                let kind = if n > devices.len() {
+                    TransitionKind::ScaleUp
+                } else {
+                    TransitionKind::ScaleDown
+                };
+                if to != devices
+                    && cmd_tx
+                        .send(TransitionSpec {
+                            kind,
+                            strategy: config.strategy,
+                            from: devices.clone(),
+                            to,
+                        })
+                        .is_ok()
+                {
+                    pending = Some(t_s);
+                }
+            }
+        }
+        progress(&Progress {
+            t_s,
+            finished,
+            total,
+            devices: devices.len(),
+            tokens_per_s: tps,
+            transitions: events.len(),
+        });
+        if submitted_all && live.is_empty() && finished >= total && pending.is_none() {
+            break;
+        }
+    }
+    drop(cmd_tx);
+    serving.stop();
+    let _ = scaler.join();
+    let _ = submitter.join();
+
+    let identical = tokens
+        .iter()
+        .zip(reference)
+        .all(|(got, want)| got.as_ref().is_none_or(|g| g == want))
+        && reference.len() == tokens.len();
+    let done: Vec<&TimedEvent> = events.iter().filter(|e| e.event.completed()).collect();
+    let first = done.first().map(|e| e.start_s);
+    let last = done.last().map(|e| e.end_s);
+    let mean = |f: &dyn Fn(f64) -> bool| -> f64 {
+        let v: Vec<f64> = timeline
+            .iter()
+            .filter(|s| f(s.t_s))
+            .map(|s| s.tokens_per_s)
+            .collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let during = |t: f64| done.iter().any(|e| t >= e.start_s && t <= e.end_s + 1e-9);
+    let throughput = Throughput {
+        before: mean(&|t| first.is_none_or(|f| t < f)),
+        during: mean(&during),
+        after: mean(&|t| last.is_some_and(|l| t > l)),
+    };
+    let mut tt: Vec<f64> = ttfts.iter().map(|x| x.1).collect();
+    let mut tp: Vec<f64> = tpots.iter().map(|x| x.1).collect();
+    let latency = Latency {
+        ttft_p50: percentile(&mut tt, 0.5),
+        ttft_p99: percentile(&mut tt, 0.99),
+        tpot_p50: percentile(&mut tp, 0.5),
+        tpot_p99: percentile(&mut tp, 0.99),
+    };
+    let report = Report {
+        backend: "host".into(),
+        model: config.model.clone(),
+        devices_max: u64::from(config.devices_max),
+        strategy: config.strategy.as_str().into(),
+        requests: counts,
+        outputs_identical_to_reference: identical,
+        scale_events: done
+            .iter()
+            .map(|e| ScaleEventReport::from_event(&e.event))
+            .collect(),
+        throughput_tokens_per_s: throughput,
+        latency_ms: latency,
+    };
+    Ok(DemoRun {
+        report,
+        timeline,
+        events,
+        tokens,
+    })
+}
