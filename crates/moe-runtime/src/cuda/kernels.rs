@@ -12,6 +12,7 @@ use super::CudaError;
 
 /// The CUDA C source of every kernel.
 pub(crate) const SOURCE: &str = r#"
+#define INFINITY __int_as_float(0x7f800000)
 typedef unsigned short bf16;
 __device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 __device__ __forceinline__ bf16 f2b(float f) {
