@@ -770,10 +770,15 @@ impl<R: Runner> Core<R> {
                 (1, true)
             }
             None => {
-                // The scheduler planned this chunk to its end, so it is ready for the token.
-                let pushed = self.scheduler.push_token(id);
-                debug_assert!(pushed.is_ok(), "{pushed:?}");
-                (1, false)
+                // The scheduler planned this chunk to its end, so it is ready for the token; if its
+                // bookkeeping disagrees, end the sequence rather than run it on stale state.
+                match self.scheduler.push_token(id) {
+                    Ok(()) => (1, false),
+                    Err(e) => {
+                        self.finish(id, FinishReason::Error(e.to_string()));
+                        (1, true)
+                    }
+                }
             }
         }
     }

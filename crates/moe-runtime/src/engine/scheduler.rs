@@ -410,6 +410,10 @@ impl Scheduler {
                 }
                 let s = &self.seqs[&seq];
                 let len = (s.total - s.computed).min(left);
+                if len == 0 {
+                    // Nothing to compute until a token is pushed (the caller's bookkeeping lags).
+                    continue;
+                }
                 if self.grow_or_preempt(rank, seq, s.computed + len, kv, &mut out) {
                     *budget.get_mut(&rank).expect("rank exists") -= len;
                     self.commit(rank, seq, len, &mut out);
@@ -677,6 +681,22 @@ mod tests {
         assert_eq!(p.chunks.len(), 2);
         assert_eq!((p.chunks[0].seq, p.chunks[0].len), (RequestId(1), 1));
         assert_eq!((p.chunks[1].seq, p.chunks[1].len), (RequestId(2), 5));
+    }
+
+    #[test]
+    fn a_sequence_waiting_for_its_token_is_not_planned_empty() {
+        let mut s = Scheduler::new(SchedulerConfig::default(), ranks(1));
+        let mut kv = Counting::new(4, 100, 0);
+        s.add(RequestId(1), 3).unwrap();
+        assert!(s.schedule(&mut kv).chunks[0].sample);
+        // The caller has not pushed the sampled token yet: nothing to compute.
+        assert!(s.schedule(&mut kv).chunks.is_empty());
+        assert_eq!(s.push_token(RequestId(1)), Ok(()));
+        assert_eq!(
+            s.push_token(RequestId(1)),
+            Err(SchedulerError::NotReadyForToken(RequestId(1)))
+        );
+        assert_eq!(s.schedule(&mut kv).chunks.len(), 1);
     }
 
     #[test]
