@@ -234,7 +234,8 @@ fn migration_rows(
     let (d0, d1) = (DeviceId(0), DeviceId(if devices > 1 { 1 } else { 0 }));
     let chunk = Pool::chunk_bytes_for(vmm, d0, &layout, 16)?;
     let blocks = layout.blocks_for(MIGRATE_TOKENS);
-    let chunks = (2 * blocks).div_ceil(layout.blocks_per_chunk(chunk)) + 1;
+    // One sequence grown alone plus two interleaved ones: three sequences of `blocks` blocks.
+    let chunks = (3 * blocks).div_ceil(layout.blocks_per_chunk(chunk)) + 1;
     let make = |d| {
         Pool::new(
             vmm,
