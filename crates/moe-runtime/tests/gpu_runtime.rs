@@ -59,6 +59,8 @@ fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
 struct Outcome {
     token_match: f64,
     max_rel: f64,
+    /// Every position's relative error, for the diagnostic print.
+    errs: Vec<f64>,
 }
 
 /// Prompts of several lengths (fixed), prefilled as one batch, then `steps` batched decodes.
@@ -109,6 +111,7 @@ fn compare(cfg: &ModelConfig, gpus: usize) -> Outcome {
     let mut inputs: Vec<Vec<u32>> = prompts.clone();
     let mut start = vec![0usize; prompts.len()];
     let (mut matched, mut total, mut max_rel) = (0usize, 0usize, 0.0f64);
+    let mut errs = Vec::new();
     for _step in 0..12 {
         let cpu_in: Vec<_> = ids
             .iter()
@@ -145,7 +148,9 @@ fn compare(cfg: &ModelConfig, gpus: usize) -> Outcome {
             if argmax(g) == want {
                 matched += 1;
             }
-            max_rel = max_rel.max(rel_err(g, c));
+            let e = rel_err(g, c);
+            errs.push(e);
+            max_rel = max_rel.max(e);
             start[i] += inputs[i].len();
             inputs[i] = vec![want as u32];
         }
@@ -153,6 +158,7 @@ fn compare(cfg: &ModelConfig, gpus: usize) -> Outcome {
     Outcome {
         token_match: matched as f64 / total as f64,
         max_rel,
+        errs,
     }
 }
 
@@ -176,6 +182,15 @@ fn gpu_runtime_matches_cpu_reference() {
             let cfg = preset.config();
             let o = compare(&cfg, gpus);
             let name = format!("{preset:?}");
+            let mut sorted = o.errs.clone();
+            sorted.sort_by(f64::total_cmp);
+            println!(
+                "  per-position rel err: first {:?}, median {:.3e}, p90 {:.3e}, over 2e-2: {}",
+                &o.errs[..o.errs.len().min(6)],
+                sorted[sorted.len() / 2],
+                sorted[sorted.len() * 9 / 10],
+                sorted.iter().filter(|&&e| e > 2e-2).count()
+            );
             println!(
                 "{name} on {gpus} GPU(s): token match {:.4}, max rel logit err {:.3e}",
                 o.token_match, o.max_rel
