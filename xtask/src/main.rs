@@ -39,7 +39,9 @@ fn workspace_root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -57,7 +59,10 @@ fn packages() -> Result<Vec<Value>> {
         .output()
         .context("cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: Value = serde_json::from_slice(&out.stdout)?;
     Ok(meta["packages"].as_array().cloned().unwrap_or_default())
@@ -87,7 +92,14 @@ fn loom_packages(pkgs: &[Value]) -> Vec<String> {
 fn ci(args: &[String]) -> Result<()> {
     let pkgs = packages()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     let cuda = cuda_features(&pkgs);
     if !cuda.is_empty() {
         run(cargo()
@@ -100,7 +112,14 @@ fn ci(args: &[String]) -> Result<()> {
         for pkg in loom_packages(&pkgs) {
             // A separate target dir keeps the cfg(loom) build from invalidating the normal one.
             run(cargo()
-                .args(["test", "--release", "--package", &pkg, "--target-dir", "target/loom"])
+                .args([
+                    "test",
+                    "--release",
+                    "--package",
+                    &pkg,
+                    "--target-dir",
+                    "target/loom",
+                ])
                 .args(["--", "loom"])
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("LOOM_MAX_PREEMPTIONS", "3"))?;
@@ -136,8 +155,12 @@ fn hil(root: &Path, args: &[String]) -> Result<()> {
         }
         for t in p["targets"].as_array().into_iter().flatten() {
             let tname = t["name"].as_str().unwrap_or_default();
-            let kinds: Vec<&str> =
-                t["kind"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let kinds: Vec<&str> = t["kind"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             let (flag, wanted) = if kinds.contains(&"test") && tname.starts_with("gpu") {
                 ("--test", true)
             } else if kinds.contains(&"example") && tname.starts_with("hil_") {
@@ -164,14 +187,13 @@ fn hil(root: &Path, args: &[String]) -> Result<()> {
                 bail!("building {name} {flag} {tname} failed");
             }
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+                let Ok(msg) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
                 if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == tname {
                     if let Some(exe) = msg["executable"].as_str() {
-                        let label = format!(
-                            "{}{}",
-                            if flag == "--test" { "test-" } else { "" },
-                            tname
-                        );
+                        let label =
+                            format!("{}{}", if flag == "--test" { "test-" } else { "" }, tname);
                         let dest = bin_dir.join(&label);
                         std::fs::copy(exe, &dest)
                             .with_context(|| format!("copying {exe} to the bundle"))?;
@@ -196,7 +218,11 @@ fn hil(root: &Path, args: &[String]) -> Result<()> {
     script.push_str(HIL_FOOTER);
     let run_sh = out_dir.join("run.sh");
     std::fs::write(&run_sh, script)?;
-    let total: u64 = built.iter().filter_map(|(_, p)| p.metadata().ok()).map(|m| m.len()).sum();
+    let total: u64 = built
+        .iter()
+        .filter_map(|(_, p)| p.metadata().ok())
+        .map(|m| m.len())
+        .sum();
     eprintln!(
         "xtask: bundle at {} ({} binaries, {:.1} MiB)",
         out_dir.display(),
