@@ -14,11 +14,15 @@
 //! The engine runs on its own thread ([`moe_runtime::engine::Engine::start`]); each request's
 //! token events are pumped from the engine's blocking handle into the async response by a
 //! blocking task, which cancels the request (freeing its KV) as soon as the client goes away.
-//! Scaling goes through the [`scale::ScaleControl`] seam. On SIGTERM or Ctrl-C the server stops
+//! Scaling goes through the [`scale::ScaleControl`] seam, carried out by the scaler's host
+//! executor on its own thread ([`executor_scale::ExecutorScale`]); `--autoscale` feeds the
+//! scaler's SLO policy from a periodic task ([`autoscale::Autoscaler`]). On SIGTERM or Ctrl-C the server stops
 //! taking requests, lets running ones finish until `--shutdown-timeout`, cancels the rest, and
 //! exits 0. The HTTP layer holds no serving logic of its own: validation of token ids and KV
 //! capacity is the engine's, scaling the executor's.
 
+pub mod autoscale;
+pub mod executor_scale;
 pub mod metrics;
 pub mod openai;
 pub mod scale;
@@ -53,8 +57,11 @@ use moe_runtime::engine::{
     RunLoop, TokenId,
 };
 use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
-use scaler::ScaleCommand;
+use scaler::executor::{HostExecutor, HostExecutorConfig};
+use scaler::{ScaleCommand, SloPolicyConfig};
 
+use self::autoscale::{AutoscaleConfig, Autoscaler};
+use self::executor_scale::ExecutorScale;
 use self::metrics::ServerMetrics;
 use self::openai::{ApiError, ChatRequest, CompletionRequest, Generation};
 use self::scale::{NoScaling, ScaleControl, ScaleError};
@@ -73,9 +80,33 @@ pub struct Args {
     /// Devices to serve on at the start (default: all of `--devices`).
     #[arg(long)]
     pub initial: Option<usize>,
-    /// Let the SLO autoscaler change the device count.
+    /// Let the SLO autoscaler change the device count (between 1 and `--devices`).
     #[arg(long)]
     pub autoscale: bool,
+    /// Autoscaler: milliseconds between decisions.
+    #[arg(long, default_value_t = 500)]
+    pub autoscale_interval_ms: u64,
+    /// Autoscaler: time-to-first-token target in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub slo_ttft_ms: u64,
+    /// Autoscaler: time-per-output-token target in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub slo_tpot_ms: u64,
+    /// Autoscaler: fewest devices.
+    #[arg(long, default_value_t = 1)]
+    pub autoscale_min_devices: usize,
+    /// Autoscaler: how long a reason to scale up must hold, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub autoscale_sustain_up_ms: u64,
+    /// Autoscaler: how long a reason to scale down must hold, in milliseconds.
+    #[arg(long, default_value_t = 10000)]
+    pub autoscale_sustain_down_ms: u64,
+    /// Autoscaler: quiet time after each decision, in milliseconds.
+    #[arg(long, default_value_t = 15000)]
+    pub autoscale_cooldown_ms: u64,
+    /// Autoscaler: sequences one device runs at full utilisation.
+    #[arg(long, default_value_t = 16)]
+    pub autoscale_sequences_per_device: usize,
     /// File holding the bearer token of the admin endpoints; without it they are disabled (404).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -141,6 +172,7 @@ pub struct AppState {
     max_queue: usize,
     admin_token: Option<String>,
     scale: Arc<dyn ScaleControl>,
+    autoscaler: Option<Autoscaler>,
     metrics: ServerMetrics,
     draining: AtomicBool,
     inflight: Mutex<BTreeSet<RequestId>>,
@@ -180,6 +212,10 @@ pub struct SetupConfig {
     pub model_id: String,
     /// Engine batching.
     pub engine: EngineConfig,
+    /// The SLO autoscaler, if on.
+    pub autoscale: Option<AutoscaleConfig>,
+    /// Scale commands that may wait behind the running one (more get 429).
+    pub scale_queue: usize,
 }
 
 impl Setup {
@@ -201,8 +237,10 @@ impl Setup {
         let cfg = ModelConfig::from_dir(model)
             .with_context(|| format!("reading the config of {}", model.display()))?;
         let codec = TextCodec::from_dir(model)?;
-        let checkpoint = Checkpoint::open(model)
-            .with_context(|| format!("opening the checkpoint in {}", model.display()))?;
+        let checkpoint: scaler::executor::Checkpoint = Arc::new(
+            Checkpoint::open(model)
+                .with_context(|| format!("opening the checkpoint in {}", model.display()))?,
+        );
         let host = HostEngineConfig {
             devices: config.initial,
             max_devices: config.max_devices,
@@ -210,7 +248,7 @@ impl Setup {
             engine: config.engine,
             ..HostEngineConfig::default()
         };
-        let (engine, _store) = DeploymentRunner::host_engine(&cfg, &checkpoint, &host)
+        let (engine, _store) = DeploymentRunner::host_engine(&cfg, checkpoint.as_ref(), &host)
             .with_context(|| {
                 format!(
                     "loading {} onto host:{} of {}",
@@ -223,11 +261,33 @@ impl Setup {
             vocab_size: cfg.vocab_size,
             max_context: cfg.max_position_embeddings,
         };
-        let scale = Arc::new(NoScaling {
-            devices: config.initial,
-            max_devices: config.max_devices,
-            reason: "this build has no scaling executor wired into the server".into(),
-        });
+        let scale: Arc<dyn ScaleControl> = if config.max_devices > 1 {
+            let executor = HostExecutor::new(
+                engine.clone(),
+                checkpoint,
+                HostExecutorConfig {
+                    deployment: host.deployment,
+                    ..HostExecutorConfig::default()
+                },
+            );
+            Arc::new(
+                ExecutorScale::start(executor, config.scale_queue)
+                    .context("starting the scale executor thread")?,
+            )
+        } else {
+            Arc::new(NoScaling {
+                devices: config.initial,
+                max_devices: config.max_devices,
+                reason: "this server has a single device (--devices host:1); give it more to \
+                         scale"
+                    .into(),
+            })
+        };
+        let autoscaler = config
+            .autoscale
+            .map(|a| Autoscaler::new(a, config.max_devices))
+            .transpose()
+            .context("the autoscale settings")?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -241,6 +301,7 @@ impl Setup {
                 max_queue: config.max_queue,
                 admin_token: config.admin_token.clone(),
                 scale,
+                autoscaler,
                 metrics: ServerMetrics::default(),
                 draining: AtomicBool::new(false),
                 inflight: Mutex::new(BTreeSet::new()),
@@ -543,6 +604,9 @@ impl Live {
             t.ttft,
             t.tpot(),
         );
+        if let Some(a) = &self.state.autoscaler {
+            a.finished(t.ttft, t.tpot());
+        }
     }
 
     fn usage(&self, completion: usize) -> Value {
@@ -822,6 +886,10 @@ async fn admin_status(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             "tokens_per_s": m.tokens_per_s,
             "last_error": m.last_error,
         },
+        "autoscale": state
+            .autoscaler
+            .as_ref()
+            .map_or_else(|| json!({"enabled": false}), Autoscaler::status),
         "inflight": state.inflight_count(),
         "draining": state.draining.load(Ordering::SeqCst),
     }))
@@ -838,6 +906,7 @@ pub struct Server {
     pub state: Arc<AppState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    autoscale_task: Option<tokio::task::JoinHandle<()>>,
     run_loop: Option<RunLoop>,
 }
 
@@ -875,11 +944,16 @@ impl Server {
                 .with_graceful_shutdown(signal)
                 .await
         });
+        let autoscale_task = state
+            .autoscaler
+            .is_some()
+            .then(|| tokio::spawn(autoscale_loop(Arc::clone(&state))));
         Ok(Server {
             addr,
             state,
             shutdown: Some(tx),
             task,
+            autoscale_task,
             run_loop,
         })
     }
@@ -895,6 +969,9 @@ impl Server {
     /// Stops intake, lets running requests finish (or cancels them after the drain deadline),
     /// waits for every connection to close, then stops the engine.
     pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(t) = self.autoscale_task.take() {
+            t.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -911,6 +988,21 @@ impl Server {
         wait_for_signal().await?;
         eprintln!("serve: shutting down (stopping intake, draining running requests)");
         self.shutdown().await
+    }
+}
+
+/// The autoscaler's ticks, until the server drains.
+async fn autoscale_loop(state: Arc<AppState>) {
+    let Some(interval) = state.autoscaler.as_ref().map(Autoscaler::interval) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !state.draining.load(Ordering::SeqCst) {
+        ticks.tick().await;
+        if let Some(a) = &state.autoscaler {
+            a.tick(&state.engine.metrics(), state.scale.as_ref());
+        }
     }
 }
 
@@ -932,6 +1024,21 @@ fn read_token(path: &std::path::Path) -> Result<String> {
         bail!("the admin token file {} is empty", path.display());
     }
     Ok(t)
+}
+
+/// The autoscaler settings of `args`.
+fn autoscale_config(args: &Args, max_devices: usize) -> AutoscaleConfig {
+    let ms = Duration::from_millis;
+    let mut policy = SloPolicyConfig::new(ms(args.slo_ttft_ms), ms(args.slo_tpot_ms), max_devices);
+    policy.min_devices = args.autoscale_min_devices;
+    policy.sustain_up = ms(args.autoscale_sustain_up_ms);
+    policy.sustain_down = ms(args.autoscale_sustain_down_ms);
+    policy.cooldown = ms(args.autoscale_cooldown_ms);
+    policy.sequences_per_device = args.autoscale_sequences_per_device;
+    AutoscaleConfig {
+        interval: ms(args.autoscale_interval_ms),
+        policy,
+    }
 }
 
 /// Runs `serve`.
@@ -956,6 +1063,8 @@ pub fn run(args: &Args) -> Result<()> {
         admin_token,
         model_id,
         engine: EngineConfig::default(),
+        autoscale: args.autoscale.then(|| autoscale_config(args, max_devices)),
+        scale_queue: 4,
     };
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
@@ -972,11 +1081,8 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(note) = &setup.state.codec.template_note {
         eprintln!("serve: {note}");
     }
-    if args.autoscale {
-        eprintln!(
-            "serve: --autoscale needs the scaling executor, which this build does not wire in; \
-             serving on a fixed {initial} devices"
-        );
+    if args.autoscale && max_devices == 1 {
+        eprintln!("serve: --autoscale with a single device (--devices host:1) never scales");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

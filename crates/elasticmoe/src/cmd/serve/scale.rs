@@ -1,8 +1,9 @@
 //! The seam between the HTTP server and whatever scales the live engine.
 //!
-//! The admin endpoints and the autoscaler only talk to a [`ScaleControl`]. [`NoScaling`] is the
-//! implementation used when this build has no executor wired in: it reports the serving devices
-//! and refuses every command with [`ScaleError::Unavailable`] (HTTP 503).
+//! The admin endpoints and the autoscaler only talk to a [`ScaleControl`]. The server uses
+//! [`super::executor_scale::ExecutorScale`] (the host executor on a thread of its own);
+//! [`NoScaling`] stands for a deployment that cannot scale (a fixed device set): it reports the
+//! serving devices and refuses every command with [`ScaleError::Unavailable`] (HTTP 503).
 
 use scaler::ScaleCommand;
 
@@ -19,7 +20,6 @@ pub enum ScaleError {
     /// Too many commands are already waiting (HTTP 429). Only an executor that queues commands
     /// returns it; [`NoScaling`] never does.
     #[error("{0}")]
-    #[allow(dead_code)]
     Busy(String),
 }
 
@@ -54,6 +54,8 @@ pub struct ScaleStatus {
     pub available: bool,
     /// Devices serving now.
     pub active_devices: usize,
+    /// Devices the deployment will have once the running and queued commands ran.
+    pub target_devices: usize,
     /// Devices this server may use.
     pub max_devices: usize,
     /// Whether a transition is running.
@@ -96,6 +98,7 @@ impl ScaleControl for NoScaling {
         ScaleStatus {
             available: false,
             active_devices: self.devices,
+            target_devices: self.devices,
             max_devices: self.max_devices,
             transition_running: false,
             queued: 0,
@@ -107,9 +110,10 @@ impl ScaleControl for NoScaling {
 }
 
 /// Checks a command against the device range before it reaches the executor, so that obvious
-/// mistakes get a clear 400 whatever the executor is.
+/// mistakes get a clear 400 whatever the executor is. Relative commands count from the devices
+/// the deployment will have once the commands already accepted ran.
 pub fn precheck(command: ScaleCommand, status: &ScaleStatus) -> Result<(), ScaleError> {
-    let now = status.active_devices;
+    let now = status.target_devices;
     let max = status.max_devices;
     let target = match command {
         ScaleCommand::Devices(n) => Some(n),
@@ -125,7 +129,8 @@ pub fn precheck(command: ScaleCommand, status: &ScaleStatus) -> Result<(), Scale
             "the deployment needs at least 1 device".into(),
         )),
         (ScaleCommand::Remove(k), None) => Err(ScaleError::Invalid(format!(
-            "cannot remove {k} devices: only {now} are serving"
+            "cannot remove {k} devices: only {now} are serving (or will be, once the \
+             commands before it ran)"
         ))),
         (_, Some(t)) if t > max => Err(ScaleError::Invalid(format!(
             "asked for {t} devices, but this server has {max} (--devices)"

@@ -13,6 +13,7 @@ use moe_runtime::presets::Preset;
 use moe_runtime::synth::{write_model, SynthOptions};
 use serde_json::{json, Value};
 
+use super::autoscale::AutoscaleConfig;
 use super::{Server, Setup, SetupConfig};
 use crate::cmd::generate::PlacementArg;
 
@@ -33,6 +34,9 @@ struct Harness {
 
 struct Opts {
     devices: usize,
+    /// Devices at the start (default: all).
+    initial: Option<usize>,
+    autoscale: Option<AutoscaleConfig>,
     max_queue: usize,
     admin: bool,
     run_engine: bool,
@@ -43,6 +47,8 @@ impl Default for Opts {
     fn default() -> Self {
         Opts {
             devices: 2,
+            initial: None,
+            autoscale: None,
             max_queue: 64,
             admin: true,
             run_engine: true,
@@ -56,12 +62,14 @@ impl Harness {
         let dir = model_dir(Preset::TinyMixtral);
         let config = SetupConfig {
             max_devices: opts.devices,
-            initial: opts.devices,
+            initial: opts.initial.unwrap_or(opts.devices),
             placement: PlacementArg::Balanced,
             max_queue: opts.max_queue,
             admin_token: opts.admin.then(|| TOKEN.to_string()),
             model_id: "tiny".into(),
             engine: EngineConfig::default(),
+            autoscale: opts.autoscale,
+            scale_queue: 4,
         };
         let setup = Setup::load(dir.path(), &config).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -558,13 +566,87 @@ fn admin_endpoints_need_the_bearer_token() {
         let r = scale(bad, &with);
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
-    // A valid command reaches the scaler seam, which in this build cannot scale.
+    // A valid command reaches the executor, which moves the live engine to one device and back.
     let r = scale("{\"remove\": 1}", &with);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["target_devices"], 1);
+    let st = wait_scaled(a, 1);
+    assert_eq!(st["scale"]["available"], true);
+    assert_eq!(st["scale"]["detail"]["last"]["outcome"], "completed");
+    let t = get(a, "/metrics").body;
+    assert_eq!(metric(&t, "elasticmoe_active_devices "), 1.0);
+    assert_eq!(
+        metric(
+            &t,
+            "elasticmoe_scale_events_total{kind=\"down\",strategy=\"elastic\",outcome=\"completed\"}"
+        ),
+        1.0
+    );
+    let moved_down = metric(&t, "elasticmoe_scale_bytes_moved_total ");
+    assert!(moved_down > 0.0, "the leaving device's experts were copied");
+    // Served on one device, then back on two.
+    let one = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "abc", "max_tokens": 4, "ignore_eos": true}),
+    );
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(scale("{\"remove\": 1}", &with).status, 400, "1 - 1 = 0");
+    let r = scale("{\"add\": 1}", &with);
+    assert_eq!(r.status, 202, "{}", r.body);
+    wait_scaled(a, 2);
+    let t = get(a, "/metrics").body;
+    assert_eq!(metric(&t, "elasticmoe_active_devices "), 2.0);
+    assert_eq!(
+        metric(
+            &t,
+            "elasticmoe_scale_events_total{kind=\"up\",strategy=\"elastic\",outcome=\"completed\"}"
+        ),
+        1.0
+    );
+    assert!(metric(&t, "elasticmoe_scale_bytes_moved_total ") > moved_down);
+    let two = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "abc", "max_tokens": 4, "ignore_eos": true}),
+    );
+    assert_eq!(
+        two.json()["choices"][0]["text"],
+        one.json()["choices"][0]["text"]
+    );
+}
+
+/// `/admin/status` once `active_devices` is `n` and no transition runs or waits (panics after
+/// 60 s).
+fn wait_scaled(a: SocketAddr, n: usize) -> Value {
+    let auth = format!("Bearer {TOKEN}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = call(a, "GET", "/admin/status", &[("authorization", &auth)], "").json();
+        if st["scale"]["active_devices"] == n && st["scale"]["transition_running"] == false {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "never reached {n} devices: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_single_device_server_refuses_to_scale_with_503() {
+    let h = Harness::new(Opts {
+        devices: 1,
+        ..Opts::default()
+    });
+    let auth = format!("Bearer {TOKEN}");
+    let with = [("authorization", auth.as_str())];
+    let r = call(h.addr, "POST", "/admin/scale", &with, "{\"devices\": 1}");
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.json()["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("scaling not available in this build"));
+        .contains("single device"));
+    let r = call(h.addr, "POST", "/admin/scale", &with, "{\"add\": 1}");
+    assert_eq!(r.status, 400, "{}", r.body);
 }
 
 #[test]
