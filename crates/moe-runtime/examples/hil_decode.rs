@@ -9,10 +9,15 @@
 //! routed expert that the step's routes touched, once per layer) divided by the device copy
 //! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
 //! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
+//!
+//! `tokens_per_s` times whole steps (the runner's `run`, which returns every sampled row's f32
+//! logits to the host, plus this benchmark's host argmax); `run_ms_per_step` is `run` alone. After
+//! the timed steps, 2 more steps run with the runner's phase timing on (a stream synchronisation
+//! at every phase boundary) and print where a step's time goes.
 
 use std::time::Instant;
 
-use moe_runtime::cuda::{self, CudaConfig, CudaRunner};
+use moe_runtime::cuda::{self, CudaConfig, CudaRunner, Precision};
 use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
 use moe_runtime::presets::{with_layers, Preset};
 
@@ -41,6 +46,7 @@ fn main() {
                 kv_blocks_per_rank: 1024,
                 max_batch_tokens: 256,
                 max_context: 64,
+                precision: Precision::Bf16,
             },
         ) {
             Ok(r) => r,
@@ -70,7 +76,7 @@ fn main() {
                 .map(|i| (i * 7919 % cfg.vocab_size) as u32)
                 .collect();
             let mut pos = 0usize;
-            let step = |r: &mut CudaRunner, tokens: &mut Vec<u32>, pos: usize| {
+            let step = |r: &mut CudaRunner, tokens: &mut Vec<u32>, pos: usize| -> f64 {
                 for &s in &seqs {
                     assert!(r.ledger().grow(RankId(0), s, pos + 1), "KV full");
                 }
@@ -89,7 +95,9 @@ fn main() {
                         tokens: t,
                     })
                     .collect();
+                let t_run = Instant::now();
                 let logits = r.run(&work).expect("decode step");
+                let run_s = t_run.elapsed().as_secs_f64();
                 for (t, l) in tokens.iter_mut().zip(&logits) {
                     let mut best = 0;
                     for (i, &x) in l.iter().enumerate() {
@@ -99,6 +107,7 @@ fn main() {
                     }
                     *t = best as u32;
                 }
+                run_s
             };
             for _ in 0..WARMUP {
                 step(&mut r, &mut tokens, pos);
@@ -106,12 +115,26 @@ fn main() {
             }
             let t = Instant::now();
             let mut bytes = 0u64;
+            let mut run_s = 0.0;
             for _ in 0..STEPS {
-                step(&mut r, &mut tokens, pos);
+                run_s += step(&mut r, &mut tokens, pos);
                 bytes += replicated + r.last_step_expert_bytes();
                 pos += 1;
             }
             let secs = t.elapsed().as_secs_f64();
+            r.set_phase_timing(true);
+            let _ = r.take_phase_times();
+            for _ in 0..2 {
+                step(&mut r, &mut tokens, pos);
+                pos += 1;
+            }
+            r.set_phase_timing(false);
+            let phases: Vec<(&str, f64)> = r
+                .take_phase_times()
+                .into_iter()
+                .map(|(n, t)| (n, t * 1e3 / 2.0))
+                .collect();
+            println!("  phases (ms/step, synchronised): {phases:.2?}");
             let tps = (batch * STEPS) as f64 / secs;
             let floor_secs = bytes as f64 / bw;
             let floor = (batch * STEPS) as f64 / floor_secs;
@@ -129,6 +152,9 @@ fn main() {
                 "shape": preset.to_string(), "layers": layers, "batch": batch,
                 "tokens_per_s": tps, "floor_tokens_per_s": floor,
                 "ms_per_step": secs * 1e3 / STEPS as f64,
+                "run_ms_per_step": run_s * 1e3 / STEPS as f64,
+                "phase_ms_per_step": phases.iter().map(|(n, t)| ((*n).to_string(), serde_json::Value::from(*t)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
                 "bytes_per_step": bytes / STEPS as u64, "copy_bandwidth_bytes_per_s": bw,
             }));
         }

@@ -2,7 +2,8 @@
 //!
 //! bf16 is handled as raw `unsigned short` bits (no CUDA headers, so NVRTC needs no include path):
 //! weights and GEMM inputs are bf16, everything else (residual stream, attention, router, KV cache)
-//! is `f32`. Reductions run in `f32`.
+//! is `f32`. Reductions run in `f32`. Compiled with `ACT_F32` defined (the runner's
+//! [`super::Precision::F32`]), the same source stores weights and GEMM inputs as `float` instead.
 
 use std::sync::Arc;
 
@@ -13,6 +14,12 @@ use super::CudaError;
 /// The CUDA C source of every kernel.
 pub(crate) const SOURCE: &str = r#"
 #define INFINITY __int_as_float(0x7f800000)
+#ifdef ACT_F32
+// Reference precision: weights and GEMM-input activations are f32 (weights hold bf16 values).
+typedef float bf16;
+__device__ __forceinline__ float b2f(float x) { return x; }
+__device__ __forceinline__ float f2b(float f) { return f; }
+#else
 typedef unsigned short bf16;
 __device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 __device__ __forceinline__ bf16 f2b(float f) {
@@ -21,6 +28,7 @@ __device__ __forceinline__ bf16 f2b(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return (bf16)(u >> 16);
 }
+#endif
 __device__ float block_sum(float v, float* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
@@ -329,9 +337,15 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     /// Compiles [`SOURCE`] with NVRTC and loads it into `ctx`.
-    pub(crate) fn compile(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
+    /// With `f32_storage`, the `bf16` type of the source is `float` (see [`super::Precision`]).
+    pub(crate) fn compile(ctx: &Arc<CudaContext>, f32_storage: bool) -> Result<Self, CudaError> {
+        let src = if f32_storage {
+            format!("#define ACT_F32\n{SOURCE}")
+        } else {
+            SOURCE.to_string()
+        };
         let ptx =
-            cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+            cudarc::nvrtc::compile_ptx(src).map_err(|e| CudaError::Compile(format!("{e:?}")))?;
         let module = ctx
             .load_module(ptx)
             .map_err(CudaError::driver("load_module"))?;

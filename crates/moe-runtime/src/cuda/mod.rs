@@ -161,6 +161,32 @@ pub fn device_count() -> Result<usize, CudaError> {
     Ok(n as usize)
 }
 
+/// How weights and GEMM inputs are stored on the device. Accumulation, the residual stream, norms,
+/// attention, the router and the KV cache are `f32` in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Precision {
+    /// bf16 weights and bf16 GEMM inputs (cuBLAS bf16 GEMMs, f32 accumulation and outputs): the
+    /// serving mode, half the bytes of `F32`.
+    #[default]
+    Bf16,
+    /// Reference mode: weights hold the same bf16-rounded values but are stored as `f32`, and GEMM
+    /// inputs stay `f32` (cuBLAS f32 GEMMs, pedantic: no TF32). This is the CPU reference's
+    /// arithmetic, so it checks the kernels apart from activation rounding; twice the weight
+    /// bytes, meant for small models.
+    F32,
+}
+
+impl Precision {
+    /// Bytes per stored weight or GEMM-input element.
+    fn elem_bytes(self) -> usize {
+        match self {
+            Precision::Bf16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+}
+
 /// Settings of a [`CudaRunner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CudaConfig {
@@ -174,6 +200,8 @@ pub struct CudaConfig {
     pub max_batch_tokens: usize,
     /// Most tokens a sequence may hold (capped by the model's `max_position_embeddings`).
     pub max_context: usize,
+    /// Storage of weights and GEMM inputs.
+    pub precision: Precision,
 }
 
 impl Default for CudaConfig {
@@ -184,6 +212,7 @@ impl Default for CudaConfig {
             kv_blocks_per_rank: 1024,
             max_batch_tokens: 256,
             max_context: 2048,
+            precision: Precision::Bf16,
         }
     }
 }
@@ -294,6 +323,8 @@ struct Dims {
     gather_cap: usize,
     half_rope: usize,
     max_context: usize,
+    /// Bytes per weight / GEMM-input element (2 for bf16, 4 for f32).
+    es: usize,
 }
 
 /// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
@@ -308,6 +339,10 @@ struct Rank {
     kv: DevBuf,
     _scratch: DevBuf,
     s: Scratch,
+    /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
+    dt: blas_sys::cudaDataType,
+    /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
+    ct: blas_sys::cublasComputeType_t,
 }
 
 impl std::fmt::Debug for Rank {
@@ -418,7 +453,7 @@ impl Rank {
         }
         let alpha = 1.0f32;
         let ct = if y_bf16 {
-            blas_sys::cudaDataType::CUDA_R_16BF
+            self.dt
         } else {
             blas_sys::cudaDataType::CUDA_R_32F
         };
@@ -435,16 +470,16 @@ impl Rank {
                 inf as i32,
                 (&alpha as *const f32).cast(),
                 w as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 inf as i32,
                 x as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 ldx as i32,
                 (&beta as *const f32).cast(),
                 y as *mut c_void,
                 ct,
                 ldy as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                self.ct,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -479,17 +514,17 @@ impl Rank {
                 k as i32,
                 (&alpha as *const f32).cast(),
                 a as *const *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 k as i32,
                 b as *const *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 k as i32,
                 (&beta as *const f32).cast(),
                 c as *const *mut c_void,
                 blas_sys::cudaDataType::CUDA_R_32F,
                 m as i32,
                 count as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                self.ct,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -525,7 +560,7 @@ impl Rank {
             blas_sys::cublasOperation_t::CUBLAS_OP_N
         };
         let ct = if c_bf16 {
-            blas_sys::cudaDataType::CUDA_R_16BF
+            self.dt
         } else {
             blas_sys::cudaDataType::CUDA_R_32F
         };
@@ -541,11 +576,11 @@ impl Rank {
                 k as i32,
                 (&alpha as *const f32).cast(),
                 a as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 lda as i32,
                 sa as i64,
                 b as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                self.dt,
                 ldb as i32,
                 sb as i64,
                 (&beta as *const f32).cast(),
@@ -554,7 +589,7 @@ impl Rank {
                 ldc as i32,
                 sc as i64,
                 count as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                self.ct,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -685,6 +720,38 @@ impl KvLedger for Ledger {
     }
 }
 
+/// Names of the phases [`CudaRunner::take_phase_times`] reports, in order.
+pub const PHASES: [&str; 5] = [
+    "attention",
+    "dense_mlp",
+    "router_dispatch",
+    "experts_combine",
+    "lm_head_logits",
+];
+
+/// Host-timed phases of a step (only when phase timing is on: each mark synchronises the stream,
+/// so timed steps are slower than untimed ones).
+struct PhaseClock {
+    on: bool,
+    last: std::time::Instant,
+    acc: [f64; PHASES.len()],
+}
+
+impl PhaseClock {
+    fn mark(&mut self, stream: &CudaStream, phase: usize) -> Result<(), CudaError> {
+        if !self.on {
+            return Ok(());
+        }
+        stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        let now = std::time::Instant::now();
+        self.acc[phase] += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+}
+
 /// One sequence chunk of a step on one rank.
 #[derive(Debug, Clone)]
 struct Item {
@@ -705,6 +772,8 @@ pub struct CudaRunner {
     geo: KvGeometry,
     ledger: Ledger,
     last_expert_bytes: u64,
+    phase_timing: bool,
+    phases: [f64; PHASES.len()],
     vmm: Vmm<CudaBackend>,
 }
 
@@ -727,12 +796,17 @@ impl Drop for CudaRunner {
     }
 }
 
-fn slot_addr(base: u64, layout: &ChunkLayout, role: TensorRole) -> Result<u64, CudaError> {
+fn slot_addr(
+    base: u64,
+    layout: &ChunkLayout,
+    role: TensorRole,
+    es: usize,
+) -> Result<u64, CudaError> {
     layout
         .tensors()
         .iter()
         .find(|t| t.role == role)
-        .map(|t| base + 2 * t.offset as u64)
+        .map(|t| base + (es * t.offset) as u64)
         .ok_or(CudaError::Model(ModelError::Layout { role }))
 }
 
@@ -838,6 +912,7 @@ impl CudaRunner {
             gather_cap: e.min(rows * spec.top_k.max(1)) * rows,
             half_rope: model.rope().dim() / 2,
             max_context,
+            es: config.precision.elem_bytes(),
         };
         // Shared memory of the attention kernels: the query parts plus one score per context token.
         let smem = 4 * (dims.lat.max(qw) + max_context) + 256;
@@ -868,7 +943,8 @@ impl CudaRunner {
         }
         // Routed experts: contiguous id ranges per device, readable by every device.
         let mut experts = Vec::with_capacity(cfg.num_layers);
-        let ebytes = layout.expert_floats() * 2;
+        let es = dims.es;
+        let ebytes = layout.expert_floats() * es;
         for l in 0..cfg.num_layers {
             let mut layer = Vec::new();
             if cfg.is_moe_layer(l) {
@@ -887,7 +963,7 @@ impl CudaRunner {
                     for s in &specs {
                         let n = s.numel();
                         Self::fill_tensor(rank, buf.addr() + off, n, s, &fill, &mut seed_ctr)?;
-                        off += 2 * n as u64;
+                        off += (es * n) as u64;
                     }
                     layer.push(ExpertBuf { dev: rank.dev, buf });
                 }
@@ -925,6 +1001,8 @@ impl CudaRunner {
             geo,
             ledger,
             last_expert_bytes: 0,
+            phase_timing: false,
+            phases: [0.0; PHASES.len()],
             vmm,
         })
     }
@@ -949,11 +1027,19 @@ impl CudaRunner {
                         name: spec.name.clone(),
                         msg: e.to_string(),
                     })?;
-                let b: Vec<u16> = f
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                rank.htod(addr, &b)
+                if rank.dt == blas_sys::cudaDataType::CUDA_R_32F {
+                    // Reference mode: the same bf16 values, stored as f32.
+                    for v in &mut f {
+                        *v = half::bf16::from_f32(*v).to_f32();
+                    }
+                    rank.htod(addr, &f)
+                } else {
+                    let b: Vec<u16> = f
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect();
+                    rank.htod(addr, &b)
+                }
             }
             Fill::Random(seed) => {
                 *seed_ctr += 1;
@@ -989,14 +1075,16 @@ impl CudaRunner {
             call: "cublasCreate",
             status: e.0 as i32,
         })?;
-        let k = Kernels::compile(&ctx)?;
-        let global = DevBuf::new(vmm, dev, layout.global().floats() * 2, &[])?;
+        let f32_storage = config.precision == Precision::F32;
+        let k = Kernels::compile(&ctx, f32_storage)?;
+        let es = d.es;
+        let global = DevBuf::new(vmm, dev, layout.global().floats() * es, &[])?;
         let layers = (0..cfg.num_layers)
             .map(|l| {
                 let lay = layout
                     .layer(l)
                     .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
-                DevBuf::new(vmm, dev, lay.floats() * 2, &[])
+                DevBuf::new(vmm, dev, lay.floats() * es, &[])
             })
             .collect::<Result<Vec<_>, _>>()?;
         let kv = DevBuf::new(
@@ -1010,24 +1098,24 @@ impl CudaRunner {
         let sizes: Vec<(&str, usize)> = vec![
             ("hidden", 4 * r * d.h),
             ("xn", 4 * r * d.h),
-            ("xb", 2 * r * d.h.max(d.qr)),
+            ("xb", es * r * d.h.max(d.qr)),
             ("q", 4 * r * d.qw),
-            ("qbf", 2 * r * d.qw),
+            ("qbf", es * r * d.qw),
             ("kbuf", 4 * r * d.kvw.max(d.qr)),
             ("vbuf", 4 * r * d.kvw),
-            ("att", 2 * r * d.attw.max(d.lat)),
-            ("att2", 2 * r * d.attw),
+            ("att", es * r * d.attw.max(d.lat)),
+            ("att2", es * r * d.attw),
             ("qlat", 4 * r * d.lat),
             ("rlogits", 4 * r * d.experts),
             ("ids", 4 * r * d.top_k),
             ("wts", 4 * r * d.top_k),
             ("f1", 4 * r * d.inter_max),
             ("f2", 4 * r * d.inter_max),
-            ("hb", 2 * r * d.inter_max),
+            ("hb", es * r * d.inter_max),
             ("y", 4 * r * d.h),
-            ("xg", 2 * d.gather_cap * d.h),
+            ("xg", es * d.gather_cap * d.h),
             ("gu", 4 * d.gather_cap * 2 * d.inter_e),
-            ("eh", 2 * d.gather_cap * d.inter_e),
+            ("eh", es * d.gather_cap * d.inter_e),
             ("eo", 4 * d.gather_cap * d.h),
             ("gidx", 4 * d.gather_cap),
             ("cidx", 4 * r * d.top_k),
@@ -1037,7 +1125,7 @@ impl CudaRunner {
             ("tbl_off", 4 * r),
             ("last", 4 * r),
             ("tables", 4 * d.table_cap),
-            ("lastb", 2 * r * d.h.max(d.qr)),
+            ("lastb", es * r * d.h.max(d.qr)),
             ("logits", 4 * r * d.vocab),
             ("cos", 4 * d.max_context * d.half_rope),
             ("sin", 4 * d.max_context * d.half_rope),
@@ -1097,6 +1185,16 @@ impl CudaRunner {
             kv,
             _scratch: scratch,
             s,
+            dt: if f32_storage {
+                blas_sys::cudaDataType::CUDA_R_32F
+            } else {
+                blas_sys::cudaDataType::CUDA_R_16BF
+            },
+            ct: if f32_storage {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+            } else {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
         };
         rank.bind()?;
         // Rope tables, computed on the host exactly as the CPU reference computes them.
@@ -1120,7 +1218,7 @@ impl CudaRunner {
                 for t in lay.tensors() {
                     Self::fill_tensor(
                         &rank,
-                        base + 2 * t.offset as u64,
+                        base + (d.es * t.offset) as u64,
                         t.len,
                         &t.spec(),
                         fill,
@@ -1161,19 +1259,33 @@ impl CudaRunner {
         self.geo
     }
 
-    /// Bytes of one rank's replicated weights (global plus every layer's chunk, bf16, unpadded).
+    /// Bytes of one rank's replicated weights (global plus every layer's chunk as stored, unpadded).
     pub fn replicated_weight_bytes(&self) -> u64 {
         let layout = self.model.layout();
         let mut f = layout.global().floats();
         for l in 0..self.cfg.num_layers {
             f += layout.layer(l).map_or(0, ChunkLayout::floats);
         }
-        2 * f as u64
+        (self.dims.es * f) as u64
     }
 
     /// Routed-expert weight bytes the last step read (each active expert once per rank and layer).
     pub fn last_step_expert_bytes(&self) -> u64 {
         self.last_expert_bytes
+    }
+
+    /// Turns per-phase timing on or off (for benchmarks: every phase boundary then synchronises
+    /// the stream, which slows the step down).
+    pub fn set_phase_timing(&mut self, on: bool) {
+        self.phase_timing = on;
+    }
+
+    /// Seconds spent in each of [`PHASES`] since the last call (summed over ranks and steps run
+    /// with phase timing on), and resets them.
+    pub fn take_phase_times(&mut self) -> Vec<(&'static str, f64)> {
+        let out = PHASES.iter().copied().zip(self.phases).collect();
+        self.phases = [0.0; PHASES.len()];
+        out
     }
 
     /// Device memory bandwidth of rank 0, measured with `iters` device-to-device copies of `bytes`
@@ -1256,6 +1368,11 @@ impl CudaRunner {
         let geo = self.geo;
         let rank = &self.ranks[ri];
         rank.bind()?;
+        let mut clock = PhaseClock {
+            on: self.phase_timing,
+            last: std::time::Instant::now(),
+            acc: [0.0; PHASES.len()],
+        };
         let s = rank.s;
         rank.htod(s.tokens, &tokens)?;
         rank.htod(s.pos, &pos)?;
@@ -1264,10 +1381,10 @@ impl CudaRunner {
         rank.htod(s.last, &last)?;
         let layout = self.model.layout().clone();
         let glay = layout.global();
-        let g_embed = slot_addr(rank.global.addr(), glay, TensorRole::Embedding)?;
-        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm)?;
+        let g_embed = slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?;
+        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm, d.es)?;
         let g_head = if has_role(glay, TensorRole::LmHead) {
-            slot_addr(rank.global.addr(), glay, TensorRole::LmHead)?
+            slot_addr(rank.global.addr(), glay, TensorRole::LmHead, d.es)?
         } else {
             g_embed
         };
@@ -1319,7 +1436,7 @@ impl CudaRunner {
                 .layer(l)
                 .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
             let base = rank.layers[l].addr();
-            let w = |role| slot_addr(base, lay, role);
+            let w = |role| slot_addr(base, lay, role, d.es);
             // Attention.
             rank.rms(
                 s.hidden,
@@ -1623,7 +1740,7 @@ impl CudaRunner {
                         a.v_head,
                         rows,
                         r,
-                        kv_b + 2 * (a.qk_nope * r) as u64,
+                        kv_b + (d.es * a.qk_nope * r) as u64,
                         r,
                         kvb_head,
                         s.att,
@@ -1650,6 +1767,7 @@ impl CudaRunner {
                     )?;
                 }
             }
+            clock.mark(&rank.stream, 0)?;
             // Feed-forward.
             rank.rms(
                 s.hidden,
@@ -1719,6 +1837,7 @@ impl CudaRunner {
             };
             if !self.cfg.is_moe_layer(l) {
                 swiglu(self.cfg.intermediate_size, s.hidden, h, 1.0)?;
+                clock.mark(&rank.stream, 1)?;
                 continue;
             }
             let spec = self.model.router_spec();
@@ -1783,16 +1902,17 @@ impl CudaRunner {
                 let eb = self.experts[l][ex].buf.addr();
                 let g = (a * max_n) as u64;
                 ptrs[a] = eb;
-                ptrs[active + a] = s.xg + g * 2 * h as u64;
+                ptrs[active + a] = s.xg + g * (d.es * h) as u64;
                 ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
-                ptrs[3 * active + a] = eb + 2 * (2 * h * ie) as u64;
-                ptrs[4 * active + a] = s.eh + g * 2 * ie as u64;
+                ptrs[3 * active + a] = eb + (d.es * 2 * h * ie) as u64;
+                ptrs[4 * active + a] = s.eh + g * (d.es * ie) as u64;
                 ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
             }
-            expert_bytes += (active * 3 * h * ie * 2) as u64;
+            expert_bytes += (active * 3 * h * ie * d.es) as u64;
             rank.htod(s.gidx, &gidx)?;
             rank.htod(s.cidx, &cidx)?;
             rank.htod(s.ptrs, &ptrs)?;
+            clock.mark(&rank.stream, 2)?;
             let gr = (active * max_n) as u32;
             rank.launch(
                 &rank.k.gather_bf16,
@@ -1840,6 +1960,7 @@ impl CudaRunner {
                     Arg::I(h as i32),
                 ],
             )?;
+            clock.mark(&rank.stream, 3)?;
         }
         self.last_expert_bytes = expert_bytes;
         // Final norm of every row, then the LM head on the sampled rows.
@@ -1848,6 +1969,9 @@ impl CudaRunner {
             rank.stream
                 .synchronize()
                 .map_err(CudaError::driver("cuStreamSynchronize"))?;
+            for (a, c) in self.phases.iter_mut().zip(clock.acc) {
+                *a += c;
+            }
             return Ok(Vec::new());
         }
         rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, rows)?;
@@ -1867,7 +1991,12 @@ impl CudaRunner {
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
         let flat: Vec<f32> = rank.dtoh(s.logits, n * d.vocab)?;
-        Ok(flat.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
+        let out = flat.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect();
+        clock.mark(&rank.stream, 4)?;
+        for (a, c) in self.phases.iter_mut().zip(clock.acc) {
+            *a += c;
+        }
+        Ok(out)
     }
 }
 
