@@ -731,7 +731,12 @@ fn a_client_that_disconnects_cancels_its_request_and_frees_its_kv() {
         seen.extend_from_slice(&buf[..n]);
     }
     let engine = h.server().state.engine().clone();
-    assert_eq!(engine.metrics().running, 1);
+    // The engine's metrics are refreshed per iteration: wait for the running sequence to show.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.metrics().running != 1 {
+        assert!(Instant::now() < deadline, "{:?}", engine.metrics());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -857,4 +862,220 @@ fn concurrent_load_streams_all_finish_and_match_a_sequential_reference() {
         "outputs under load equal the sequential ones"
     );
     assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+/// One finished request of a load thread: prompt index, text, when it was sent and done.
+struct Done {
+    prompt: usize,
+    text: String,
+    sent: Instant,
+    done: Instant,
+}
+
+/// `threads` clients, each sending requests over `prompts` (streaming every other one) until
+/// `stop` is set (after at least one request each), `cap` requests, or `limit` elapsed. Every
+/// response must be a 200 and every stream must end with `[DONE]`.
+fn load(
+    a: SocketAddr,
+    prompts: &[String],
+    threads: usize,
+    max_tokens: usize,
+    cap: usize,
+    limit: Duration,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<Done>>> {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + limit;
+    (0..threads)
+        .map(|t| {
+            let prompts = prompts.to_vec();
+            let stop = std::sync::Arc::clone(stop);
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut k = 0;
+                while k < cap
+                    && Instant::now() < deadline
+                    && !(stop.load(Ordering::SeqCst) && k > 0)
+                {
+                    let prompt = (t * 7 + k) % prompts.len();
+                    let stream = (t + k) % 2 == 0;
+                    let body = json!({"prompt": prompts[prompt], "max_tokens": max_tokens,
+                                      "ignore_eos": true, "stream": stream});
+                    let sent = Instant::now();
+                    let r = post(a, "/v1/completions", &body);
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    let text = if stream {
+                        stream_text(&r, false).0
+                    } else {
+                        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+                    };
+                    out.push(Done {
+                        prompt,
+                        text,
+                        sent,
+                        done: Instant::now(),
+                    });
+                    k += 1;
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+fn admin_scale_ok(a: SocketAddr, body: &str) -> Value {
+    let auth = format!("Bearer {TOKEN}");
+    let r = call(a, "POST", "/admin/scale", &[("authorization", &auth)], body);
+    assert_eq!(r.status, 202, "{body}: {}", r.body);
+    r.json()
+}
+
+#[test]
+fn scaling_mid_load_loses_nothing_and_matches_a_deployment_that_never_scaled() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let prompts: Vec<String> = (0..8).map(|i| format!("load {i}: once upon")).collect();
+    let reference: Vec<String> = {
+        let fixed = Harness::new(Opts {
+            devices: 1,
+            admin: false,
+            ..Opts::default()
+        });
+        prompts
+            .iter()
+            .map(|p| {
+                let body = json!({"prompt": p, "max_tokens": 10, "ignore_eos": true});
+                let r = post(fixed.addr, "/v1/completions", &body);
+                assert_eq!(r.status, 200, "{}", r.body);
+                r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let h = Harness::new(Opts {
+        devices: 4,
+        initial: Some(2),
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let clients = load(a, &prompts, 4, 10, 400, Duration::from_secs(120), &stop);
+    let engine = h.server().state.engine().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.metrics().generated_tokens < 20 {
+        assert!(Instant::now() < deadline, "the load never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let first_scale = Instant::now();
+    assert_eq!(admin_scale_ok(a, "{\"add\": 1}")["target_devices"], 3);
+    std::thread::sleep(Duration::from_millis(20));
+    // Queued behind the first if it still runs; relative commands count from the target.
+    assert_eq!(admin_scale_ok(a, "{\"devices\": 4}")["target_devices"], 4);
+    wait_scaled(a, 4);
+    assert_eq!(admin_scale_ok(a, "{\"remove\": 2}")["target_devices"], 2);
+    let st = wait_scaled(a, 2);
+    let scaled = Instant::now();
+    // Some more load on the final deployment, then stop.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        stop.load(Ordering::SeqCst) && done.iter().any(|d| d.sent > scaled),
+        "the load outlasted the scaling"
+    );
+    assert!(
+        done.iter()
+            .any(|d| d.sent < first_scale && d.done > first_scale),
+        "some request ran across the first transition"
+    );
+    for d in &done {
+        assert_eq!(d.text, reference[d.prompt], "prompt {}", d.prompt);
+    }
+    let events = st["scale"]["events"].as_array().unwrap().clone();
+    let count = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind && e["outcome"] == "completed")
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!((count("up"), count("down")), (2, 1), "{events:?}");
+    let t = get(a, "/metrics").body;
+    assert_eq!(metric(&t, "elasticmoe_active_devices "), 2.0);
+    assert_eq!(
+        metric(
+            &t,
+            "elasticmoe_http_requests_total{endpoint=\"completions\",code=\"200\"}"
+        ),
+        done.len() as f64
+    );
+    assert!(!t.contains("code=\"5"), "no 5xx:\n{t}");
+}
+
+#[test]
+fn autoscale_grows_under_a_burst_and_shrinks_once_it_stops() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut policy =
+        scaler::SloPolicyConfig::new(Duration::from_secs(60), Duration::from_secs(60), 2);
+    // Utilisation alone decides here: two sequences fill a device, and short sustain and
+    // cooldown periods keep the test to seconds.
+    policy.min_requests = 1_000_000;
+    policy.window = Duration::from_secs(1);
+    policy.sequences_per_device = 2;
+    policy.utilisation_low = 0.2;
+    policy.utilisation_high = 0.5;
+    policy.sustain_up = Duration::from_millis(150);
+    policy.sustain_down = Duration::from_millis(500);
+    policy.cooldown = Duration::from_millis(300);
+    let h = Harness::new(Opts {
+        devices: 2,
+        initial: Some(1),
+        autoscale: Some(AutoscaleConfig {
+            interval: Duration::from_millis(50),
+            policy,
+        }),
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let auth = format!("Bearer {TOKEN}");
+    let status = || call(a, "GET", "/admin/status", &[("authorization", &auth)], "").json();
+    // Idle at the minimum: nothing happens.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(status()["scale"]["active_devices"], 1);
+    assert_eq!(status()["autoscale"]["decisions"], 0);
+
+    let prompts: Vec<String> = (0..6).map(|i| format!("burst {i}")).collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let clients = load(a, &prompts, 6, 24, 500, Duration::from_secs(90), &stop);
+    let up = wait_scaled(a, 2);
+    stop.store(true, Ordering::SeqCst);
+    let served: usize = clients.into_iter().map(|c| c.join().unwrap().len()).sum();
+    assert!(served >= 6);
+    assert_eq!(up["autoscale"]["last"]["to"], 2, "{up}");
+    assert!(up["autoscale"]["last"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("HighUtilisation"));
+
+    let down = wait_scaled(a, 1);
+    assert_eq!(down["autoscale"]["last"]["to"], 1, "{down}");
+    assert!(down["autoscale"]["last"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("LowUtilisation"));
+    assert_eq!(down["autoscale"]["decisions"], 2, "{down}");
+    let t = get(a, "/metrics").body;
+    assert_eq!(metric(&t, "elasticmoe_active_devices "), 1.0);
+    for kind in ["up", "down"] {
+        assert_eq!(
+            metric(
+                &t,
+                &format!(
+                    "elasticmoe_scale_events_total{{kind=\"{kind}\",strategy=\"elastic\",outcome=\"completed\"}}"
+                )
+            ),
+            1.0
+        );
+    }
 }
