@@ -19,7 +19,8 @@
 //!   experts directly over NVLink.
 //! - **Host synchronisation.** One per MoE layer, unavoidable with per-expert GEMMs: the router's
 //!   choices are copied to the host to size and address the expert GEMMs (which experts are
-//!   active, how many rows each). One at the end of a step to read the logits. None elsewhere.
+//!   active, how many rows each). One at the end of a step to read the logits (through a
+//!   page-locked host buffer). None elsewhere.
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -256,6 +257,54 @@ impl std::fmt::Debug for DevBuf {
     }
 }
 
+/// Page-locked host memory for reading logits back (`cuMemAllocHost` in the rank's context): a
+/// device-to-host copy into it runs at full PCIe speed, where a copy into fresh pageable memory
+/// is staged and page-faulted (it took about 50 ms for 64 rows of Qwen3's vocabulary). Host
+/// memory, so outside `hbm-vmm`, which owns device memory only.
+struct PinnedHost {
+    ptr: *mut f32,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
+// written only by copies that `Rank::read_logits` issues and waits for, and read only there.
+unsafe impl Send for PinnedHost {}
+// SAFETY: as above; a shared reference gives no way to touch the memory outside `read_logits`,
+// whose caller holds the runner mutably.
+unsafe impl Sync for PinnedHost {}
+
+impl PinnedHost {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, CudaError> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `ctx` is bound to this thread (the caller bound it); `p` is a valid out-pointer.
+        cu("cuMemAllocHost", unsafe {
+            sys::cuMemAllocHost_v2(&mut p, 4 * len.max(1))
+        })?;
+        Ok(Self {
+            ptr: p.cast(),
+            len,
+            ctx: ctx.clone(),
+        })
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        // Errors are ignored: Drop must not panic.
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from `cuMemAllocHost` and is freed once; the rank's stream was
+        // synchronised by `CudaRunner::drop` before its ranks drop, so no copy still writes it.
+        let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+    }
+}
+
+impl std::fmt::Debug for PinnedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinnedHost({} floats)", self.len)
+    }
+}
+
 /// A kernel argument (kept alive in a vector until the launch).
 #[derive(Debug, Clone, Copy)]
 enum Arg {
@@ -339,6 +388,8 @@ struct Rank {
     kv: DevBuf,
     _scratch: DevBuf,
     s: Scratch,
+    /// Page-locked staging for the logits of up to `rows` sampled rows.
+    pinned: PinnedHost,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
     dt: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
@@ -410,6 +461,36 @@ impl Rank {
                 self.stream.cu_stream(),
             )
         })
+    }
+
+    /// Copies `n` rows of `vocab` f32 logits from `src` through the pinned buffer into host rows.
+    fn read_logits(&self, src: u64, n: usize, vocab: usize) -> Result<Vec<Vec<f32>>, CudaError> {
+        let total = n * vocab;
+        if total > self.pinned.len {
+            return Err(CudaError::Input(format!(
+                "{n} rows of logits exceed the pinned read-back buffer"
+            )));
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); n]);
+        }
+        // SAFETY: `src` holds `total` f32 values in this rank's scratch chunk; the pinned buffer
+        // holds at least `total` floats (checked above) and nothing else uses it meanwhile.
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.pinned.ptr.cast::<c_void>(),
+                src,
+                4 * total,
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        // SAFETY: the buffer is live, holds `total` initialised floats (the copy above completed:
+        // the stream was synchronised), and no other copy into it is queued.
+        let host = unsafe { std::slice::from_raw_parts(self.pinned.ptr, total) };
+        Ok(host.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
@@ -1132,6 +1213,9 @@ impl CudaRunner {
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
         let scratch = DevBuf::new(vmm, dev, total, &[])?;
+        ctx.bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))?;
+        let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
         let mut at = scratch.addr();
         let mut addr = BTreeMap::new();
         for (name, b) in &sizes {
@@ -1185,6 +1269,7 @@ impl CudaRunner {
             kv,
             _scratch: scratch,
             s,
+            pinned,
             dt: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
@@ -1990,8 +2075,7 @@ impl CudaRunner {
         rank.gemm(
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
-        let flat: Vec<f32> = rank.dtoh(s.logits, n * d.vocab)?;
-        let out = flat.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect();
+        let out = rank.read_logits(s.logits, n, d.vocab)?;
         clock.mark(&rank.stream, 4)?;
         for (a, c) in self.phases.iter_mut().zip(clock.acc) {
             *a += c;
