@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod report;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Serve the model over an OpenAI-compatible HTTP API, with metrics and admin scaling.
     Serve(cmd::serve::Args),
+    /// Elastic scaling end to end on 4 host devices: a load trace drives the autoscaler; writes
+    /// report.json and timeline.svg.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::GenModel(args) => cmd::gen_model::run(&args),
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Serve(args) => cmd::serve::run(&args),
+        Command::Demo(args) => cmd::demo::run(&args),
     }
 }

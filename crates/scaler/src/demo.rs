@@ -62,11 +62,11 @@ impl Trace {
         };
         // (phase start fraction, end fraction, requests/s at start, at end).
         let phases: [(f64, f64, f64, f64); 5] = [
-            (0.00, 0.15, 2.0, 2.0),   // base
-            (0.15, 0.40, 14.0, 14.0), // step
-            (0.40, 0.60, 14.0, 2.0),  // ramp down
-            (0.60, 0.68, 24.0, 24.0), // burst
-            (0.68, 1.00, 0.7, 0.7),   // quiet tail
+            (0.00, 0.15, 3.0, 3.0),     // base
+            (0.15, 0.40, 80.0, 80.0),   // step
+            (0.40, 0.60, 80.0, 3.0),    // ramp down
+            (0.60, 0.68, 150.0, 150.0), // burst
+            (0.68, 1.00, 1.0, 1.0),     // quiet tail
         ];
         let mut requests = Vec::new();
         for (a, b, r0, r1) in phases {
@@ -124,11 +124,11 @@ impl DemoConfig {
             Duration::from_millis(200),
             devices_max as usize,
         );
-        policy.window = Duration::from_secs(3);
+        policy.window = Duration::from_millis(1500);
         policy.min_requests = 5;
-        policy.sustain_up = Duration::from_millis(600);
-        policy.sustain_down = Duration::from_millis(1500);
-        policy.cooldown = Duration::from_millis(1500);
+        policy.sustain_up = Duration::from_millis(400);
+        policy.sustain_down = Duration::from_millis(1200);
+        policy.cooldown = Duration::from_millis(1000);
         policy.queue_per_device_high = 2.0;
         policy.sequences_per_device = 4;
         policy.utilisation_low = 0.35;
@@ -389,8 +389,10 @@ pub fn reference_tokens(
     devices: u32,
     trace: &Trace,
 ) -> Result<Vec<Vec<TokenId>>, DemoError> {
-    let (engine, _store) =
-        DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host_config(config, devices))?;
+    // Outputs do not depend on the batch, so the reference batches generously to finish fast.
+    let mut host = host_config(config, devices);
+    host.engine.scheduler = SchedulerConfig::default();
+    let (engine, _store) = DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host)?;
     let handles = trace
         .requests
         .iter()
@@ -522,8 +524,8 @@ pub fn run(
     let mut pending: Option<f64> = None;
     let mut finished = 0usize;
     let mut submitted_all = false;
-    let mut last_generated = 0u64;
-    let mut last_tick = Instant::now();
+    let mut recent_tokens: std::collections::VecDeque<(Instant, u64)> =
+        std::collections::VecDeque::new();
     let mut exec_error = None;
     loop {
         std::thread::sleep(config.tick);
@@ -624,10 +626,14 @@ pub fn run(
             return Err(e.into());
         }
         let m = engine.metrics();
-        let dt = last_tick.elapsed().as_secs_f64().max(1e-6);
-        last_tick = Instant::now();
-        let tps = (m.generated_tokens.saturating_sub(last_generated)) as f64 / dt;
-        last_generated = m.generated_tokens;
+        // Throughput over the last half second, so single ticks do not alias with iterations.
+        recent_tokens.push_back((Instant::now(), m.generated_tokens));
+        while recent_tokens.len() > 2 && recent_tokens[0].0.elapsed() > Duration::from_millis(500) {
+            recent_tokens.pop_front();
+        }
+        let (t0, g0) = recent_tokens[0];
+        let tps =
+            (m.generated_tokens.saturating_sub(g0)) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
         let now = Time::from_duration(start.elapsed());
         policy.observe(Observation::Load(LoadObservation {
             at: now,

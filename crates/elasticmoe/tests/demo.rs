@@ -1,0 +1,116 @@
+//! `elasticmoe demo` end to end on a short trace: the report has issue 8's schema, the policy
+//! scaled up and down by itself, elastically, with no pause, no downtime, no failed request and
+//! outputs identical to the fixed deployment; the timeline picture is written.
+
+use std::process::Command;
+
+fn demo(out: &std::path::Path, cache: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let status = Command::new(env!("CARGO_BIN_EXE_elasticmoe"))
+        .args([
+            "demo",
+            "--quiet",
+            "--trace-seconds",
+            "16",
+            "--max-tokens",
+            "64",
+        ])
+        .arg("--out")
+        .arg(out)
+        .arg("--cache")
+        .arg(cache)
+        .args(extra)
+        .status()
+        .expect("running elasticmoe");
+    assert!(status.success());
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let svg = std::fs::read_to_string(out.join("timeline.svg")).expect("timeline.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn check_schema(r: &serde_json::Value) {
+    for key in [
+        "backend",
+        "model",
+        "devices_max",
+        "strategy",
+        "requests",
+        "outputs_identical_to_reference",
+        "scale_events",
+        "throughput_tokens_per_s",
+        "latency_ms",
+    ] {
+        assert!(r.get(key).is_some(), "missing {key} in {r}");
+    }
+    for key in ["submitted", "completed", "failed", "preempted"] {
+        assert!(r["requests"][key].is_u64(), "requests.{key}");
+    }
+    for key in ["before", "during", "after"] {
+        assert!(r["throughput_tokens_per_s"][key].is_number());
+    }
+    for key in ["ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"] {
+        assert!(r["latency_ms"][key].is_number());
+    }
+    for e in r["scale_events"].as_array().expect("array") {
+        for key in [
+            "kind",
+            "from_devices",
+            "to_devices",
+            "strategy",
+            "latency_ms",
+            "downtime_ms",
+            "intake_paused_ms",
+            "bytes_moved",
+            "bytes_zero_copy",
+            "peak_bytes_per_device",
+            "phases_ms",
+        ] {
+            assert!(e.get(key).is_some(), "missing {key} in {e}");
+        }
+        for key in ["plan", "prepare", "switch", "retire"] {
+            assert!(e["phases_ms"][key].is_number());
+        }
+    }
+}
+
+#[test]
+fn the_demo_scales_up_and_down_elastically_with_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let r = demo(&dir.path().join("out"), &cache, &[]);
+    check_schema(&r);
+    assert_eq!(r["backend"], "host");
+    assert_eq!(r["strategy"], "elastic");
+    assert_eq!(r["devices_max"], 4);
+    assert_eq!(r["outputs_identical_to_reference"], true);
+    assert_eq!(r["requests"]["failed"], 0);
+    assert_eq!(r["requests"]["submitted"], r["requests"]["completed"]);
+    let events = r["scale_events"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["kind"] == "up"), "{events:?}");
+    assert!(events.iter().any(|e| e["kind"] == "down"), "{events:?}");
+    for e in events {
+        assert_eq!(e["strategy"], "elastic");
+        assert_eq!(e["intake_paused_ms"], 0.0);
+        assert_eq!(e["downtime_ms"], 0.0);
+    }
+    // The model is cached: a second run reuses it.
+    assert!(cache.read_dir().unwrap().count() >= 1);
+}
+
+#[test]
+fn colocated_is_refused_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_elasticmoe"))
+        .args([
+            "demo",
+            "--quiet",
+            "--strategy",
+            "colocated",
+            "--out",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("colocated"), "{err}");
+}
