@@ -110,6 +110,53 @@ pub trait Runner: Send + 'static {
     /// Computes the work items (writing their KV) and returns the logits of the last position of
     /// every item whose chunk has `sample` set, in order.
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Vec<f32>>, RunError>;
+
+    /// Like [`Runner::run`], but told what the engine needs of each sampled row: `needs` has one
+    /// entry per item of `work` whose chunk has `sample` set, in order. A runner may answer a
+    /// [`Need::GreedyToken`] row with [`RowOutput::Greedy`] (computed where the logits are, so
+    /// they need not travel) and must answer a [`Need::Logits`] row with [`RowOutput::Logits`].
+    ///
+    /// The default runs [`Runner::run`] and returns every row's logits, which always satisfies
+    /// both needs.
+    fn run_sampled(
+        &mut self,
+        work: &[Work<'_>],
+        needs: &[Need],
+    ) -> Result<Vec<RowOutput>, RunError> {
+        let _ = needs;
+        Ok(self.run(work)?.into_iter().map(RowOutput::Logits).collect())
+    }
+}
+
+/// What the engine needs of one sampled row (see [`Runner::run_sampled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Only the greedy token: a greedy request that asked for no logprobs.
+    GreedyToken,
+    /// The full logits: sampling at a temperature, or logprobs asked for.
+    Logits,
+}
+
+impl Need {
+    /// What a request with these sampling settings needs of each sampled row.
+    pub fn of(sampling: &SamplingParams, logprobs: bool) -> Self {
+        match sampling {
+            SamplingParams::Greedy if !logprobs => Need::GreedyToken,
+            _ => Need::Logits,
+        }
+    }
+}
+
+/// A runner's answer for one sampled row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutput {
+    /// The row's full logits.
+    Logits(Vec<f32>),
+    /// The greedy token, chosen exactly as [`sampling::sample`] chooses it with
+    /// [`SamplingParams::Greedy`]: the lowest id among the largest finite logits; `None` when no
+    /// logit is finite (the engine then ends the request with
+    /// [`SamplingError::NoFiniteLogits`]).
+    Greedy(Option<TokenId>),
 }
 
 /// Engine settings.
@@ -662,24 +709,28 @@ impl<R: Runner> Core<R> {
                     tokens: &self.live[&chunk.seq].tokens[chunk.start..chunk.start + chunk.len],
                 })
                 .collect();
-            match self.runner.run(&work) {
-                Ok(logits) => {
-                    let samples: Vec<RequestId> = plan
-                        .chunks
-                        .iter()
-                        .filter(|c| c.sample)
-                        .map(|c| c.seq)
-                        .collect();
-                    if logits.len() == samples.len() {
-                        for (id, logits) in samples.into_iter().zip(logits) {
-                            let (generated, finished) = self.advance(id, &logits);
+            let samples: Vec<(RequestId, Need)> = plan
+                .chunks
+                .iter()
+                .filter(|c| c.sample)
+                .map(|c| {
+                    let r = &self.live[&c.seq].request;
+                    (c.seq, Need::of(&r.sampling, r.logprobs))
+                })
+                .collect();
+            let needs: Vec<Need> = samples.iter().map(|s| s.1).collect();
+            match self.runner.run_sampled(&work, &needs) {
+                Ok(rows) => {
+                    if rows.len() == samples.len() {
+                        for ((id, need), row) in samples.into_iter().zip(rows) {
+                            let (generated, finished) = self.advance(id, need, row);
                             report.generated += generated;
                             report.finished += usize::from(finished);
                         }
                     } else {
                         run_error = Some(RunError(format!(
-                            "the runner returned {} logit rows for {} sampled sequences",
-                            logits.len(),
+                            "the runner returned {} rows for {} sampled sequences",
+                            rows.len(),
                             samples.len()
                         )));
                     }
@@ -725,14 +776,44 @@ impl<R: Runner> Core<R> {
         result
     }
 
-    /// Samples the next token of `id` from `logits`, streams it and finishes the sequence if it is
-    /// done. Returns `(tokens generated, finished)`.
-    fn advance(&mut self, id: RequestId, logits: &[f32]) -> (usize, bool) {
-        let max_context = self.runner.limits().max_context;
+    /// Samples the next token of `id` from the runner's answer for its row (`need` is what was
+    /// asked of the runner), streams it and finishes the sequence if it is done. Returns
+    /// `(tokens generated, finished)`.
+    fn advance(&mut self, id: RequestId, need: Need, row: RowOutput) -> (usize, bool) {
+        let limits = self.runner.limits();
+        let max_context = limits.max_context;
         let Some(l) = self.live.get_mut(&id) else {
             return (0, false);
         };
-        let sampled = match sampling::sample(logits, &l.request.sampling, l.generated) {
+        if let RowOutput::Greedy(Some(t)) = row {
+            if t as usize >= limits.vocab_size {
+                let e = format!(
+                    "the runner chose token {t}, outside the vocabulary (size {})",
+                    limits.vocab_size
+                );
+                self.finish(id, FinishReason::Error(e));
+                return (0, true);
+            }
+        }
+        let sampled = match row {
+            RowOutput::Logits(logits) => {
+                sampling::sample(&logits, &l.request.sampling, l.generated)
+            }
+            // Only a greedy request without logprobs may be answered with a token; its logprob
+            // is never streamed.
+            RowOutput::Greedy(token) if need == Need::GreedyToken => token
+                .map(|token| sampling::Sampled {
+                    token,
+                    logprob: f32::NAN,
+                })
+                .ok_or(SamplingError::NoFiniteLogits),
+            RowOutput::Greedy(_) => {
+                let e = "the runner answered a row that needs logits with a greedy token";
+                self.finish(id, FinishReason::Error(e.into()));
+                return (0, true);
+            }
+        };
+        let sampled = match sampled {
             Ok(s) => s,
             Err(e) => {
                 self.finish(id, FinishReason::Error(e.to_string()));

@@ -513,3 +513,201 @@ fn a_stopped_engine_leaves_handles_with_an_error_not_a_hang() {
     let done = h.wait();
     assert!(matches!(done.finish, FinishReason::Error(_)));
 }
+
+/// How [`TokenRunner`] answers the rows that need only a greedy token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// The argmax, as a device would compute it (first index of the largest finite logit).
+    Argmax,
+    /// "No finite logit".
+    NoFinite,
+    /// A token outside the vocabulary.
+    OutOfVocab,
+    /// Greedy tokens for every row, even those that need logits (a broken runner).
+    TokensForAll,
+}
+
+/// A runner that samples greedy rows itself, as the CUDA runner does on the device.
+#[derive(Debug)]
+struct TokenRunner {
+    inner: HashRunner,
+    answer: Answer,
+    needs_seen: Vec<Need>,
+}
+
+fn first_argmax(logits: &[f32]) -> Option<TokenId> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if x.is_finite() && best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i as TokenId)
+}
+
+impl Runner for TokenRunner {
+    fn limits(&self) -> RequestLimits {
+        self.inner.limits()
+    }
+    fn kv_capacity_tokens(&self) -> usize {
+        self.inner.kv_capacity_tokens()
+    }
+    fn ranks(&self) -> Vec<RankId> {
+        self.inner.ranks()
+    }
+    fn ledger(&mut self) -> &mut dyn KvLedger {
+        self.inner.ledger()
+    }
+    fn kv_usage(&self) -> Vec<RankKv> {
+        self.inner.kv_usage()
+    }
+    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Vec<f32>>, RunError> {
+        self.inner.run(work)
+    }
+    fn run_sampled(
+        &mut self,
+        work: &[Work<'_>],
+        needs: &[Need],
+    ) -> Result<Vec<RowOutput>, RunError> {
+        let logits = self.inner.run(work)?;
+        assert_eq!(logits.len(), needs.len(), "one need per sampled row");
+        self.needs_seen.extend_from_slice(needs);
+        Ok(logits
+            .into_iter()
+            .zip(needs)
+            .map(|(l, &need)| match (need, self.answer) {
+                (Need::Logits, Answer::TokensForAll) => RowOutput::Greedy(first_argmax(&l)),
+                (Need::Logits, _) => RowOutput::Logits(l),
+                (Need::GreedyToken, Answer::NoFinite) => RowOutput::Greedy(None),
+                (Need::GreedyToken, Answer::OutOfVocab) => {
+                    RowOutput::Greedy(Some(VOCAB as TokenId))
+                }
+                (Need::GreedyToken, _) => RowOutput::Greedy(first_argmax(&l)),
+            })
+            .collect())
+    }
+}
+
+fn token_engine(answer: Answer) -> Engine<TokenRunner> {
+    Engine::new(
+        TokenRunner {
+            inner: HashRunner::new(2, 64),
+            answer,
+            needs_seen: Vec::new(),
+        },
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 16,
+                max_running_per_rank: 8,
+            },
+            ..EngineConfig::default()
+        },
+    )
+}
+
+/// A mix of greedy, greedy-with-logprobs and seeded requests.
+fn mixed_requests() -> Vec<Request> {
+    (0..24)
+        .map(|i| {
+            let r = Request::greedy(prompt(i, 1 + i % 7), 2 + i % 5);
+            match i % 3 {
+                0 => r,
+                1 => r.with_logprobs(true),
+                _ => r.with_sampling(SamplingParams::Random {
+                    temperature: 0.9,
+                    top_p: 0.8,
+                    seed: i as u64,
+                }),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn need_follows_the_sampling_settings() {
+    let random = SamplingParams::Random {
+        temperature: 1.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    assert_eq!(Need::of(&SamplingParams::Greedy, false), Need::GreedyToken);
+    assert_eq!(Need::of(&SamplingParams::Greedy, true), Need::Logits);
+    assert_eq!(Need::of(&random, false), Need::Logits);
+    assert_eq!(Need::of(&random, true), Need::Logits);
+}
+
+#[test]
+fn runner_side_greedy_tokens_give_the_same_outputs() {
+    let host = engine(
+        2,
+        64,
+        SchedulerConfig {
+            max_batch_tokens: 16,
+            max_running_per_rank: 8,
+        },
+    );
+    let dev = token_engine(Answer::Argmax);
+    let hs: Vec<_> = mixed_requests()
+        .into_iter()
+        .map(|r| host.submit(r).unwrap())
+        .collect();
+    let ds: Vec<_> = mixed_requests()
+        .into_iter()
+        .map(|r| dev.submit(r).unwrap())
+        .collect();
+    host.run_until_idle(10_000).unwrap();
+    dev.run_until_idle(10_000).unwrap();
+    for (i, (h, d)) in hs.into_iter().zip(ds).enumerate() {
+        let (h, d) = (h.wait(), d.wait());
+        assert_eq!(h.tokens, d.tokens, "request {i}");
+        assert_eq!(h.logprobs, d.logprobs, "request {i}");
+        assert_eq!(h.finish, d.finish, "request {i}");
+        assert_eq!(
+            d.logprobs.len(),
+            if i % 3 == 1 { d.tokens.len() } else { 0 }
+        );
+    }
+    let seen = dev.with_runner(|r| r.needs_seen.clone());
+    let tokens = seen.iter().filter(|&&n| n == Need::GreedyToken).count();
+    // Requests 0, 3, 6, ... are plain greedy: 8 of them, each sampling 2 + i % 5 tokens.
+    let expected = (0..24).step_by(3).map(|i| 2 + i % 5).sum::<usize>();
+    assert_eq!(tokens, expected);
+    assert_eq!(
+        seen.len(),
+        mixed_requests().iter().map(|r| r.max_tokens).sum::<usize>()
+    );
+}
+
+#[test]
+fn bad_runner_answers_end_only_the_affected_request() {
+    for (answer, msg) in [
+        (Answer::NoFinite, "no finite value"),
+        (Answer::OutOfVocab, "outside the vocabulary"),
+    ] {
+        let e = token_engine(answer);
+        let greedy = e.submit(Request::greedy(vec![1, 2, 3], 4)).unwrap();
+        let with_lp = e
+            .submit(Request::greedy(vec![1, 2, 3], 4).with_logprobs(true))
+            .unwrap();
+        e.run_until_idle(100).unwrap();
+        let g = greedy.wait();
+        assert!(
+            matches!(&g.finish, FinishReason::Error(m) if m.contains(msg)),
+            "{answer:?}: {:?}",
+            g.finish
+        );
+        assert!(g.tokens.is_empty());
+        let w = with_lp.wait();
+        assert_eq!(w.finish, FinishReason::Length, "{answer:?}");
+        assert_eq!(w.tokens, reference(&[1, 2, 3], 4));
+    }
+    let e = token_engine(Answer::TokensForAll);
+    let lp = e
+        .submit(Request::greedy(vec![1, 2, 3], 4).with_logprobs(true))
+        .unwrap();
+    e.run_until_idle(100).unwrap();
+    assert!(
+        matches!(&lp.wait().finish, FinishReason::Error(m) if m.contains("needs logits")),
+        "a token where logits were needed is refused"
+    );
+}
