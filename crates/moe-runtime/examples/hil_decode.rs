@@ -10,15 +10,22 @@
 //! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
 //! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
 //!
-//! `tokens_per_s` times whole steps (the runner's `run`, which returns every sampled row's f32
-//! logits to the host, plus this benchmark's host argmax); `run_ms_per_step` is `run` alone. After
-//! the timed steps, 2 more steps run with the runner's phase timing on (a stream synchronisation
-//! at every phase boundary) and print where a step's time goes.
+//! Each batch runs on two paths of the same runner, in the same process:
+//! - `device` (the serving path): experts routed on the device (`moe_gemv`, no host sync inside
+//!   a step) and greedy tokens chosen on the device (`run_sampled` with `Need::GreedyToken`, so
+//!   only one token id per row comes back);
+//! - `host` (the path before, kept as the baseline): routes copied to the host once per MoE layer
+//!   for cuBLAS batched GEMMs (`set_device_dispatch_max_rows(0)`), and every row's f32 logits
+//!   returned by `run`, with this benchmark's host argmax.
+//!
+//! `tokens_per_s` times whole steps; `run_ms_per_step` is the runner's call alone. After the timed
+//! steps, 2 more steps run with the runner's phase timing on (a stream synchronisation at every
+//! phase boundary) and print where a step's time goes.
 
 use std::time::Instant;
 
 use moe_runtime::cuda::{self, CudaConfig, CudaRunner, Precision};
-use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
+use moe_runtime::engine::{Chunk, Need, RankId, RequestId, RowOutput, Runner, Work};
 use moe_runtime::presets::{with_layers, Preset};
 
 const WARMUP: usize = 3;
@@ -65,7 +72,16 @@ fn main() {
         let replicated = r.replicated_weight_bytes() - embed;
         println!("copy bandwidth {:.0} GB/s", bw / 1e9);
         let mut next_id = 0u64;
-        for batch in [1usize, 8, 64, 256] {
+        for (batch, path) in [1usize, 8, 64, 256]
+            .into_iter()
+            .flat_map(|b| [(b, "device"), (b, "host")])
+        {
+            let device = path == "device";
+            r.set_device_dispatch_max_rows(if device {
+                cuda::DEVICE_DISPATCH_MAX_ROWS
+            } else {
+                0
+            });
             let seqs: Vec<RequestId> = (0..batch)
                 .map(|_| {
                     next_id += 1;
@@ -96,6 +112,19 @@ fn main() {
                     })
                     .collect();
                 let t_run = Instant::now();
+                if device {
+                    let rows = r
+                        .run_sampled(&work, &vec![Need::GreedyToken; work.len()])
+                        .expect("decode step");
+                    let run_s = t_run.elapsed().as_secs_f64();
+                    for (t, row) in tokens.iter_mut().zip(rows) {
+                        match row {
+                            RowOutput::Greedy(Some(g)) => *t = g,
+                            other => panic!("expected a greedy token, got {other:?}"),
+                        }
+                    }
+                    return run_s;
+                }
                 let logits = r.run(&work).expect("decode step");
                 let run_s = t_run.elapsed().as_secs_f64();
                 for (t, l) in tokens.iter_mut().zip(&logits) {
@@ -139,7 +168,7 @@ fn main() {
             let floor_secs = bytes as f64 / bw;
             let floor = (batch * STEPS) as f64 / floor_secs;
             println!(
-                "{preset:?} batch {batch}: {tps:.1} tok/s ({:.2} ms/step), floor {floor:.1} tok/s ({:.2} ms/step, {:.2} GB/step) -> {:.2}x floor",
+                "{preset:?} batch {batch} [{path}]: {tps:.1} tok/s ({:.2} ms/step), floor {floor:.1} tok/s ({:.2} ms/step, {:.2} GB/step) -> {:.2}x floor",
                 secs * 1e3 / STEPS as f64,
                 floor_secs * 1e3 / STEPS as f64,
                 bytes as f64 / STEPS as f64 / 1e9,
@@ -149,7 +178,7 @@ fn main() {
                 r.ledger().release(RankId(0), s);
             }
             rows.push(serde_json::json!({
-                "shape": preset.to_string(), "layers": layers, "batch": batch,
+                "shape": preset.to_string(), "layers": layers, "batch": batch, "path": path,
                 "tokens_per_s": tps, "floor_tokens_per_s": floor,
                 "ms_per_step": secs * 1e3 / STEPS as f64,
                 "run_ms_per_step": run_s * 1e3 / STEPS as f64,

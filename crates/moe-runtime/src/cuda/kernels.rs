@@ -289,6 +289,149 @@ extern "C" __global__ void combine(float* hidden, int H, int k, const int* idx, 
   }
 }
 
+// Device-side dispatch, one block of at least E threads: counts[e] slots route to expert e,
+// offsets[e] is their exclusive prefix sum (ascending expert id), gidx[offsets[e] + j] is the
+// token row of the j-th such slot (ascending slot order) and cidx[slot] its compact row.
+// active[0] = number of experts with at least one slot (for the bytes-read accounting).
+extern "C" __global__ void moe_dispatch(const int* ids, int slots, int E, int k, int* counts,
+    int* offsets, int* gidx, int* cidx, int* active) {
+  __shared__ int cnt[256];
+  __shared__ int off[256];
+  int e = threadIdx.x;
+  if (e < E) {
+    int c = 0;
+    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    cnt[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0, act = 0;
+    for (int x = 0; x < E; x++) { off[x] = acc; acc += cnt[x]; act += cnt[x] > 0; }
+    active[0] = act;
+  }
+  __syncthreads();
+  if (e < E) {
+    counts[e] = cnt[e];
+    offsets[e] = off[e];
+    if (cnt[e] > 0) {
+      int j = off[e];
+      for (int s = 0; s < slots; s++)
+        if (ids[s] == e) { gidx[j] = s / k; cidx[s] = j; j++; }
+    }
+  }
+}
+
+#define MOE_ROWS 8
+#define MOE_WARPS 8
+#define MOE_COLS 4
+#ifdef ACT_F32
+#define VEC 4
+__device__ __forceinline__ void unpack(uint4 u, float* f) {
+  f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+  f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+#else
+#define VEC 8
+__device__ __forceinline__ void unpack(uint4 u, float* f) {
+  f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
+  f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xffff0000u);
+  f[4] = __uint_as_float(u.z << 16); f[5] = __uint_as_float(u.z & 0xffff0000u);
+  f[6] = __uint_as_float(u.w << 16); f[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+#endif
+
+// Routed-expert products without the host knowing the routes: for each expert e (grid.y) with
+// counts[e] > 0, out[offsets[e] + j, col] = dot(x[row_j], W_e[col]) for its rows j, where
+// W_e = wptrs[e] + w_off ([N, K] row-major) and row_j = row_idx[offsets[e] + j] (or
+// offsets[e] + j when row_idx is null). Experts with no rows return at once, so their weights
+// are never read. Each warp owns MOE_COLS columns; rows go through shared memory `rchunk` at a
+// time (at most MOE_ROWS). K must be a multiple of VEC. The dot product's order depends only on
+// K, never on the other rows.
+extern "C" __global__ void moe_gemv(const int* counts, const int* offsets, const int* row_idx,
+    const bf16* x, int ldx, const unsigned long long* wptrs, long long w_off, int N, int K,
+    float* out, int ldo, int rchunk) {
+  extern __shared__ uint4 xs4[];
+  int e = blockIdx.y;
+  int cnt = counts[e];
+  if (cnt == 0) return;
+  int base = offsets[e];
+  const bf16* W = (const bf16*)wptrs[e] + w_off;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int col0 = (blockIdx.x * MOE_WARPS + warp) * MOE_COLS;
+  int kv = K / VEC;
+  for (int r0 = 0; r0 < cnt; r0 += rchunk) {
+    int nr = min(rchunk, cnt - r0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nr * kv; idx += blockDim.x) {
+      int j = idx / kv, c = idx - j * kv;
+      int src = row_idx ? row_idx[base + r0 + j] : base + r0 + j;
+      xs4[j * kv + c] = ((const uint4*)(x + (size_t)src * ldx))[c];
+    }
+    __syncthreads();
+    for (int cc = 0; cc < MOE_COLS; cc++) {
+      int col = col0 + cc;
+      if (col >= N) break;
+      const uint4* wr = (const uint4*)(W + (size_t)col * K);
+      float acc[MOE_ROWS];
+#pragma unroll
+      for (int j = 0; j < MOE_ROWS; j++) acc[j] = 0.f;
+#pragma unroll 4
+      for (int c = lane; c < kv; c += 32) {
+        float wf[VEC];
+        unpack(wr[c], wf);
+#pragma unroll
+        for (int j = 0; j < MOE_ROWS; j++) {
+          if (j < nr) {
+            float xf[VEC];
+            unpack(xs4[j * kv + c], xf);
+#pragma unroll
+            for (int v = 0; v < VEC; v++) acc[j] += wf[v] * xf[v];
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < MOE_ROWS; j++) {
+        float a = acc[j];
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        if (lane == 0 && j < nr) out[(size_t)(base + r0 + j) * ldo + col] = a;
+      }
+    }
+  }
+}
+
+// Greedy choice per row, as the host sampler makes it: the lowest id among the largest finite
+// logits; -1 when no logit is finite. grid rows, block 1024.
+extern "C" __global__ void argmax_rows(const float* logits, int vocab, int* out) {
+  __shared__ float bv[32];
+  __shared__ int bi[32];
+  const float* l = logits + (size_t)blockIdx.x * vocab;
+  float v = 0.f;
+  int i = -1;
+  for (int t = threadIdx.x; t < vocab; t += blockDim.x) {
+    float x = l[t];
+    bool fin = (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+    if (fin && (i < 0 || x > v)) { v = x; i = t; }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (oi >= 0 && (i < 0 || ov > v || (ov == v && oi < i))) { v = ov; i = oi; }
+  }
+  int w = threadIdx.x >> 5, ln = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  if (ln == 0) { bv[w] = v; bi[w] = i; }
+  __syncthreads();
+  if (w == 0) {
+    v = ln < nw ? bv[ln] : 0.f;
+    i = ln < nw ? bi[ln] : -1;
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, v, o);
+      int oi = __shfl_xor_sync(0xffffffffu, i, o);
+      if (oi >= 0 && (i < 0 || ov > v || (ov == v && oi < i))) { v = ov; i = oi; }
+    }
+    if (ln == 0) out[blockIdx.x] = i;
+  }
+}
+
 extern "C" __global__ void cast_bf16(const float* x, bf16* y, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x)
@@ -331,6 +474,9 @@ pub(crate) struct Kernels {
     pub silu_mul: CudaFunction,
     pub combine: CudaFunction,
     pub cast_bf16: CudaFunction,
+    pub moe_dispatch: CudaFunction,
+    pub moe_gemv: CudaFunction,
+    pub argmax_rows: CudaFunction,
     pub fill_random: CudaFunction,
     pub fill_const: CudaFunction,
 }
@@ -367,6 +513,9 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             combine: f("combine")?,
             cast_bf16: f("cast_bf16")?,
+            moe_dispatch: f("moe_dispatch")?,
+            moe_gemv: f("moe_gemv")?,
+            argmax_rows: f("argmax_rows")?,
             fill_random: f("fill_random")?,
             fill_const: f("fill_const")?,
             _module: module,

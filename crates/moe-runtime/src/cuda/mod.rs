@@ -6,21 +6,42 @@
 //!   MLP), one chunk per routed expert per MoE layer (`[gate | up | down]`), a KV chunk and a scratch
 //!   chunk per rank. Weights are bf16; the residual stream, attention, router and KV cache are f32.
 //! - **Compute.** cuBLAS (`cublasGemmEx`, bf16 inputs, f32 accumulation) for projections, the
-//!   LM head and MLA's absorbed per-head products (strided-batched); routed experts run as two
-//!   pointer-array batched GEMMs per layer (`cublasGemmBatchedEx`) over the tokens gathered per
-//!   expert (padded to the busiest expert's count). NVRTC kernels ([`kernels`]) do embedding,
-//!   RMS norm, rope (plain and yarn, from host-computed tables, so the same values as the CPU
-//!   reference), paged attention (GQA, and MLA in the absorbed form), the softmax/top-k router
-//!   (with DeepSeek's group limit and scaling), SiLU-mul, gather and the fixed-order combine.
+//!   LM head and MLA's absorbed per-head products (strided-batched). NVRTC kernels ([`kernels`])
+//!   do embedding, RMS norm, rope (plain and yarn, from host-computed tables, so the same values as
+//!   the CPU reference), paged attention (GQA, and MLA in the absorbed form), the softmax/top-k
+//!   router (with DeepSeek's group limit and scaling), SiLU-mul, the fixed-order combine and the
+//!   greedy argmax.
+//! - **Routed experts, two paths.** Steps with at most
+//!   [`CudaRunner::set_device_dispatch_max_rows`] tokens on a rank (decode; default
+//!   [`DEVICE_DISPATCH_MAX_ROWS`]) dispatch on the device: `moe_dispatch` turns the routes into
+//!   per-expert counts, offsets and a gather list, and `moe_gemv` (a memory-bound small-M kernel
+//!   on CUDA cores) runs every expert's `[gate|up]` and `down` products reading the counts on
+//!   the device; an expert with no rows returns at once, so batch 1 reads only the experts it
+//!   routed to. Expert addresses come from a per-step upload of the `[layer][expert]` address
+//!   table derived from `experts`. Larger steps (prefill) copy the routes to the host and run
+//!   two pointer-array batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to
+//!   the busiest expert's count).
+//! - **Sampling.** [`Runner::run_sampled`]: rows whose request needs only the greedy token get
+//!   it from `argmax_rows` on the device (lowest id among the largest finite logits, the host
+//!   sampler's rule), so one `i32` per row comes back instead of the vocabulary's f32 logits;
+//!   rows that need logits (temperature sampling, logprobs) get them as before.
 //! - **Ranks and experts.** Each device is an attention data-parallel rank with its own stream,
 //!   cuBLAS handle, kernels, replicated weights and KV. Routed experts are split between the
 //!   devices in contiguous id ranges; their reservations grant every device access
-//!   (`cuMemSetAccess` through `Reservation::set_access`), so a rank's expert GEMMs read remote
+//!   (`cuMemSetAccess` through `Reservation::set_access`), so a rank's expert kernels read remote
 //!   experts directly over NVLink.
-//! - **Host synchronisation.** One per MoE layer, unavoidable with per-expert GEMMs: the router's
-//!   choices are copied to the host to size and address the expert GEMMs (which experts are
-//!   active, how many rows each). One at the end of a step to read the logits (through a
-//!   page-locked host buffer). None elsewhere.
+//! - **Host synchronisation.** Per rank and step:
+//!   - one at the end of the step, to read back what the engine needs (greedy tokens or logits,
+//!     through page-locked buffers, plus the per-layer active-expert counts for
+//!     [`CudaRunner::last_step_expert_bytes`]): the engine needs the tokens before it can plan
+//!     the next step;
+//!   - on the host-dispatch path only (steps above the device-dispatch bound), one per MoE
+//!     layer: the routes are copied to the host to size and address the tensor-core GEMMs
+//!     (cuBLAS takes its shapes from the host);
+//!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
+//!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
+//!
+//!   Ranks run one after the other on the calling thread.
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -50,7 +71,9 @@ use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
 use crate::compute::cpu::CpuCompute;
 use crate::compute::{KvGeometry, RopeStyle};
 use crate::config::ModelConfig;
-use crate::engine::{KvLedger, RankId, RankKv, RequestId, RequestLimits, RunError, Runner, Work};
+use crate::engine::{
+    KvLedger, Need, RankId, RankKv, RequestId, RequestLimits, RowOutput, RunError, Runner, Work,
+};
 use crate::model::weights::{ChunkLayout, TensorSource};
 use crate::model::{AttnDims, Model, ModelError};
 use crate::schema::{self, TensorRole};
@@ -58,6 +81,13 @@ use kernels::Kernels;
 
 /// `eps` of DeepSeek-V2's `q_a_layernorm` and `kv_a_layernorm` (as in the CPU model).
 const MLA_NORM_EPS: f32 = 1e-6;
+
+/// `moe_gemv`'s shape, as in [`kernels::SOURCE`]: rows per shared-memory chunk at most, warps per
+/// block, output columns per warp; and the shared memory it may take for one chunk of rows.
+const MOE_ROWS: usize = 8;
+const MOE_WARPS: usize = 8;
+const MOE_COLS: usize = 4;
+const MOE_SMEM: usize = 40 * 1024;
 
 /// What went wrong in the CUDA backend.
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +381,11 @@ struct Scratch {
     logits: u64,
     cos: u64,
     sin: u64,
+    counts: u64,
+    offsets: u64,
+    active: u64,
+    etable: u64,
+    argmax: u64,
 }
 
 /// Sizes the scratch of a rank needs.
@@ -374,6 +409,8 @@ struct Dims {
     max_context: usize,
     /// Bytes per weight / GEMM-input element (2 for bf16, 4 for f32).
     es: usize,
+    /// Layers of the model.
+    layers: usize,
 }
 
 /// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
@@ -390,6 +427,9 @@ struct Rank {
     s: Scratch,
     /// Page-locked staging for the logits of up to `rows` sampled rows.
     pinned: PinnedHost,
+    /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
+    /// count per layer (32-bit integers).
+    pinned_small: PinnedHost,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
     dt: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
@@ -463,34 +503,79 @@ impl Rank {
         })
     }
 
-    /// Copies `n` rows of `vocab` f32 logits from `src` through the pinned buffer into host rows.
-    fn read_logits(&self, src: u64, n: usize, vocab: usize) -> Result<Vec<Vec<f32>>, CudaError> {
-        let total = n * vocab;
-        if total > self.pinned.len {
+    /// Ends a step: copies what `needs` asks of the sampled rows (the greedy token from
+    /// `s.argmax`, or the row's f32 logits from `s.logits`) and the active-expert count of each of
+    /// the `layers` layers (`s.active`) through the page-locked buffers, then synchronises the
+    /// stream once.
+    fn read_back(
+        &self,
+        needs: &[Need],
+        vocab: usize,
+        layers: usize,
+    ) -> Result<(Vec<RowOutput>, Vec<i32>), CudaError> {
+        let n = needs.len();
+        if n * vocab > self.pinned.len || n + layers > self.pinned_small.len {
             return Err(CudaError::Input(format!(
-                "{n} rows of logits exceed the pinned read-back buffer"
+                "{n} sampled rows exceed the pinned read-back buffers"
             )));
         }
-        if total == 0 {
-            return Ok(vec![Vec::new(); n]);
+        let stream = self.stream.cu_stream();
+        let copy = |dst: *mut c_void, src: u64, bytes: usize| {
+            if bytes == 0 {
+                return Ok(());
+            }
+            // SAFETY: every caller below passes a destination inside one of this rank's pinned
+            // buffers (bounds checked above) and a source inside its scratch chunk holding
+            // `bytes` bytes written by this step; nothing else uses the buffers meanwhile.
+            cu("cuMemcpyDtoHAsync", unsafe {
+                sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream)
+            })
+        };
+        let small = self.pinned_small.ptr.cast::<i32>();
+        if needs.contains(&Need::GreedyToken) {
+            copy(small.cast(), self.s.argmax, 4 * n)?;
         }
-        // SAFETY: `src` holds `total` f32 values in this rank's scratch chunk; the pinned buffer
-        // holds at least `total` floats (checked above) and nothing else uses it meanwhile.
-        cu("cuMemcpyDtoHAsync", unsafe {
-            sys::cuMemcpyDtoHAsync_v2(
-                self.pinned.ptr.cast::<c_void>(),
-                src,
-                4 * total,
-                self.stream.cu_stream(),
-            )
-        })?;
+        // SAFETY: `n + layers` i32 slots fit the small buffer (checked above).
+        copy(unsafe { small.add(n) }.cast(), self.s.active, 4 * layers)?;
+        // Runs of consecutive rows that need logits go in one copy each.
+        let mut i = 0;
+        while i < n {
+            if needs[i] != Need::Logits {
+                i += 1;
+                continue;
+            }
+            let run = needs[i..]
+                .iter()
+                .take_while(|&&x| x == Need::Logits)
+                .count();
+            copy(
+                // SAFETY: rows `i..i + run` lie within the `n * vocab` floats checked above.
+                unsafe { self.pinned.ptr.add(i * vocab) }.cast(),
+                self.s.logits + (4 * i * vocab) as u64,
+                4 * run * vocab,
+            )?;
+            i += run;
+        }
         self.stream
             .synchronize()
             .map_err(CudaError::driver("cuStreamSynchronize"))?;
-        // SAFETY: the buffer is live, holds `total` initialised floats (the copy above completed:
-        // the stream was synchronised), and no other copy into it is queued.
-        let host = unsafe { std::slice::from_raw_parts(self.pinned.ptr, total) };
-        Ok(host.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        // SAFETY: both buffers are live and every part read below was written by a copy above
+        // that completed (the stream was synchronised); no other copy into them is queued.
+        let (ints, floats) = unsafe {
+            (
+                std::slice::from_raw_parts(small, n + layers),
+                std::slice::from_raw_parts(self.pinned.ptr, n * vocab),
+            )
+        };
+        let out = needs
+            .iter()
+            .enumerate()
+            .map(|(i, need)| match need {
+                Need::GreedyToken => RowOutput::Greedy(u32::try_from(ints[i]).ok()),
+                Need::Logits => RowOutput::Logits(floats[i * vocab..(i + 1) * vocab].to_vec()),
+            })
+            .collect();
+        Ok((out, ints[n..].to_vec()))
     }
 
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
@@ -801,6 +886,10 @@ impl KvLedger for Ledger {
     }
 }
 
+/// Default of [`CudaRunner::set_device_dispatch_max_rows`]: decode batches up to this many tokens
+/// per rank route on the device.
+pub const DEVICE_DISPATCH_MAX_ROWS: usize = 256;
+
 /// Names of the phases [`CudaRunner::take_phase_times`] reports, in order.
 pub const PHASES: [&str; 5] = [
     "attention",
@@ -840,6 +929,8 @@ struct Item {
     start: usize,
     blocks: Vec<u32>,
     sample: bool,
+    /// What the engine needs of the sampled row.
+    need: Need,
 }
 
 /// The model on one or more GPUs, serving the engine (see the module docs).
@@ -855,6 +946,7 @@ pub struct CudaRunner {
     last_expert_bytes: u64,
     phase_timing: bool,
     phases: [f64; PHASES.len()],
+    device_dispatch_max_rows: usize,
     vmm: Vmm<CudaBackend>,
 }
 
@@ -994,6 +1086,7 @@ impl CudaRunner {
             half_rope: model.rope().dim() / 2,
             max_context,
             es: config.precision.elem_bytes(),
+            layers: cfg.num_layers,
         };
         // Shared memory of the attention kernels: the query parts plus one score per context token.
         let smem = 4 * (dims.lat.max(qw) + max_context) + 256;
@@ -1084,6 +1177,7 @@ impl CudaRunner {
             last_expert_bytes: 0,
             phase_timing: false,
             phases: [0.0; PHASES.len()],
+            device_dispatch_max_rows: DEVICE_DISPATCH_MAX_ROWS,
             vmm,
         })
     }
@@ -1210,12 +1304,18 @@ impl CudaRunner {
             ("logits", 4 * r * d.vocab),
             ("cos", 4 * d.max_context * d.half_rope),
             ("sin", 4 * d.max_context * d.half_rope),
+            ("counts", 4 * d.experts),
+            ("offsets", 4 * d.experts),
+            ("active", 4 * d.layers.max(1)),
+            ("etable", 8 * d.layers.max(1) * d.experts),
+            ("argmax", 4 * r),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
         let scratch = DevBuf::new(vmm, dev, total, &[])?;
         ctx.bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
+        let pinned_small = PinnedHost::new(&ctx, r + d.layers)?;
         let mut at = scratch.addr();
         let mut addr = BTreeMap::new();
         for (name, b) in &sizes {
@@ -1257,6 +1357,11 @@ impl CudaRunner {
             logits: a("logits"),
             cos: a("cos"),
             sin: a("sin"),
+            counts: a("counts"),
+            offsets: a("offsets"),
+            active: a("active"),
+            etable: a("etable"),
+            argmax: a("argmax"),
         };
         let rank = Rank {
             dev,
@@ -1270,6 +1375,7 @@ impl CudaRunner {
             _scratch: scratch,
             s,
             pinned,
+            pinned_small,
             dt: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
@@ -1359,6 +1465,55 @@ impl CudaRunner {
         self.last_expert_bytes
     }
 
+    /// The greedy choice the runner makes on the device (the kernel behind
+    /// [`Need::GreedyToken`]) for each row of `logits` (`vocab` values each), on rank 0: the
+    /// lowest id among the largest finite values, `None` when no value is finite. For checks
+    /// against the host sampler.
+    pub fn device_argmax(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+    ) -> Result<Vec<Option<u32>>, CudaError> {
+        if vocab != self.dims.vocab || !logits.len().is_multiple_of(vocab.max(1)) {
+            return Err(CudaError::Input(format!(
+                "{} values are not rows of the vocabulary size {}",
+                logits.len(),
+                self.dims.vocab
+            )));
+        }
+        let n = logits.len() / vocab;
+        if n > self.dims.rows {
+            return Err(CudaError::Input(format!(
+                "{n} rows; the runner was sized for {}",
+                self.dims.rows
+            )));
+        }
+        let rank = &self.ranks[0];
+        rank.bind()?;
+        rank.htod(rank.s.logits, logits)?;
+        rank.launch(
+            &rank.k.argmax_rows,
+            (n as u32, 1),
+            1024,
+            0,
+            &[
+                Arg::P(rank.s.logits),
+                Arg::I(vocab as i32),
+                Arg::P(rank.s.argmax),
+            ],
+        )?;
+        let ids: Vec<i32> = rank.dtoh(rank.s.argmax, n)?;
+        Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
+    }
+
+    /// Steps with at most `rows` tokens on a rank route their experts on the device (no host
+    /// synchronisation; `moe_gemv` on CUDA cores, which skips experts with no rows); larger steps
+    /// (prefill) copy the routes to the host and run cuBLAS batched GEMMs on tensor cores. 0
+    /// always takes the host path. Default [`DEVICE_DISPATCH_MAX_ROWS`].
+    pub fn set_device_dispatch_max_rows(&mut self, rows: usize) {
+        self.device_dispatch_max_rows = rows;
+    }
+
     /// Turns per-phase timing on or off (for benchmarks: every phase boundary then synchronises
     /// the stream, which slows the step down).
     pub fn set_phase_timing(&mut self, on: bool) {
@@ -1409,8 +1564,73 @@ impl CudaRunner {
         self.ranks.iter().position(|k| k.dev.0 == r.0)
     }
 
-    /// Runs one batch on rank `ri`; returns the logits of the sampled items, in order.
-    fn forward(&mut self, ri: usize, items: &[Item]) -> Result<Vec<Vec<f32>>, CudaError> {
+    /// Whether a step of `rows` tokens routes its experts on the device (see
+    /// [`CudaRunner::set_device_dispatch_max_rows`]): also needs `moe_gemv`'s vector width to
+    /// divide the hidden and expert sizes and one row of either to fit its shared memory.
+    fn device_dispatch(&self, rows: usize) -> bool {
+        let d = &self.dims;
+        let vec = 16 / d.es;
+        let fits = |k: usize| k.is_multiple_of(vec) && k * d.es <= MOE_SMEM;
+        rows <= self.device_dispatch_max_rows && fits(d.h) && fits(d.inter_e)
+    }
+
+    /// Base addresses of every routed expert, `[layer][expert]` (0 for dense layers), as the
+    /// device-side dispatch reads them. Derived from `self.experts` at every step, so replacing
+    /// that table wholesale between steps is all a placement change needs.
+    fn expert_table(&self) -> Vec<u64> {
+        let e = self.dims.experts;
+        let mut t = vec![0u64; self.dims.layers * e];
+        for (l, layer) in self.experts.iter().enumerate() {
+            for (x, buf) in layer.iter().enumerate().take(e) {
+                t[l * e + x] = buf.buf.addr();
+            }
+        }
+        t
+    }
+
+    /// Launches `moe_gemv` over every expert of a layer: `out[row] = x[row_idx[row]] W_e^T` for the
+    /// rows each expert was routed (`row_idx` 0: the compact rows themselves).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_gemv(
+        &self,
+        rank: &Rank,
+        table: u64,
+        row_idx: u64,
+        x: u64,
+        ldx: usize,
+        w_off: usize,
+        n: usize,
+        k: usize,
+        out: u64,
+        ldo: usize,
+    ) -> Result<(), CudaError> {
+        let es = self.dims.es;
+        let rchunk = (MOE_SMEM / (k * es)).clamp(1, MOE_ROWS);
+        let cols = MOE_WARPS * MOE_COLS;
+        rank.launch(
+            &rank.k.moe_gemv,
+            (n.div_ceil(cols) as u32, self.dims.experts as u32),
+            (32 * MOE_WARPS) as u32,
+            (rchunk * k * es) as u32,
+            &[
+                Arg::P(rank.s.counts),
+                Arg::P(rank.s.offsets),
+                Arg::P(row_idx),
+                Arg::P(x),
+                Arg::I(ldx as i32),
+                Arg::P(table),
+                Arg::L(w_off as i64),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::P(out),
+                Arg::I(ldo as i32),
+                Arg::I(rchunk as i32),
+            ],
+        )
+    }
+
+    /// Runs one batch on rank `ri`; returns what each sampled item needs, in order.
+    fn forward(&mut self, ri: usize, items: &[Item]) -> Result<Vec<RowOutput>, CudaError> {
         let d = self.dims;
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         if rows == 0 {
@@ -1422,8 +1642,14 @@ impl CudaRunner {
                 d.rows
             )));
         }
-        let (mut tokens, mut pos, mut tbl_off, mut tables, mut last) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut tokens, mut pos, mut tbl_off, mut tables, mut last, mut needs) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for it in items {
             let off = tables.len() as i32;
             tables.extend(it.blocks.iter().map(|&b| b as i32));
@@ -1440,6 +1666,7 @@ impl CudaRunner {
             }
             if it.sample {
                 last.push(tokens.len() as i32 - 1);
+                needs.push(it.need);
             }
         }
         if tables.len() > d.table_cap {
@@ -1451,6 +1678,12 @@ impl CudaRunner {
             .max()
             .unwrap_or(0);
         let geo = self.geo;
+        let device_dispatch = self.cfg.num_moe_layers() > 0 && self.device_dispatch(rows);
+        let etable = if device_dispatch {
+            self.expert_table()
+        } else {
+            Vec::new()
+        };
         let rank = &self.ranks[ri];
         rank.bind()?;
         let mut clock = PhaseClock {
@@ -1464,6 +1697,9 @@ impl CudaRunner {
         rank.htod(s.tbl_off, &tbl_off)?;
         rank.htod(s.tables, &tables)?;
         rank.htod(s.last, &last)?;
+        rank.htod(s.etable, &etable)?;
+        // Layers not routed on the device report no active experts.
+        rank.htod(s.active, &vec![0i32; d.layers])?;
         let layout = self.model.layout().clone();
         let glay = layout.global();
         let g_embed = slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?;
@@ -1516,6 +1752,7 @@ impl CudaRunner {
             ]
         };
         let mut expert_bytes = 0u64;
+        let per_expert_bytes = (3 * h * d.inter_e * d.es) as u64;
         for l in 0..self.cfg.num_layers {
             let lay = layout
                 .layer(l)
@@ -1959,70 +2196,110 @@ impl CudaRunner {
                     Arg::P(s.wts),
                 ],
             )?;
-            // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
-            let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
-            let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for (slot, &ex) in ids.iter().enumerate() {
-                if ex < 0 || ex as usize >= e {
-                    return Err(CudaError::Input(format!("router produced expert id {ex}")));
-                }
-                per.entry(ex as usize).or_default().push(slot);
-            }
-            let max_n = per.values().map(Vec::len).max().unwrap_or(0);
-            let active = per.len();
-            if active * max_n > d.gather_cap {
-                return Err(CudaError::Input(
-                    "expert dispatch exceeds the gather buffer".into(),
-                ));
-            }
             let ie = d.inter_e;
-            let mut gidx = vec![-1i32; active * max_n];
-            let mut cidx = vec![0i32; rows * k];
-            let mut ptrs = vec![0u64; 6 * active];
-            for (a, (&ex, slots)) in per.iter().enumerate() {
-                for (j, &slot) in slots.iter().enumerate() {
-                    gidx[a * max_n + j] = (slot / k) as i32;
-                    cidx[slot] = (a * max_n + j) as i32;
+            if device_dispatch {
+                // Counts, offsets and the gather computed on the device; the expert products
+                // read the counts there, so the host never waits for the routes.
+                rank.launch(
+                    &rank.k.moe_dispatch,
+                    (1, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.ids),
+                        Arg::I((rows * k) as i32),
+                        Arg::I(e as i32),
+                        Arg::I(k as i32),
+                        Arg::P(s.counts),
+                        Arg::P(s.offsets),
+                        Arg::P(s.gidx),
+                        Arg::P(s.cidx),
+                        Arg::P(s.active + 4 * l as u64),
+                    ],
+                )?;
+                clock.mark(&rank.stream, 2)?;
+                let table = s.etable + (8 * l * d.experts) as u64;
+                self.moe_gemv(rank, table, s.gidx, s.xb, h, 0, 2 * ie, h, s.gu, 2 * ie)?;
+                rank.launch(
+                    &rank.k.silu_mul,
+                    ((rows * k) as u32, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.gu),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.gu + 4 * ie as u64),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.eh),
+                        Arg::I(ie as i32),
+                    ],
+                )?;
+                self.moe_gemv(rank, table, 0, s.eh, ie, 2 * h * ie, h, ie, s.eo, h)?;
+            } else {
+                // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
+                let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
+                let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                for (slot, &ex) in ids.iter().enumerate() {
+                    if ex < 0 || ex as usize >= e {
+                        return Err(CudaError::Input(format!("router produced expert id {ex}")));
+                    }
+                    per.entry(ex as usize).or_default().push(slot);
                 }
-                let eb = self.experts[l][ex].buf.addr();
-                let g = (a * max_n) as u64;
-                ptrs[a] = eb;
-                ptrs[active + a] = s.xg + g * (d.es * h) as u64;
-                ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
-                ptrs[3 * active + a] = eb + (d.es * 2 * h * ie) as u64;
-                ptrs[4 * active + a] = s.eh + g * (d.es * ie) as u64;
-                ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
+                let max_n = per.values().map(Vec::len).max().unwrap_or(0);
+                let active = per.len();
+                if active * max_n > d.gather_cap {
+                    return Err(CudaError::Input(
+                        "expert dispatch exceeds the gather buffer".into(),
+                    ));
+                }
+                let mut gidx = vec![-1i32; active * max_n];
+                let mut cidx = vec![0i32; rows * k];
+                let mut ptrs = vec![0u64; 6 * active];
+                for (a, (&ex, slots)) in per.iter().enumerate() {
+                    for (j, &slot) in slots.iter().enumerate() {
+                        gidx[a * max_n + j] = (slot / k) as i32;
+                        cidx[slot] = (a * max_n + j) as i32;
+                    }
+                    let eb = self.experts[l][ex].buf.addr();
+                    let g = (a * max_n) as u64;
+                    ptrs[a] = eb;
+                    ptrs[active + a] = s.xg + g * (d.es * h) as u64;
+                    ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
+                    ptrs[3 * active + a] = eb + (d.es * 2 * h * ie) as u64;
+                    ptrs[4 * active + a] = s.eh + g * (d.es * ie) as u64;
+                    ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
+                }
+                expert_bytes += active as u64 * per_expert_bytes;
+                rank.htod(s.gidx, &gidx)?;
+                rank.htod(s.cidx, &cidx)?;
+                rank.htod(s.ptrs, &ptrs)?;
+                clock.mark(&rank.stream, 2)?;
+                let gr = (active * max_n) as u32;
+                rank.launch(
+                    &rank.k.gather_bf16,
+                    (gr, 1),
+                    256,
+                    0,
+                    &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+                )?;
+                let p = |i: usize| s.ptrs + (8 * i * active) as u64;
+                rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
+                rank.launch(
+                    &rank.k.silu_mul,
+                    (gr, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.gu),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.gu + 4 * ie as u64),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.eh),
+                        Arg::I(ie as i32),
+                    ],
+                )?;
+                rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
             }
-            expert_bytes += (active * 3 * h * ie * d.es) as u64;
-            rank.htod(s.gidx, &gidx)?;
-            rank.htod(s.cidx, &cidx)?;
-            rank.htod(s.ptrs, &ptrs)?;
-            clock.mark(&rank.stream, 2)?;
-            let gr = (active * max_n) as u32;
-            rank.launch(
-                &rank.k.gather_bf16,
-                (gr, 1),
-                256,
-                0,
-                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
-            )?;
-            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
-            rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
-            rank.launch(
-                &rank.k.silu_mul,
-                (gr, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.gu),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.gu + 4 * ie as u64),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.eh),
-                    Arg::I(ie as i32),
-                ],
-            )?;
-            rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
             let shared = if self.cfg.moe.n_shared_experts > 0 {
                 swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
                 s.y
@@ -2047,13 +2324,12 @@ impl CudaRunner {
             )?;
             clock.mark(&rank.stream, 3)?;
         }
-        self.last_expert_bytes = expert_bytes;
         // Final norm of every row, then the LM head on the sampled rows.
         let n = last.len();
         if n == 0 {
-            rank.stream
-                .synchronize()
-                .map_err(CudaError::driver("cuStreamSynchronize"))?;
+            let (_, active) = rank.read_back(&[], d.vocab, d.layers)?;
+            let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
+            self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
             for (a, c) in self.phases.iter_mut().zip(clock.acc) {
                 *a += c;
             }
@@ -2075,7 +2351,18 @@ impl CudaRunner {
         rank.gemm(
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
-        let out = rank.read_logits(s.logits, n, d.vocab)?;
+        if needs.contains(&Need::GreedyToken) {
+            rank.launch(
+                &rank.k.argmax_rows,
+                (n as u32, 1),
+                1024,
+                0,
+                &[Arg::P(s.logits), Arg::I(d.vocab as i32), Arg::P(s.argmax)],
+            )?;
+        }
+        let (out, active) = rank.read_back(&needs, d.vocab, d.layers)?;
+        let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
+        self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
         clock.mark(&rank.stream, 4)?;
         for (a, c) in self.phases.iter_mut().zip(clock.acc) {
             *a += c;
@@ -2117,7 +2404,30 @@ impl Runner for CudaRunner {
     }
 
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Vec<f32>>, RunError> {
+        let sampled = work.iter().filter(|w| w.chunk.sample).count();
+        self.run_sampled(work, &vec![Need::Logits; sampled])?
+            .into_iter()
+            .map(|row| match row {
+                RowOutput::Logits(l) => Ok(l),
+                RowOutput::Greedy(_) => Err(RunError("a logits row came back as a token".into())),
+            })
+            .collect()
+    }
+
+    fn run_sampled(
+        &mut self,
+        work: &[Work<'_>],
+        needs: &[Need],
+    ) -> Result<Vec<RowOutput>, RunError> {
         let err = |e: CudaError| RunError(e.to_string());
+        let sampled = work.iter().filter(|w| w.chunk.sample).count();
+        if needs.len() != sampled {
+            return Err(RunError(format!(
+                "{} needs given for {sampled} sampled work items",
+                needs.len()
+            )));
+        }
+        let mut needs = needs.iter();
         let mut per_rank: Vec<Vec<Item>> = vec![Vec::new(); self.ranks.len()];
         let mut order = Vec::new();
         for w in work {
@@ -2150,14 +2460,18 @@ impl Runner for CudaRunner {
             if blocks.len() * self.config.block_tokens < c.start + c.len {
                 return Err(RunError(format!("{} has no KV room", c.seq)));
             }
-            if c.sample {
+            let need = if c.sample {
                 order.push(ri);
-            }
+                needs.next().copied().unwrap_or(Need::Logits)
+            } else {
+                Need::Logits
+            };
             per_rank[ri].push(Item {
                 tokens: w.tokens.to_vec(),
                 start: c.start,
                 blocks,
                 sample: c.sample,
+                need,
             });
         }
         let mut outs = Vec::with_capacity(self.ranks.len());
@@ -2173,7 +2487,7 @@ impl Runner for CudaRunner {
             .map(|ri| {
                 outs[ri]
                     .next()
-                    .ok_or_else(|| RunError("missing logits".into()))
+                    .ok_or_else(|| RunError("missing output row".into()))
             })
             .collect()
     }
