@@ -10,13 +10,16 @@
 //! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
 //! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
 //!
-//! Each batch runs on two paths of the same runner, in the same process:
-//! - `device` (the serving path): experts routed on the device (`moe_gemv`, no host sync inside
-//!   a step) and greedy tokens chosen on the device (`run_sampled` with `Need::GreedyToken`, so
-//!   only one token id per row comes back);
-//! - `host` (the path before, kept as the baseline): routes copied to the host once per MoE layer
-//!   for cuBLAS batched GEMMs (`set_device_dispatch_max_rows(0)`), and every row's f32 logits
-//!   returned by `run`, with this benchmark's host argmax.
+//! Each batch runs on four paths of the same runner, in the same process:
+//! - `auto` (the serving path, the runner's defaults): greedy tokens chosen on the device
+//!   (`run_sampled` with `Need::GreedyToken`, one token id per row comes back); experts routed
+//!   on the device up to `DEVICE_DISPATCH_MAX_ROWS` rows, through the host above;
+//! - `device-dispatch`: greedy on the device, experts always routed on the device (`moe_gemv`,
+//!   no host sync inside a step);
+//! - `host-dispatch`: greedy on the device, routes always copied to the host once per MoE layer
+//!   for cuBLAS batched GEMMs;
+//! - `before` (the path before this work, the baseline): host dispatch, and every row's f32
+//!   logits returned by `run`, with this benchmark's host argmax.
 //!
 //! `tokens_per_s` times whole steps; `run_ms_per_step` is the runner's call alone. After the timed
 //! steps, 2 more steps run with the runner's phase timing on (a stream synchronisation at every
@@ -74,13 +77,13 @@ fn main() {
         let mut next_id = 0u64;
         for (batch, path) in [1usize, 8, 64, 256]
             .into_iter()
-            .flat_map(|b| [(b, "device"), (b, "host")])
+            .flat_map(|b| ["auto", "device-dispatch", "host-dispatch", "before"].map(|p| (b, p)))
         {
-            let device = path == "device";
-            r.set_device_dispatch_max_rows(if device {
-                cuda::DEVICE_DISPATCH_MAX_ROWS
-            } else {
-                0
+            let device = path != "before";
+            r.set_device_dispatch_max_rows(match path {
+                "auto" => cuda::DEVICE_DISPATCH_MAX_ROWS,
+                "device-dispatch" => usize::MAX,
+                _ => 0,
             });
             let seqs: Vec<RequestId> = (0..batch)
                 .map(|_| {

@@ -886,9 +886,12 @@ impl KvLedger for Ledger {
     }
 }
 
-/// Default of [`CudaRunner::set_device_dispatch_max_rows`]: decode batches up to this many tokens
-/// per rank route on the device.
-pub const DEVICE_DISPATCH_MAX_ROWS: usize = 256;
+/// Default of [`CudaRunner::set_device_dispatch_max_rows`]: steps of up to this many tokens per
+/// rank route on the device. Measured on H200 (`docs/benchmarks/cuda-runtime.md`, both shapes): at
+/// batch 1 skipping the per-layer host syncs wins (5.92 vs 6.25 ms/step on Qwen3); from batch 8
+/// on, cuBLAS's tensor-core GEMMs beat `moe_gemv` on CUDA cores by more than the syncs cost
+/// (9.45 vs 10.58 ms at 8). The crossover lies between 1 and 8 rows; 4 is not measured.
+pub const DEVICE_DISPATCH_MAX_ROWS: usize = 4;
 
 /// Names of the phases [`CudaRunner::take_phase_times`] reports, in order.
 pub const PHASES: [&str; 5] = [
