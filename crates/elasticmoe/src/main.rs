@@ -34,6 +34,9 @@ enum Command {
     /// Elastic scaling end to end on 4 host devices: a load trace drives the autoscaler; writes
     /// report.json and timeline.svg.
     Demo(cmd::demo::Args),
+    /// Benchmarks (decode throughput).
+    #[command(subcommand)]
+    Bench(cmd::Bench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Serve(args) => cmd::serve::run(&args),
         Command::Demo(args) => cmd::demo::run(&args),
+        Command::Bench(b) => cmd::bench(&b),
     }
 }

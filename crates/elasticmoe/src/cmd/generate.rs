@@ -1,9 +1,14 @@
-//! `elasticmoe generate`: run prompts through the serving engine on host devices.
+//! `elasticmoe generate`: run prompts through the serving engine on host devices or GPUs.
 //!
 //! ```text
 //! elasticmoe generate --model models/tiny-qwen3 --devices host:3 --placement load-aware \
 //!     --prompt "Hello" --prompt-ids 1,2,3 --max-tokens 16 --json --logprobs
+//! elasticmoe generate --model models/tiny-qwen3 --devices cuda:0,1 --prompt "Hello"
 //! ```
+//!
+//! `--devices cuda:0,1,...` serves on GPUs 0..n with the CUDA runner (a binary built with the
+//! `cuda` feature; experts split between the GPUs, placement flags do not apply). Greedy tokens
+//! are then chosen on the GPU.
 //!
 //! Text prompts are byte-level: each byte is one token id (the tokenizer of `gen-model`'s model
 //! directories maps bytes 1:1). Generated ids below 256 are printed as bytes, others as `<id>`.
@@ -16,7 +21,9 @@ use anyhow::{bail, Context, Result};
 use moe_runtime::checkpoint::Checkpoint;
 use moe_runtime::config::ModelConfig;
 use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
-use moe_runtime::engine::{Completion, EngineConfig, Request, SamplingParams};
+use moe_runtime::engine::{
+    Completion, Engine, EngineConfig, EngineMetrics, Request, Runner, SamplingParams,
+};
 use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
 
 /// Expert placement on the command line.
@@ -46,7 +53,7 @@ pub struct Args {
     /// Model directory (config.json and safetensors, as `gen-model` writes).
     #[arg(long)]
     pub model: PathBuf,
-    /// Devices to serve on: `host:N` (N host devices).
+    /// Devices to serve on: `host:N` (N host devices) or `cuda:0,1,...` (GPUs 0..n).
     #[arg(long, default_value = "host:1")]
     pub devices: String,
     /// Expert placement.
@@ -84,21 +91,70 @@ pub struct Args {
     pub logprobs: bool,
 }
 
-/// Parses `host:N`.
-fn parse_devices(s: &str) -> Result<usize> {
-    let Some((kind, n)) = s.split_once(':') else {
-        bail!("--devices {s:?} is not of the form host:N");
+/// Where to run, from `--devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Devices {
+    /// `host:N`: N host devices (CPU compute).
+    Host(usize),
+    /// `cuda:0,1,...,n-1`: the first n GPUs.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Devices::Host(n) => write!(f, "host:{n}"),
+            Devices::Cuda(n) => {
+                let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+                write!(f, "cuda:{}", ids.join(","))
+            }
+        }
+    }
+}
+
+/// Parses `host:N` or `cuda:0,1,...`.
+pub(crate) fn parse_devices(s: &str) -> Result<Devices> {
+    let Some((kind, rest)) = s.split_once(':') else {
+        bail!("--devices {s:?} is not of the form host:N or cuda:0,1,...");
     };
-    if kind != "host" {
-        bail!("--devices {s:?}: only host devices (host:N) are supported by generate");
+    match kind {
+        "host" => {
+            let n: usize = rest
+                .parse()
+                .with_context(|| format!("--devices {s:?}: N must be a number"))?;
+            if n == 0 {
+                bail!("--devices {s:?}: at least one device is needed");
+            }
+            Ok(Devices::Host(n))
+        }
+        "cuda" => {
+            let ids = rest
+                .split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("--devices {s:?}: {t:?} is not a GPU index"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if ids.iter().copied().ne(0..ids.len()) {
+                bail!(
+                    "--devices {s:?}: the CUDA runner uses the first n GPUs; give them in order \
+                     from 0 (cuda:0 or cuda:0,1,...), or choose GPUs with CUDA_VISIBLE_DEVICES"
+                );
+            }
+            Ok(Devices::Cuda(ids.len()))
+        }
+        _ => bail!("--devices {s:?}: the device kind must be host (host:N) or cuda (cuda:0,1,...)"),
     }
-    let n: usize = n
-        .parse()
-        .with_context(|| format!("--devices {s:?}: N must be a number"))?;
-    if n == 0 {
-        bail!("--devices {s:?}: at least one device is needed");
-    }
-    Ok(n)
+}
+
+/// The error for `cuda:` devices in a binary built without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn no_cuda_build(devices: Devices) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--devices {devices}: this elasticmoe was built without CUDA support; rebuild it with \
+         `cargo build --release -p elasticmoe --features cuda`"
+    )
 }
 
 /// Parses `1,2,3`.
@@ -145,6 +201,10 @@ pub fn run(args: &Args) -> Result<()> {
 /// Runs `generate`, writing the results to `out`.
 pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
     let devices = parse_devices(&args.devices)?;
+    #[cfg(not(feature = "cuda"))]
+    if let Devices::Cuda(_) = devices {
+        return Err(no_cuda_build(devices));
+    }
     let mut prompts: Vec<Vec<u32>> = args
         .prompt
         .iter()
@@ -181,18 +241,59 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
                 .with_logprobs(args.logprobs)
         })
         .collect();
-    let host = HostEngineConfig {
-        devices,
-        max_devices: devices,
-        placement: args.placement.into(),
-        deployment: DeploymentConfig::default(),
-        engine: EngineConfig::default(),
-        ..HostEngineConfig::default()
-    };
     let started = std::time::Instant::now();
-    let (engine, _store) = DeploymentRunner::host_engine(&cfg, &checkpoint, &host)
-        .with_context(|| format!("loading {} onto host:{devices}", args.model.display()))?;
-    let loaded = started.elapsed();
+    let (done, m, loaded) = match devices {
+        Devices::Host(n) => {
+            let host = HostEngineConfig {
+                devices: n,
+                max_devices: n,
+                placement: args.placement.into(),
+                deployment: DeploymentConfig::default(),
+                engine: EngineConfig::default(),
+                ..HostEngineConfig::default()
+            };
+            let (engine, _store) = DeploymentRunner::host_engine(&cfg, &checkpoint, &host)
+                .with_context(|| format!("loading {} onto {devices}", args.model.display()))?;
+            let loaded = started.elapsed();
+            let (done, m) = complete(&engine, requests)?;
+            (done, m, loaded)
+        }
+        #[cfg(feature = "cuda")]
+        Devices::Cuda(n) => {
+            use moe_runtime::cuda::{CudaConfig, CudaRunner};
+            let runner = CudaRunner::load(
+                &cfg,
+                &checkpoint,
+                CudaConfig {
+                    devices: n,
+                    ..CudaConfig::default()
+                },
+            )
+            .with_context(|| format!("loading {} onto {devices}", args.model.display()))?;
+            let loaded = started.elapsed();
+            let engine = Engine::new(runner, EngineConfig::default());
+            let (done, m) = complete(&engine, requests)?;
+            (done, m, loaded)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Devices::Cuda(_) => return Err(no_cuda_build(devices)),
+    };
+    report(args, devices, &prompts, &done, &m, loaded, out)?;
+    if let Some(c) = done
+        .iter()
+        .find(|c| matches!(c.finish, moe_runtime::engine::FinishReason::Error(_)))
+    {
+        bail!("a request failed: {:?}", c.finish);
+    }
+    Ok(())
+}
+
+/// Submits `requests`, runs the engine until they are done, and returns them in order with the
+/// engine's metrics.
+fn complete<R: Runner>(
+    engine: &Engine<R>,
+    requests: Vec<Request>,
+) -> Result<(Vec<Completion>, EngineMetrics)> {
     let mut handles = Vec::with_capacity(requests.len());
     for (i, r) in requests.into_iter().enumerate() {
         handles.push(
@@ -205,11 +306,22 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
         .run_until_idle(usize::MAX)
         .context("running the engine")?;
     let done: Vec<Completion> = handles.into_iter().map(|h| h.wait()).collect();
-    let m = engine.metrics();
+    Ok((done, engine.metrics()))
+}
+
+fn report(
+    args: &Args,
+    devices: Devices,
+    prompts: &[Vec<u32>],
+    done: &[Completion],
+    m: &EngineMetrics,
+    loaded: std::time::Duration,
+    out: &mut dyn Write,
+) -> Result<()> {
     if args.json {
         let results: Vec<serde_json::Value> = prompts
             .iter()
-            .zip(&done)
+            .zip(done)
             .map(|(p, c)| {
                 let mut v = serde_json::json!({
                     "prompt_ids": p,
@@ -228,7 +340,10 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
             .collect();
         let report = serde_json::json!({
             "model": args.model.display().to_string(),
-            "devices": devices,
+            "devices": match devices {
+                Devices::Host(n) | Devices::Cuda(n) => n,
+            },
+            "device_spec": devices.to_string(),
             "placement": format!("{:?}", PlacementKind::from(args.placement)),
             "results": results,
             "metrics": {
@@ -259,17 +374,11 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
             }
         }
         eprintln!(
-            "generate: host:{devices}, {} iterations, {:.1} tokens/s, load {:.0} ms",
+            "generate: {devices}, {} iterations, {:.1} tokens/s, load {:.0} ms",
             m.iterations,
             m.tokens_per_s,
             loaded.as_secs_f64() * 1e3
         );
-    }
-    if let Some(c) = done
-        .iter()
-        .find(|c| matches!(c.finish, moe_runtime::engine::FinishReason::Error(_)))
-    {
-        bail!("a request failed: {:?}", c.finish);
     }
     Ok(())
 }
@@ -370,6 +479,38 @@ mod tests {
     }
 
     #[test]
+    fn device_specs_parse() {
+        assert_eq!(parse_devices("host:3").unwrap(), Devices::Host(3));
+        assert_eq!(parse_devices("cuda:0").unwrap(), Devices::Cuda(1));
+        assert_eq!(parse_devices("cuda:0,1,2").unwrap(), Devices::Cuda(3));
+        assert_eq!(Devices::Cuda(2).to_string(), "cuda:0,1");
+        assert_eq!(Devices::Host(4).to_string(), "host:4");
+        for bad in ["cuda:", "cuda:1,0", "cuda:0,0", "host:0", "host:x", "cpu:1"] {
+            assert!(parse_devices(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cuda_devices_without_a_gpu_get_a_clear_error() {
+        let dir = model(Preset::TinyQwen3);
+        let a = args(dir.path(), &["--prompt", "x", "--devices", "cuda:0"]);
+        let r = generate(&a, &mut Vec::new());
+        #[cfg(feature = "cuda")]
+        if moe_runtime::cuda::device_count().is_ok() {
+            // On a GPU machine the CUDA runner serves.
+            r.unwrap();
+            return;
+        }
+        let e = format!("{:#}", r.unwrap_err());
+        let want = if cfg!(feature = "cuda") {
+            "no usable GPU"
+        } else {
+            "without CUDA support"
+        };
+        assert!(e.contains(want), "{e}");
+    }
+
+    #[test]
     fn bad_input_gets_clear_errors() {
         let dir = model(Preset::TinyMixtral);
         let err = |extra: &[&str]| {
@@ -384,6 +525,9 @@ mod tests {
         assert!(e.contains("does not exist"), "{e}");
         assert!(err(&["--prompt", "x", "--devices", "host:9"]).contains("at most 8 devices"));
         assert!(err(&["--prompt", "x", "--devices", "gpu"]).contains("host:N"));
+        assert!(err(&["--prompt", "x", "--devices", "tpu:0"]).contains("device kind"));
+        assert!(err(&["--prompt", "x", "--devices", "cuda:1"]).contains("from 0"));
+        assert!(err(&["--prompt", "x", "--devices", "cuda:0,x"]).contains("not a GPU index"));
         assert!(err(&[]).contains("at least one --prompt"));
         assert!(err(&["--prompt", ""]).contains("empty"));
         assert!(err(&["--prompt-ids", "1,99999"]).contains("outside the vocabulary"));
