@@ -10,12 +10,15 @@
 //! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
 //! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
 //!
-//! Each batch runs on four paths of the same runner, in the same process:
+//! Each batch runs on five paths of the same runner, in the same process:
 //! - `auto` (the serving path, the runner's defaults): greedy tokens chosen on the device
 //!   (`run_sampled` with `Need::GreedyToken`, one token id per row comes back); experts routed
 //!   on the device up to `DEVICE_DISPATCH_MAX_ROWS` rows, through the host above;
 //! - `device-dispatch`: greedy on the device, experts always routed on the device (`moe_gemv`,
 //!   no host sync inside a step);
+//! - `padded`: greedy on the device; `moe_gemv` up to `DEVICE_DISPATCH_MAX_ROWS` rows, above it
+//!   the padded device dispatch (tensor-core batched GEMMs over every expert, overflow rows
+//!   through `moe_gemv`; no host sync inside a step);
 //! - `host-dispatch`: greedy on the device, routes always copied to the host once per MoE layer
 //!   for cuBLAS batched GEMMs;
 //! - `before` (the path before this work, the baseline): host dispatch, and every row's f32
@@ -75,14 +78,25 @@ fn main() {
         let replicated = r.replicated_weight_bytes() - embed;
         println!("copy bandwidth {:.0} GB/s", bw / 1e9);
         let mut next_id = 0u64;
-        for (batch, path) in [1usize, 8, 64, 256]
-            .into_iter()
-            .flat_map(|b| ["auto", "device-dispatch", "host-dispatch", "before"].map(|p| (b, p)))
-        {
+        for (batch, path) in [1usize, 8, 64, 256].into_iter().flat_map(|b| {
+            [
+                "auto",
+                "padded",
+                "device-dispatch",
+                "host-dispatch",
+                "before",
+            ]
+            .map(|p| (b, p))
+        }) {
             let device = path != "before";
             r.set_device_dispatch_max_rows(match path {
-                "auto" => cuda::DEVICE_DISPATCH_MAX_ROWS,
+                "auto" | "padded" => cuda::DEVICE_DISPATCH_MAX_ROWS,
                 "device-dispatch" => usize::MAX,
+                _ => 0,
+            });
+            r.set_padded_dispatch_max_rows(match path {
+                "auto" => cuda::PADDED_DISPATCH_MAX_ROWS,
+                "padded" => usize::MAX,
                 _ => 0,
             });
             let seqs: Vec<RequestId> = (0..batch)

@@ -1,6 +1,8 @@
 //! The CUDA runner's decode fast paths against its own reference paths, on the GPU machine:
-//! - device-side expert dispatch (`moe_gemv`, no host synchronisation) gives the same logits and
-//!   counts the same active experts as the host-synchronised cuBLAS dispatch;
+//! - device-side expert dispatch (`moe_gemv`; and the padded tensor-core dispatch, with its
+//!   automatic capacity and with a capacity of 2 rows so that most rows overflow into
+//!   `moe_gemv`), with no host synchronisation, gives the same logits and counts the same active
+//!   experts as the host-synchronised cuBLAS dispatch;
 //! - greedy tokens chosen on the device ([`Need::GreedyToken`]) are exactly what the host sampler
 //!   picks from the same logits, ties and non-finite values included;
 //! - rows that need logits still get them, bit for bit, in a mixed batch.
@@ -18,7 +20,16 @@ use moe_runtime::engine::{
 use moe_runtime::model::weights::MemTensors;
 use moe_runtime::presets::Preset;
 
-fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, device: bool) -> CudaRunner {
+/// How the runner under test routes its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Host,
+    Gemv,
+    Padded,
+    PaddedOverflow,
+}
+
+fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Path) -> CudaRunner {
     let src = MemTensors::seeded(cfg, 5);
     let mut r = CudaRunner::load(
         cfg,
@@ -34,7 +45,14 @@ fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, device: bool) ->
     )
     .unwrap();
     // Every step (prefill included) on the path under test.
-    r.set_device_dispatch_max_rows(if device { usize::MAX } else { 0 });
+    r.set_device_dispatch_max_rows(if path == Path::Gemv { usize::MAX } else { 0 });
+    r.set_padded_dispatch_max_rows(match path {
+        Path::Padded | Path::PaddedOverflow => usize::MAX,
+        _ => 0,
+    });
+    if path == Path::PaddedOverflow {
+        r.set_expert_capacity(Some(2));
+    }
     r
 }
 
@@ -57,9 +75,9 @@ fn greedy(logits: &[f32]) -> Option<u32> {
 
 /// Prefill 6 prompts then 7 decode steps on both dispatch paths; returns the worst relative
 /// logit difference between them.
-fn compare_paths(cfg: &ModelConfig, gpus: usize, precision: Precision) -> f64 {
-    let mut dev = runner(cfg, gpus, precision, true);
-    let mut host = runner(cfg, gpus, precision, false);
+fn compare_paths(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Path) -> f64 {
+    let mut dev = runner(cfg, gpus, precision, path);
+    let mut host = runner(cfg, gpus, precision, Path::Host);
     let vocab = cfg.vocab_size as u32;
     let mut inputs: Vec<Vec<u32>> = [5usize, 12, 1, 23, 8, 3]
         .iter()
@@ -150,11 +168,14 @@ fn gpu_decode_paths_agree() {
     for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
         let cfg = preset.config();
         for gpus in [1usize, 2].into_iter().filter(|&g| g <= n) {
-            for precision in [Precision::F32, Precision::Bf16] {
-                let worst = compare_paths(&cfg, gpus, precision);
+            for (precision, path) in [Precision::F32, Precision::Bf16]
+                .into_iter()
+                .flat_map(|p| [Path::Gemv, Path::Padded, Path::PaddedOverflow].map(|d| (p, d)))
+            {
+                let worst = compare_paths(&cfg, gpus, precision, path);
                 println!(
-                    "{preset} on {gpus} GPU(s), {precision:?}: device vs host dispatch, max rel \
-                     logit difference {worst:.2e}"
+                    "{preset} on {gpus} GPU(s), {precision:?}: {path:?} vs host dispatch, max \
+                     rel logit difference {worst:.2e}"
                 );
                 // f32: only summation order differs. bf16: the same, plus activation rounding
                 // of two different orders (routes may flip at near-ties on these tiny models).
@@ -179,7 +200,7 @@ fn gpu_greedy_breaks_ties_like_the_host_sampler() {
         return;
     }
     let cfg = Preset::TinyQwen3.config();
-    let gpu = runner(&cfg, 1, Precision::Bf16, true);
+    let gpu = runner(&cfg, 1, Precision::Bf16, Path::Gemv);
     let v = cfg.vocab_size;
     let (nan, inf) = (f32::NAN, f32::INFINITY);
     let mut rows: Vec<Vec<f32>> = Vec::new();

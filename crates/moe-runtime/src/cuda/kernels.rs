@@ -321,6 +321,54 @@ extern "C" __global__ void moe_dispatch(const int* ids, int slots, int E, int k,
   }
 }
 
+// Padded dispatch for batched GEMMs over every expert, one block of at least E threads: the
+// j-th slot (ascending slot order) routed to expert e goes to padded row e * cap + j while
+// j < cap (gidx[e * cap + j] = its token row; unused padded rows get -1), and past that to
+// the overflow rows: ov_counts[e] = max(0, count - cap), ov_offsets[e] their exclusive
+// prefix sum, ov_gidx[ov_offsets[e] + j - cap] its token row, and the slot's compact row is
+// E * cap + ov_offsets[e] + j - cap. cidx[slot] = the slot's row. active[0] as in moe_dispatch.
+extern "C" __global__ void moe_dispatch_padded(const int* ids, int slots, int E, int k, int cap,
+    int* gidx, int* cidx, int* ov_counts, int* ov_offsets, int* ov_gidx, int* active) {
+  __shared__ int cnt[256];
+  __shared__ int off[256];
+  int e = threadIdx.x;
+  if (e < E) {
+    int c = 0;
+    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    cnt[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0, act = 0;
+    for (int x = 0; x < E; x++) {
+      off[x] = acc;
+      acc += cnt[x] > cap ? cnt[x] - cap : 0;
+      act += cnt[x] > 0;
+    }
+    active[0] = act;
+  }
+  __syncthreads();
+  if (e < E) {
+    int over = cnt[e] > cap ? cnt[e] - cap : 0;
+    ov_counts[e] = over;
+    ov_offsets[e] = off[e];
+    int j = 0;
+    for (int s = 0; s < slots; s++) {
+      if (ids[s] != e) continue;
+      if (j < cap) {
+        gidx[e * cap + j] = s / k;
+        cidx[s] = e * cap + j;
+      } else {
+        int o = off[e] + j - cap;
+        ov_gidx[o] = s / k;
+        cidx[s] = E * cap + o;
+      }
+      j++;
+    }
+    for (; j < cap; j++) gidx[e * cap + j] = -1;
+  }
+}
+
 #define MOE_ROWS 8
 #define MOE_WARPS 8
 #define MOE_COLS 4
@@ -475,6 +523,7 @@ pub(crate) struct Kernels {
     pub combine: CudaFunction,
     pub cast_bf16: CudaFunction,
     pub moe_dispatch: CudaFunction,
+    pub moe_dispatch_padded: CudaFunction,
     pub moe_gemv: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub fill_random: CudaFunction,
@@ -514,6 +563,7 @@ impl Kernels {
             combine: f("combine")?,
             cast_bf16: f("cast_bf16")?,
             moe_dispatch: f("moe_dispatch")?,
+            moe_dispatch_padded: f("moe_dispatch_padded")?,
             moe_gemv: f("moe_gemv")?,
             argmax_rows: f("argmax_rows")?,
             fill_random: f("fill_random")?,

@@ -386,6 +386,11 @@ struct Scratch {
     active: u64,
     etable: u64,
     argmax: u64,
+    etable_down: u64,
+    pptrs: u64,
+    ov_counts: u64,
+    ov_offsets: u64,
+    ov_gidx: u64,
 }
 
 /// Sizes the scratch of a rank needs.
@@ -886,6 +891,29 @@ impl KvLedger for Ledger {
     }
 }
 
+/// Default of [`CudaRunner::set_padded_dispatch_max_rows`] (0: off).
+pub const PADDED_DISPATCH_MAX_ROWS: usize = 0;
+
+/// How a step routes its experts (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DispatchPath {
+    /// Routes to the host once per MoE layer; cuBLAS batched GEMMs over the active experts.
+    Host,
+    /// On the device: `moe_gemv` over the experts with rows.
+    Gemv,
+    /// On the device: cuBLAS batched GEMMs over every expert, this many rows each; the rest
+    /// through `moe_gemv`.
+    Padded(usize),
+}
+
+/// Automatic rows per expert of the padded dispatch: twice the mean load plus 4, at least 8,
+/// at most `rows`.
+fn padded_capacity(rows: usize, top_k: usize, experts: usize) -> usize {
+    (2 * (rows * top_k).div_ceil(experts.max(1)) + 4)
+        .max(8)
+        .min(rows.max(1))
+}
+
 /// Default of [`CudaRunner::set_device_dispatch_max_rows`]: steps of up to this many tokens per
 /// rank route on the device. Measured on H200 (`docs/benchmarks/cuda-runtime.md`, both shapes): at
 /// batch 1 skipping the per-layer host syncs wins (5.92 vs 6.25 ms/step on Qwen3); from batch 8
@@ -950,6 +978,8 @@ pub struct CudaRunner {
     phase_timing: bool,
     phases: [f64; PHASES.len()],
     device_dispatch_max_rows: usize,
+    padded_dispatch_max_rows: usize,
+    forced_capacity: Option<usize>,
     vmm: Vmm<CudaBackend>,
 }
 
@@ -1085,7 +1115,8 @@ impl CudaRunner {
             top_k: spec.top_k,
             rows,
             table_cap: rows * max_context.div_ceil(config.block_tokens),
-            gather_cap: e.min(rows * spec.top_k.max(1)) * rows,
+            gather_cap: (e.min(rows * spec.top_k.max(1)) * rows)
+                .max(e * padded_capacity(rows, spec.top_k, e) + rows * spec.top_k),
             half_rope: model.rope().dim() / 2,
             max_context,
             es: config.precision.elem_bytes(),
@@ -1181,6 +1212,8 @@ impl CudaRunner {
             phase_timing: false,
             phases: [0.0; PHASES.len()],
             device_dispatch_max_rows: DEVICE_DISPATCH_MAX_ROWS,
+            padded_dispatch_max_rows: PADDED_DISPATCH_MAX_ROWS,
+            forced_capacity: None,
             vmm,
         })
     }
@@ -1311,6 +1344,11 @@ impl CudaRunner {
             ("offsets", 4 * d.experts),
             ("active", 4 * d.layers.max(1)),
             ("etable", 8 * d.layers.max(1) * d.experts),
+            ("etable_down", 8 * d.layers.max(1) * d.experts),
+            ("pptrs", 8 * 4 * d.experts),
+            ("ov_counts", 4 * d.experts),
+            ("ov_offsets", 4 * d.experts),
+            ("ov_gidx", 4 * r * d.top_k),
             ("argmax", 4 * r),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
@@ -1364,6 +1402,11 @@ impl CudaRunner {
             offsets: a("offsets"),
             active: a("active"),
             etable: a("etable"),
+            etable_down: a("etable_down"),
+            pptrs: a("pptrs"),
+            ov_counts: a("ov_counts"),
+            ov_offsets: a("ov_offsets"),
+            ov_gidx: a("ov_gidx"),
             argmax: a("argmax"),
         };
         let rank = Rank {
@@ -1517,6 +1560,22 @@ impl CudaRunner {
         self.device_dispatch_max_rows = rows;
     }
 
+    /// Steps with more tokens on a rank than [`CudaRunner::set_device_dispatch_max_rows`] and at
+    /// most `rows` use the padded device dispatch: routes never go to the host; every expert runs
+    /// in one cuBLAS batched GEMM on tensor cores over `capacity` padded rows (reading every
+    /// expert's weights), and the rows past an expert's capacity go through `moe_gemv`. 0 turns
+    /// it off. Default [`PADDED_DISPATCH_MAX_ROWS`].
+    pub fn set_padded_dispatch_max_rows(&mut self, rows: usize) {
+        self.padded_dispatch_max_rows = rows;
+    }
+
+    /// Rows per expert of the padded dispatch (`None`: automatic, about twice the mean load plus
+    /// a margin). A forced value that does not fit the scratch sized at build falls back to the
+    /// host dispatch; for tests of the overflow path.
+    pub fn set_expert_capacity(&mut self, capacity: Option<usize>) {
+        self.forced_capacity = capacity;
+    }
+
     /// Turns per-phase timing on or off (for benchmarks: every phase boundary then synchronises
     /// the stream, which slows the step down).
     pub fn set_phase_timing(&mut self, on: bool) {
@@ -1570,11 +1629,26 @@ impl CudaRunner {
     /// Whether a step of `rows` tokens routes its experts on the device (see
     /// [`CudaRunner::set_device_dispatch_max_rows`]): also needs `moe_gemv`'s vector width to
     /// divide the hidden and expert sizes and one row of either to fit its shared memory.
-    fn device_dispatch(&self, rows: usize) -> bool {
+    fn dispatch_path(&self, rows: usize) -> DispatchPath {
         let d = &self.dims;
         let vec = 16 / d.es;
         let fits = |k: usize| k.is_multiple_of(vec) && k * d.es <= MOE_SMEM;
-        rows <= self.device_dispatch_max_rows && fits(d.h) && fits(d.inter_e)
+        if self.cfg.num_moe_layers() == 0 || !fits(d.h) || !fits(d.inter_e) {
+            return DispatchPath::Host;
+        }
+        if rows <= self.device_dispatch_max_rows {
+            return DispatchPath::Gemv;
+        }
+        let cap = self
+            .forced_capacity
+            .unwrap_or_else(|| padded_capacity(rows, d.top_k, d.experts))
+            .clamp(1, rows);
+        if rows <= self.padded_dispatch_max_rows && d.experts * cap + rows * d.top_k <= d.gather_cap
+        {
+            DispatchPath::Padded(cap)
+        } else {
+            DispatchPath::Host
+        }
     }
 
     /// Base addresses of every routed expert, `[layer][expert]` (0 for dense layers), as the
@@ -1592,11 +1666,13 @@ impl CudaRunner {
     }
 
     /// Launches `moe_gemv` over every expert of a layer: `out[row] = x[row_idx[row]] W_e^T` for the
-    /// rows each expert was routed (`row_idx` 0: the compact rows themselves).
+    /// rows each expert has (`counts`/`offsets` device arrays; `row_idx` 0: the compact rows
+    /// themselves).
     #[allow(clippy::too_many_arguments)]
     fn moe_gemv(
         &self,
         rank: &Rank,
+        (counts, offsets): (u64, u64),
         table: u64,
         row_idx: u64,
         x: u64,
@@ -1616,8 +1692,8 @@ impl CudaRunner {
             (32 * MOE_WARPS) as u32,
             (rchunk * k * es) as u32,
             &[
-                Arg::P(rank.s.counts),
-                Arg::P(rank.s.offsets),
+                Arg::P(counts),
+                Arg::P(offsets),
                 Arg::P(row_idx),
                 Arg::P(x),
                 Arg::I(ldx as i32),
@@ -1681,11 +1757,17 @@ impl CudaRunner {
             .max()
             .unwrap_or(0);
         let geo = self.geo;
-        let device_dispatch = self.cfg.num_moe_layers() > 0 && self.device_dispatch(rows);
-        let etable = if device_dispatch {
-            self.expert_table()
+        let path = self.dispatch_path(rows);
+        let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
+        let (etable, etable_down) = if path == DispatchPath::Host {
+            (Vec::new(), Vec::new())
         } else {
-            Vec::new()
+            let t = self.expert_table();
+            let down = t
+                .iter()
+                .map(|&a| if a == 0 { 0 } else { a + es_ie })
+                .collect();
+            (t, down)
         };
         let rank = &self.ranks[ri];
         rank.bind()?;
@@ -1701,6 +1783,22 @@ impl CudaRunner {
         rank.htod(s.tables, &tables)?;
         rank.htod(s.last, &last)?;
         rank.htod(s.etable, &etable)?;
+        if let DispatchPath::Padded(cap) = path {
+            // Padded layout: expert e's rows at e * cap in xg / gu / eh / eo.
+            let e = d.experts;
+            let (h, ie) = (d.h as u64, d.inter_e as u64);
+            let es = d.es as u64;
+            let mut p = vec![0u64; 4 * e];
+            for x in 0..e {
+                let g = (x * cap) as u64;
+                p[x] = s.xg + g * es * h;
+                p[e + x] = s.gu + g * 4 * 2 * ie;
+                p[2 * e + x] = s.eh + g * es * ie;
+                p[3 * e + x] = s.eo + g * 4 * h;
+            }
+            rank.htod(s.pptrs, &p)?;
+            rank.htod(s.etable_down, &etable_down)?;
+        }
         // Layers not routed on the device report no active experts.
         rank.htod(s.active, &vec![0i32; d.layers])?;
         let layout = self.model.layout().clone();
@@ -2200,7 +2298,7 @@ impl CudaRunner {
                 ],
             )?;
             let ie = d.inter_e;
-            if device_dispatch {
+            if path == DispatchPath::Gemv {
                 // Counts, offsets and the gather computed on the device; the expert products
                 // read the counts there, so the host never waits for the routes.
                 rank.launch(
@@ -2222,7 +2320,8 @@ impl CudaRunner {
                 )?;
                 clock.mark(&rank.stream, 2)?;
                 let table = s.etable + (8 * l * d.experts) as u64;
-                self.moe_gemv(rank, table, s.gidx, s.xb, h, 0, 2 * ie, h, s.gu, 2 * ie)?;
+                let co = (s.counts, s.offsets);
+                self.moe_gemv(rank, co, table, s.gidx, s.xb, h, 0, 2 * ie, h, s.gu, 2 * ie)?;
                 rank.launch(
                     &rank.k.silu_mul,
                     ((rows * k) as u32, 1),
@@ -2237,7 +2336,76 @@ impl CudaRunner {
                         Arg::I(ie as i32),
                     ],
                 )?;
-                self.moe_gemv(rank, table, 0, s.eh, ie, 2 * h * ie, h, ie, s.eo, h)?;
+                self.moe_gemv(rank, co, table, 0, s.eh, ie, 2 * h * ie, h, ie, s.eo, h)?;
+            } else if let DispatchPath::Padded(cap) = path {
+                // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
+                // the rows past an expert's capacity through `moe_gemv`; no host sync.
+                rank.launch(
+                    &rank.k.moe_dispatch_padded,
+                    (1, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.ids),
+                        Arg::I((rows * k) as i32),
+                        Arg::I(e as i32),
+                        Arg::I(k as i32),
+                        Arg::I(cap as i32),
+                        Arg::P(s.gidx),
+                        Arg::P(s.cidx),
+                        Arg::P(s.ov_counts),
+                        Arg::P(s.ov_offsets),
+                        Arg::P(s.ov_gidx),
+                        Arg::P(s.active + 4 * l as u64),
+                    ],
+                )?;
+                clock.mark(&rank.stream, 2)?;
+                let padded = e * cap;
+                rank.launch(
+                    &rank.k.gather_bf16,
+                    (padded as u32, 1),
+                    256,
+                    0,
+                    &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+                )?;
+                let table = s.etable + (8 * l * d.experts) as u64;
+                let table_down = s.etable_down + (8 * l * d.experts) as u64;
+                let pp = |i: usize| s.pptrs + (8 * i * e) as u64;
+                let ov = padded as u64;
+                let co = (s.ov_counts, s.ov_offsets);
+                rank.gemm_batched(table, pp(0), pp(1), 2 * ie, cap, h, e)?;
+                let gu_ov = s.gu + ov * 4 * 2 * ie as u64;
+                self.moe_gemv(
+                    rank,
+                    co,
+                    table,
+                    s.ov_gidx,
+                    s.xb,
+                    h,
+                    0,
+                    2 * ie,
+                    h,
+                    gu_ov,
+                    2 * ie,
+                )?;
+                rank.launch(
+                    &rank.k.silu_mul,
+                    ((padded + rows * k) as u32, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.gu),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.gu + 4 * ie as u64),
+                        Arg::I(2 * ie as i32),
+                        Arg::P(s.eh),
+                        Arg::I(ie as i32),
+                    ],
+                )?;
+                rank.gemm_batched(table_down, pp(2), pp(3), h, cap, ie, e)?;
+                let eh_ov = s.eh + ov * (d.es * ie) as u64;
+                let eo_ov = s.eo + ov * 4 * h as u64;
+                self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
             } else {
                 // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
                 let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
