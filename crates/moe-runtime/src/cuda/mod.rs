@@ -18,9 +18,12 @@
 //!   on CUDA cores) runs every expert's `[gate|up]` and `down` products reading the counts on
 //!   the device; an expert with no rows returns at once, so batch 1 reads only the experts it
 //!   routed to. Expert addresses come from a per-step upload of the `[layer][expert]` address
-//!   table derived from `experts`. Larger steps (prefill) copy the routes to the host and run
-//!   two pointer-array batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to
-//!   the busiest expert's count).
+//!   table derived from `experts`. Larger steps copy the routes to the host and run two
+//!   pointer-array batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to the
+//!   busiest expert's count). A third path, off by default
+//!   ([`CudaRunner::set_padded_dispatch_max_rows`]), keeps larger steps on the device too:
+//!   `moe_dispatch_padded` lays the rows out at a fixed capacity per expert, one batched GEMM
+//!   runs over every expert, and rows past an expert's capacity go through `moe_gemv`.
 //! - **Sampling.** [`Runner::run_sampled`]: rows whose request needs only the greedy token get
 //!   it from `argmax_rows` on the device (lowest id among the largest finite logits, the host
 //!   sampler's rule), so one `i32` per row comes back instead of the vocabulary's f32 logits;
@@ -35,9 +38,11 @@
 //!     through page-locked buffers, plus the per-layer active-expert counts for
 //!     [`CudaRunner::last_step_expert_bytes`]): the engine needs the tokens before it can plan
 //!     the next step;
-//!   - on the host-dispatch path only (steps above the device-dispatch bound), one per MoE
-//!     layer: the routes are copied to the host to size and address the tensor-core GEMMs
-//!     (cuBLAS takes its shapes from the host);
+//!   - on the host-dispatch path only (by default, steps of more than
+//!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: the routes are copied
+//!     to the host to size and address the tensor-core GEMMs over the routed experts only
+//!     (cuBLAS takes its shapes from the host). The two device paths avoid it but are not faster
+//!     at those sizes (see the constants' docs);
 //!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
@@ -891,7 +896,11 @@ impl KvLedger for Ledger {
     }
 }
 
-/// Default of [`CudaRunner::set_padded_dispatch_max_rows`] (0: off).
+/// Default of [`CudaRunner::set_padded_dispatch_max_rows`] (0: off). Measured on H200: the
+/// padded dispatch ties with the host dispatch at batch 64 (14.78 vs 14.68 ms/step on Qwen3,
+/// 15.32 vs 15.41 on DeepSeek), is slower at 8 (it reads every expert) and mixed at 256; what it
+/// saves in host syncs (about 0.45 ms a step at 64) it spends on the experts no row was routed
+/// to and on padding. Off until it wins.
 pub const PADDED_DISPATCH_MAX_ROWS: usize = 0;
 
 /// How a step routes its experts (see the module docs).
@@ -915,10 +924,11 @@ fn padded_capacity(rows: usize, top_k: usize, experts: usize) -> usize {
 }
 
 /// Default of [`CudaRunner::set_device_dispatch_max_rows`]: steps of up to this many tokens per
-/// rank route on the device. Measured on H200 (`docs/benchmarks/cuda-runtime.md`, both shapes): at
-/// batch 1 skipping the per-layer host syncs wins (5.92 vs 6.25 ms/step on Qwen3); from batch 8
-/// on, cuBLAS's tensor-core GEMMs beat `moe_gemv` on CUDA cores by more than the syncs cost
-/// (9.45 vs 10.58 ms at 8). The crossover lies between 1 and 8 rows; 4 is not measured.
+/// rank route on the device through `moe_gemv`. Measured on H200 (`docs/benchmarks/
+/// cuda-runtime.md`, both shapes, two runs): at batch 1 it and the host dispatch are within 5%
+/// (5.92 vs 6.25 ms/step on Qwen3 in one run, 5.87 vs 5.60 in the other); from batch 8 on,
+/// cuBLAS's tensor-core GEMMs beat `moe_gemv` on CUDA cores clearly (8.55 vs 10.47 ms at 8,
+/// 14.68 vs 22.71 at 64). 4 lies between the measured points.
 pub const DEVICE_DISPATCH_MAX_ROWS: usize = 4;
 
 /// Names of the phases [`CudaRunner::take_phase_times`] reports, in order.
