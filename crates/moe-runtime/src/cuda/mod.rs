@@ -303,9 +303,9 @@ struct PinnedHost {
 }
 
 // SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
-// written only by copies that `Rank::read_logits` issues and waits for, and read only there.
+// written only by copies that `Rank::read_back` issues and waits for, and read only there.
 unsafe impl Send for PinnedHost {}
-// SAFETY: as above; a shared reference gives no way to touch the memory outside `read_logits`,
+// SAFETY: as above; a shared reference gives no way to touch the memory outside `read_back`,
 // whose caller holds the runner mutably.
 unsafe impl Sync for PinnedHost {}
 
