@@ -2,7 +2,11 @@
 //!
 //! [`Engine`] ties together the continuous-batching [`scheduler`], per-request [`sampling`] and a
 //! [`Runner`], the thing that computes logits for a batch of sequence chunks and owns their KV
-//! (in production a `Deployment` with its device workers, see [`crate::deployment`]).
+//! (in production a `Deployment` with its device workers, see [`crate::deployment`], or the
+//! CUDA runner). The engine tells the runner what it [`Need`]s of each sampled row
+//! ([`Runner::run_sampled`]): a greedy request without logprobs needs only its token, which a
+//! runner may choose where the logits are (the CUDA runner does, on the GPU) instead of sending
+//! the whole vocabulary's logits back; the tokens are the same either way.
 //!
 //! - [`Engine::submit`] validates a [`Request`] and returns a [`RequestHandle`], a stream of
 //!   [`Event`]s (tokens with optional logprobs, then a finish reason with timings). Intake never
