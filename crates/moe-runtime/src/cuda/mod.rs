@@ -6,12 +6,12 @@
 //!   MLP), one chunk per routed expert per MoE layer (`[gate | up | down]`), a KV chunk and a scratch
 //!   chunk per rank. Weights are bf16; the residual stream, attention, router and KV cache are f32.
 //! - **Compute.** cuBLAS (`cublasGemmEx`, bf16 inputs, f32 accumulation) for projections, the
-//!   LM head and MLA's absorbed per-head products (strided-batched). NVRTC kernels (module `kernels`)
-//!   do embedding, RMS norm, rope (plain and yarn, from host-computed tables, so the same values as
-//!   the CPU reference), paged attention (GQA, and MLA in the absorbed form), the softmax/top-k
-//!   router (with DeepSeek's group limit and scaling), SiLU-mul, the fixed-order combine and the
-//!   greedy argmax.
-//! - **Routed experts, two paths.** Steps with at most
+//!   LM head and MLA's absorbed per-head products (strided-batched). NVRTC kernels (module
+//!   `kernels`) do embedding, RMS norm, rope (plain and yarn, from host-computed tables, so the
+//!   same values as the CPU reference), paged attention (GQA, and MLA in the absorbed form), the
+//!   softmax/top-k router (with DeepSeek's group limit and scaling), SiLU-mul, the fixed-order
+//!   combine and the greedy argmax.
+//! - **Routed experts, three paths.** Steps with at most
 //!   [`CudaRunner::set_device_dispatch_max_rows`] tokens on a rank (decode; default
 //!   [`DEVICE_DISPATCH_MAX_ROWS`]) dispatch on the device: `moe_dispatch` turns the routes into
 //!   per-expert counts, offsets and a gather list, and `moe_gemv` (a memory-bound small-M kernel
