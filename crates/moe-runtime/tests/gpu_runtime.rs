@@ -112,7 +112,23 @@ fn compare(
     precision: Precision,
     refs: &[ActPrecision],
 ) -> Vec<Outcome> {
-    let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
+    compare_layers(cfg, cfg.num_layers, gpus, precision, refs)
+}
+
+/// As [`compare`], on the model cut after its first `layers` decoder layers (the same weights:
+/// the source is the full model's, read by name), so a failing position can be traced to the
+/// first layer where it diverges.
+fn compare_layers(
+    full: &ModelConfig,
+    layers: usize,
+    gpus: usize,
+    precision: Precision,
+    refs: &[ActPrecision],
+) -> Vec<Outcome> {
+    let src = Bf16Rounded(MemTensors::seeded(full, 11));
+    let mut cut = full.clone();
+    cut.num_layers = layers;
+    let cfg = &cut;
     let host = Vmm::new(HostBackend::new(
         HostConfig::devices(refs.len(), 1 << 30)
             .with_granularity(4096)
@@ -139,9 +155,8 @@ fn compare(
         },
     )
     .unwrap();
-    if gpus > 1 {
+    if let Some(l) = cfg.moe_layers().next().filter(|_| gpus > 1) {
         // Experts really are split between the devices.
-        let l = cfg.moe_layers().next().unwrap();
         let last = cfg.moe.num_experts - 1;
         assert_eq!(gpu.expert_device(l, 0), Some(DeviceId(0)));
         assert_eq!(gpu.expert_device(l, last), Some(DeviceId(gpus as u32 - 1)));
@@ -228,6 +243,23 @@ fn compare(
     out
 }
 
+/// Where a failing pair diverges: the same comparison on the model cut after 1, 2, ... layers
+/// (the logits then read the residual stream after that layer through the final norm and LM head).
+fn diagnose(cfg: &ModelConfig, gpus: usize, precision: Precision, act: ActPrecision) {
+    for layers in 1..=cfg.num_layers {
+        let o = &compare_layers(cfg, layers, gpus, precision, &[act])[0];
+        println!(
+            "  diagnosis, first {layers} layer(s): token match {}/{}, max rel err {:.3e}, median \
+             {:.3e}; over 2e-2 (step, seq, err): {:?}",
+            o.matched,
+            o.errs.len(),
+            o.max_rel,
+            o.median(),
+            o.bad
+        );
+    }
+}
+
 #[test]
 fn gpu_runtime_matches_cpu_reference() {
     let n = match cuda::device_count() {
@@ -283,6 +315,7 @@ fn gpu_runtime_matches_cpu_reference() {
                     );
                     if asserted && !pass {
                         failures.push(format!("{name}/{gpus} GPU/{precision:?} vs CPU {act}"));
+                        diagnose(&cfg, gpus, *precision, *act);
                     }
                     rows.push(serde_json::json!({
                         "preset": name, "gpus": gpus,
