@@ -14,7 +14,8 @@ use compute_support::{host_vmm, TINY};
 use hbm_vmm::DeviceId;
 use moe_runtime::compute::cpu::{dot, CpuCompute};
 use moe_runtime::compute::{
-    round_bf16, ActPrecision, AttnBatch, Compute, FfnWeights, KvGeometry, KvKind, MlaDims, SeqSpan,
+    round_bf16, ActPrecision, AttnBatch, Compute, ComputeError, ExpertOutput, FfnWeights, GqaDims,
+    KvBlocks, KvGeometry, KvKind, MlaDims, Rope, RopeSite, RouterSpec, SeqSpan, TokenRoute,
     VecKvBlocks,
 };
 use moe_runtime::config::ModelConfig;
@@ -477,22 +478,27 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// Teacher-forced greedy decode of a few prompts on two CPU backends (the second follows the
-/// first's tokens); per position, `max |b - a| / max |a|`, and whether the argmax agrees.
-fn teacher_forced(cfg: &ModelConfig, a: CpuCompute, b: CpuCompute) -> Vec<(f64, bool)> {
+/// Teacher-forced greedy decode on two CPU backends, with the prompts and steps of
+/// `tests/gpu_runtime.rs` (6 prompts of 1..23 tokens prefilled as one batch, then 11 batched
+/// decodes: 72 positions); both follow `a`'s greedy tokens. Per position: `max |b - a| / max |a|`,
+/// and whether the argmax agrees.
+fn teacher_forced<B: Compute>(cfg: &ModelConfig, a: CpuCompute, b: B) -> Vec<(f64, bool)> {
     let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
     let vmm = host_vmm(2);
-    let load = |c: CpuCompute, dev: u32| {
-        SingleDevice::load(Model::new(cfg, c).unwrap(), &vmm, DeviceId(dev), &src, 16).unwrap()
-    };
-    let (mut ra, mut rb) = (load(a, 0), load(b, 1));
+    let mut ra =
+        SingleDevice::load(Model::new(cfg, a).unwrap(), &vmm, DeviceId(0), &src, 16).unwrap();
+    let mut rb =
+        SingleDevice::load(Model::new(cfg, b).unwrap(), &vmm, DeviceId(1), &src, 16).unwrap();
     let vocab = cfg.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> = [5u32, 12, 1, 9]
+    let mut seed = 12345u32;
+    let prompts: Vec<Vec<u32>> = [5usize, 12, 1, 23, 8, 3]
         .iter()
-        .enumerate()
-        .map(|(p, &n)| {
+        .map(|&n| {
             (0..n)
-                .map(|i| (p as u32 * 131 + i * 37 + 5) % vocab)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 8) % vocab
+                })
                 .collect()
         })
         .collect();
@@ -500,7 +506,7 @@ fn teacher_forced(cfg: &ModelConfig, a: CpuCompute, b: CpuCompute) -> Vec<(f64, 
     let ids_b: Vec<_> = prompts.iter().map(|_| rb.add_sequence()).collect();
     let mut inputs = prompts.clone();
     let mut out = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..12 {
         let la = ra
             .step(
                 &ids_a
@@ -532,20 +538,28 @@ fn teacher_forced(cfg: &ModelConfig, a: CpuCompute, b: CpuCompute) -> Vec<(f64, 
     out
 }
 
+/// (median, p90, max) of the errors, and the greedy matches.
+fn summary(per: &[(f64, bool)]) -> (f64, f64, f64, usize) {
+    let mut errs: Vec<f64> = per.iter().map(|p| p.0).collect();
+    errs.sort_by(f64::total_cmp);
+    let n = errs.len();
+    (
+        errs[n / 2],
+        errs[n * 9 / 10],
+        errs[n - 1],
+        per.iter().filter(|p| p.1).count(),
+    )
+}
+
 #[test]
 fn bf16_gemm_models_differ_from_f32_by_about_bf16_precision() {
     for preset in TINY {
         let cfg = preset.config();
         let per = teacher_forced(&cfg, CpuCompute::new(), bf16_cpu());
-        let mut errs: Vec<f64> = per.iter().map(|p| p.0).collect();
-        errs.sort_by(f64::total_cmp);
-        let median = errs[errs.len() / 2];
-        let matched = per.iter().filter(|p| p.1).count();
+        let (median, p90, max, matched) = summary(&per);
         println!(
-            "{preset}: Bf16Gemm vs F32 over {} positions: median rel err {median:.3e}, max {:.3e}, \
-             greedy match {matched}/{}",
-            errs.len(),
-            errs[errs.len() - 1],
+            "{preset}: Bf16Gemm vs F32: greedy match {matched}/{}, rel err median {median:.3e}, \
+             p90 {p90:.3e}, max {max:.3e}",
             per.len()
         );
         // Rounding is live in every preset (a bf16 ulp is 2^-8 relative), and typical positions
@@ -568,6 +582,171 @@ fn bf16_gemm_models_differ_from_f32_by_about_bf16_precision() {
             same.iter().all(|p| p.0 == 0.0 && p.1),
             "{preset}: F32 drifted"
         );
+    }
+}
+
+/// The CPU reference with every projection, router and SwiGLU product summed in reverse order
+/// (everything else delegated): what a backend with the same rounding contract but another f32
+/// summation order (cuBLAS) computes.
+#[derive(Debug, Clone, Copy)]
+struct ReverseSums(CpuCompute);
+
+fn rev_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).rev().fold(0.0f32, |s, (x, y)| s + x * y)
+}
+
+impl ReverseSums {
+    fn gemm_input(&self, x: &[f32]) -> Vec<f32> {
+        match self.0.act_precision() {
+            ActPrecision::F32 => x.to_vec(),
+            _ => rounded(x),
+        }
+    }
+}
+
+fn rev_matmul(x: &[f32], w: &[f32], i: usize, o: usize, out: &mut [f32]) {
+    for (m, xr) in x.chunks_exact(i).enumerate() {
+        for (n, wr) in w.chunks_exact(i).enumerate() {
+            out[m * o + n] = rev_dot(xr, wr);
+        }
+    }
+}
+
+impl Compute for ReverseSums {
+    fn name(&self) -> &'static str {
+        "cpu-reverse-sums"
+    }
+    fn embed(&self, t: &[f32], h: usize, tok: &[u32], o: &mut [f32]) -> Result<(), ComputeError> {
+        self.0.embed(t, h, tok, o)
+    }
+    fn rms_norm(&self, x: &[f32], w: &[f32], e: f32, o: &mut [f32]) -> Result<(), ComputeError> {
+        self.0.rms_norm(x, w, e, o)
+    }
+    fn rms_norm_in_place(&self, x: &mut [f32], w: &[f32], e: f32) -> Result<(), ComputeError> {
+        self.0.rms_norm_in_place(x, w, e)
+    }
+    fn linear(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        i: usize,
+        o: usize,
+        out: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        rev_matmul(&self.gemm_input(x), w, i, o, out);
+        Ok(())
+    }
+    fn router_logits(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        i: usize,
+        o: usize,
+        out: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        rev_matmul(x, w, i, o, out);
+        Ok(())
+    }
+    fn add(&self, acc: &mut [f32], x: &[f32]) -> Result<(), ComputeError> {
+        self.0.add(acc, x)
+    }
+    fn rope(&self, r: &Rope, s: RopeSite, x: &mut [f32], p: &[usize]) -> Result<(), ComputeError> {
+        self.0.rope(r, s, x, p)
+    }
+    fn kv_append_gqa(
+        &self,
+        b: AttnBatch<'_>,
+        s: &mut dyn KvBlocks,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), ComputeError> {
+        self.0.kv_append_gqa(b, s, k, v)
+    }
+    fn attention_gqa(
+        &self,
+        b: AttnBatch<'_>,
+        s: &dyn KvBlocks,
+        d: GqaDims,
+        q: &[f32],
+        o: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        self.0.attention_gqa(b, s, d, q, o)
+    }
+    fn kv_append_mla(
+        &self,
+        b: AttnBatch<'_>,
+        s: &mut dyn KvBlocks,
+        l: &[f32],
+        k: &[f32],
+    ) -> Result<(), ComputeError> {
+        self.0.kv_append_mla(b, s, l, k)
+    }
+    fn attention_mla(
+        &self,
+        b: AttnBatch<'_>,
+        s: &dyn KvBlocks,
+        d: MlaDims,
+        kv_b: &[f32],
+        q: &[f32],
+        o: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        self.0.attention_mla(b, s, d, kv_b, q, o)
+    }
+    fn route(&self, l: &[f32], s: &RouterSpec) -> Result<Vec<TokenRoute>, ComputeError> {
+        self.0.route(l, s)
+    }
+    fn swiglu(&self, w: &FfnWeights<'_>, x: &[f32], out: &mut [f32]) -> Result<(), ComputeError> {
+        let x = self.gemm_input(x);
+        for (xr, or) in x.chunks_exact(w.hidden).zip(out.chunks_exact_mut(w.hidden)) {
+            let h: Vec<f32> = (0..w.inter)
+                .map(|i| {
+                    let g = rev_dot(xr, &w.gate[i * w.hidden..(i + 1) * w.hidden]);
+                    let u = rev_dot(xr, &w.up[i * w.hidden..(i + 1) * w.hidden]);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            let h = self.gemm_input(&h);
+            for (j, o) in or.iter_mut().enumerate() {
+                *o = rev_dot(&h, &w.down[j * w.inter..(j + 1) * w.inter]);
+            }
+        }
+        Ok(())
+    }
+    fn combine(
+        &self,
+        p: &[ExpertOutput<'_>],
+        s: Option<&[f32]>,
+        r: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        self.0.combine(p, s, r)
+    }
+}
+
+/// With the rounding contract fixed, what is left between two backends is f32 summation order.
+/// Measured here on the CPU (the reference against itself with reversed sums): the issue's
+/// thresholds hold in both modes on every tiny preset, so the GPU check of each pair tests the
+/// kernels, not the conditioning of the models. (In `Bf16Gemm` an order change can move a sum
+/// across a bf16 rounding boundary, a one-ulp step that the KV cache carries to later positions,
+/// so the tail is larger than in `F32`.)
+#[test]
+fn both_modes_are_insensitive_to_summation_order_within_the_issue_thresholds() {
+    for preset in TINY {
+        let cfg = preset.config();
+        for act in [ActPrecision::F32, ActPrecision::Bf16Gemm] {
+            let cpu = CpuCompute::with_act_precision(act);
+            let per = teacher_forced(&cfg, cpu, ReverseSums(cpu));
+            let (median, p90, max, matched) = summary(&per);
+            println!(
+                "{preset} {act}: reversed sums vs in order: greedy match {matched}/{}, rel err \
+                 median {median:.3e}, p90 {p90:.3e}, max {max:.3e}",
+                per.len()
+            );
+            assert!(max > 0.0, "{preset} {act}: the reordering changed nothing");
+            assert!(
+                matched as f64 >= 0.99 * per.len() as f64 && max <= 2e-2,
+                "{preset} {act}: summation order alone breaks the thresholds"
+            );
+        }
     }
 }
 
