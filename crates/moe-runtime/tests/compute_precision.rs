@@ -562,7 +562,7 @@ fn bf16_gemm_models_differ_from_f32_by_about_bf16_precision() {
              p90 {p90:.3e}, max {max:.3e}",
             per.len()
         );
-        // Rounding is live in every preset (a bf16 ulp is 2^-8 relative), and typical positions
+        // Rounding is live in every preset (it moves a value by up to 2^-8), and typical positions
         // stay within a few ulps; a flipped router near-tie may move single positions further.
         assert!(
             median > 1e-4,
