@@ -101,9 +101,9 @@ impl fmt::Display for ActPrecision {
 
 /// `x` rounded to the nearest bf16 value (ties to even), returned as `f32`.
 ///
-/// Bit-identical to the CUDA kernels' `f2b` and to cuBLAS's bf16 conversion: finite values that
-/// round past the largest bf16 become infinities, infinities stay, and every NaN becomes the
-/// canonical quiet NaN `0x7fc0_0000`.
+/// Bit-identical to the CUDA kernels' `f2b`: finite values that round past the largest bf16
+/// become infinities, infinities stay, and every NaN becomes the canonical quiet NaN
+/// `0x7fc0_0000`.
 ///
 /// ```
 /// use moe_runtime::compute::round_bf16;
