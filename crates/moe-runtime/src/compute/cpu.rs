@@ -4,21 +4,95 @@
 //! interleaved partial sums, folded in a fixed tree, then the tail). Rust never contracts `a*b+c`
 //! into a fused multiply-add on its own, so results are the same on every x86-64 or aarch64 CPU.
 //! Rows never influence each other, so results do not depend on the batch.
+//!
+//! [`CpuCompute::with_act_precision`] selects the activation precision: [`ActPrecision::F32`]
+//! (the default, [`CpuCompute::new`]) rounds nothing; [`ActPrecision::Bf16Gemm`] rounds GEMM
+//! inputs to bf16 at exactly the points the CUDA runner's bf16 mode does (the table in the
+//! [`super`] module docs). Rounding is elementwise, so both modes keep the batch- and
+//! layout-invariance contract.
+//!
+//! ```
+//! use moe_runtime::compute::{cpu::CpuCompute, ActPrecision, Compute};
+//! let w = [1.0f32]; // y = x
+//! let x = [1.0f32 + 1.0 / 256.0]; // halfway between two bf16 values
+//! let mut y = [0.0f32];
+//! CpuCompute::new().linear(&x, &w, 1, 1, &mut y).unwrap();
+//! assert_eq!(y[0], x[0]);
+//! CpuCompute::with_act_precision(ActPrecision::Bf16Gemm).linear(&x, &w, 1, 1, &mut y).unwrap();
+//! assert_eq!(y[0], 1.0); // rounded to even before the product
+//! ```
+
+use std::borrow::Cow;
 
 use super::{
-    check_len, span_rows, AttnBatch, Compute, ComputeError, ExpertOutput, FfnWeights, GqaDims,
-    KvBlocks, KvGeometry, KvKind, MlaDims, Rope, RopeSite, RouterSpec, TokenRoute,
+    check_len, round_bf16, span_rows, ActPrecision, AttnBatch, Compute, ComputeError, ExpertOutput,
+    FfnWeights, GqaDims, KvBlocks, KvGeometry, KvKind, MlaDims, Rope, RopeSite, RouterSpec,
+    TokenRoute,
 };
 use crate::compute::ExpertChoice;
 
-/// The CPU reference backend (stateless; cheap to create and share).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CpuCompute;
+/// The CPU reference backend (stateless apart from its activation precision; cheap to create,
+/// copy and share).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuCompute {
+    act: ActPrecision,
+}
 
 impl CpuCompute {
-    /// The backend.
+    /// The reference backend with `f32` activations ([`ActPrecision::F32`]).
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// The backend with the given activation precision.
+    pub fn with_act_precision(act: ActPrecision) -> Self {
+        Self { act }
+    }
+
+    /// Its activation precision.
+    pub fn act_precision(&self) -> ActPrecision {
+        self.act
+    }
+
+    /// `x` as a GEMM input: unchanged in `F32`, rounded to bf16 elementwise in `Bf16Gemm`.
+    fn gemm_input<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.act {
+            ActPrecision::F32 => Cow::Borrowed(x),
+            ActPrecision::Bf16Gemm => Cow::Owned(x.iter().map(|&v| round_bf16(v)).collect()),
+        }
+    }
+
+    /// Rounds `x` in place where the mode rounds GEMM inputs.
+    fn round_gemm_input(&self, x: &mut [f32]) {
+        if self.act == ActPrecision::Bf16Gemm {
+            for v in x {
+                *v = round_bf16(*v);
+            }
+        }
+    }
+
+    /// `out[m] = W x[m]` in `f32`, never rounded (shared by `linear` and `router_logits`).
+    fn matmul_f32(
+        x: &[f32],
+        w: &[f32],
+        in_features: usize,
+        out_features: usize,
+        out: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        if out_features == 0 {
+            return Err(ComputeError::Dims("linear with zero output features"));
+        }
+        let rows = rows_of("linear input", x.len(), in_features)?;
+        check_len("linear weight", in_features * out_features, w.len())?;
+        check_len("linear output", rows * out_features, out.len())?;
+        // Weight-row outer loop: each weight row is streamed once for the whole batch; every output
+        // element is one `dot`, so its value does not depend on `rows`.
+        for (n, wr) in w.chunks_exact(in_features).enumerate() {
+            for (m, xr) in x.chunks_exact(in_features).enumerate() {
+                out[m * out_features + n] = dot(xr, wr);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,7 +214,10 @@ fn kv_append(
 
 impl Compute for CpuCompute {
     fn name(&self) -> &'static str {
-        "cpu"
+        match self.act {
+            ActPrecision::F32 => "cpu",
+            ActPrecision::Bf16Gemm => "cpu-bf16-gemm",
+        }
     }
 
     fn embed(
@@ -206,20 +283,18 @@ impl Compute for CpuCompute {
         out_features: usize,
         out: &mut [f32],
     ) -> Result<(), ComputeError> {
-        if out_features == 0 {
-            return Err(ComputeError::Dims("linear with zero output features"));
-        }
-        let rows = rows_of("linear input", x.len(), in_features)?;
-        check_len("linear weight", in_features * out_features, w.len())?;
-        check_len("linear output", rows * out_features, out.len())?;
-        // Weight-row outer loop: each weight row is streamed once for the whole batch; every output
-        // element is one `dot`, so its value does not depend on `rows`.
-        for (n, wr) in w.chunks_exact(in_features).enumerate() {
-            for (m, xr) in x.chunks_exact(in_features).enumerate() {
-                out[m * out_features + n] = dot(xr, wr);
-            }
-        }
-        Ok(())
+        Self::matmul_f32(&self.gemm_input(x), w, in_features, out_features, out)
+    }
+
+    fn router_logits(
+        &self,
+        x: &[f32],
+        router: &[f32],
+        hidden: usize,
+        experts: usize,
+        out: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        Self::matmul_f32(x, router, hidden, experts, out)
     }
 
     fn add(&self, acc: &mut [f32], x: &[f32]) -> Result<(), ComputeError> {
@@ -435,6 +510,8 @@ impl Compute for CpuCompute {
                     let w_head = &kv_b[h * kvb_head * r..(h + 1) * kvb_head * r];
                     let (w_uk, w_uv) = w_head.split_at(dims.qk_nope * r);
                     // Absorb: q_lat = W_UK^T q_nope, summed over the nope dimension in order.
+                    // A GEMM on the GPU: its query operand is rounded in Bf16Gemm.
+                    let q_nope = self.gemm_input(q_nope);
                     q_lat.fill(0.0);
                     for (j, &qj) in q_nope.iter().enumerate() {
                         for (l, &wv) in q_lat.iter_mut().zip(&w_uk[j * r..(j + 1) * r]) {
@@ -456,6 +533,8 @@ impl Compute for CpuCompute {
                             *o += p * c;
                         }
                     }
+                    // Expand (a GEMM on the GPU, whose latent operand is rounded in Bf16Gemm).
+                    self.round_gemm_input(&mut o_lat);
                     let oh = &mut or[h * dims.v_head..(h + 1) * dims.v_head];
                     for (o, wr) in oh.iter_mut().zip(w_uv.chunks_exact(r)) {
                         *o = dot(wr, &o_lat);
@@ -539,6 +618,8 @@ impl Compute for CpuCompute {
         let rows = rows_of("ffn input", x.len(), w.hidden)?;
         check_len("ffn output", rows * w.hidden, out.len())?;
         let mut h = vec![0.0f32; w.inter];
+        // Both GEMM inputs (x into gate/up, h into down) are rounded in Bf16Gemm.
+        let x = self.gemm_input(x);
         for (xr, or) in x.chunks_exact(w.hidden).zip(out.chunks_exact_mut(w.hidden)) {
             for ((hv, gr), ur) in h
                 .iter_mut()
@@ -547,6 +628,7 @@ impl Compute for CpuCompute {
             {
                 *hv = silu(dot(xr, gr)) * dot(xr, ur);
             }
+            self.round_gemm_input(&mut h);
             for (o, dr) in or.iter_mut().zip(w.down.chunks_exact(w.inter)) {
                 *o = dot(&h, dr);
             }

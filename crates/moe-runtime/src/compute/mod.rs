@@ -23,6 +23,34 @@
 //! and MLA stores `[latent: kv_lora_rank (after kv_a_layernorm)][rope key: qk_rope_head_dim (after
 //! rope)]`. Kernels reach blocks through [`KvBlocks`], so the engine can back them by any pool.
 //!
+//! # Activation precision: the CUDA runner's bf16 contract on the CPU
+//!
+//! The CUDA runner's serving mode (`cuda::Precision::Bf16`) rounds activations to bf16
+//! (round-to-nearest-even) exactly where they become inputs of its cuBLAS GEMMs, and keeps
+//! everything else in `f32`. [`cpu::CpuCompute`] follows the same contract when built with
+//! [`ActPrecision::Bf16Gemm`] (the default, [`ActPrecision::F32`], rounds nothing). The rounding
+//! points, each applied with [`round_bf16`] (bit-identical to the CUDA kernels' `f2b`):
+//!
+//! | where (CPU kernel) | value rounded | on the GPU |
+//! |---|---|---|
+//! | [`Compute::linear`] | every input row `x` | the bf16 `x` of `cublasGemmEx`: normed hidden into Q/K/V, `q_proj`, `q_a_proj`, `kv_a_proj`; normed `q_a` into `q_b_proj`; the attention output (GQA, or MLA after the value expansion) into `o_proj` |
+//! | [`Compute::lm_head`] (default: `linear`) | final-normed rows | `lastb` into the LM head GEMM |
+//! | [`Compute::swiglu`] | input rows `x`, and `silu(gate x) * up x` before `down` | `xb`/`xg` into gate/up, `silu_mul`'s bf16 output into down (routed experts, shared experts, dense MLP) |
+//! | [`Compute::attention_mla`] | the non-rotary query before the absorb product, the latent attention output before the value expansion | `cast_bf16(q)` into the strided absorb GEMM; `attn_mla`'s bf16 `olat` into the expand GEMM |
+//!
+//! Not rounded, in either mode: weights (the caller supplies the values it wants; the GPU tests
+//! load bf16-rounded weights on both sides), the residual stream, every norm's statistics,
+//! rope, Q/K norms, attention scores and softmax, the rotary query part, the KV cache,
+//! [`Compute::router_logits`] (an `f32` dot product from the `f32` normed rows, the GPU's
+//! `linear_f32` kernel), routing weights, combine and the logits. Products of two bf16 values
+//! are exact in `f32` and both sides accumulate in `f32`, so with the same contract the only
+//! difference left between the GPU and the CPU is `f32` summation order.
+//!
+//! Architecture invariant: the CPU `Bf16Gemm` mode rounds at exactly the CUDA `Bf16` points
+//! listed above, no more and no fewer. A change to where the CUDA runner stores an activation as
+//! bf16 must change this table and [`cpu::CpuCompute`] with it; `tests/gpu_runtime.rs` checks the
+//! pair on the GPU machine.
+//!
 //! Architecture invariant: kernels never allocate device memory that outlives a call and never see
 //! requests, devices or placements; they see rows, weights and KV blocks.
 //!
@@ -42,6 +70,57 @@ mod rope;
 pub use rope::{Rope, RopeStyle, YarnParams};
 
 use std::fmt;
+
+/// Which activations a backend rounds to bf16 (see the module docs for the exact points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum ActPrecision {
+    /// Every activation stays `f32` (the reference arithmetic; the CUDA runner's `F32` mode).
+    #[default]
+    F32,
+    /// Activations are rounded to bf16 (round-to-nearest-even) where they enter a GEMM, and only
+    /// there: the CUDA runner's serving (`Bf16`) mode.
+    Bf16Gemm,
+}
+
+impl ActPrecision {
+    /// A short name for logs and reports (`"f32"`, `"bf16-gemm"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ActPrecision::F32 => "f32",
+            ActPrecision::Bf16Gemm => "bf16-gemm",
+        }
+    }
+}
+
+impl fmt::Display for ActPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `x` rounded to the nearest bf16 value (ties to even), returned as `f32`.
+///
+/// Bit-identical to the CUDA kernels' `f2b`: finite values that round past the largest bf16
+/// become infinities, infinities stay, and every NaN becomes the canonical quiet NaN
+/// `0x7fc0_0000`.
+///
+/// ```
+/// use moe_runtime::compute::round_bf16;
+/// // 1 + 2^-8 is halfway between the bf16 neighbours 1 and 1 + 2^-7: ties go to the even one.
+/// assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+/// assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+/// ```
+pub fn round_bf16(x: f32) -> f32 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return f32::from_bits(0x7fc0_0000);
+    }
+    // Add just under half an ulp of bf16, plus one when the kept part is odd, then truncate. No
+    // finite input wraps: the largest magnitude, -inf, is 0xff80_0000.
+    let u = u + 0x7fff + ((u >> 16) & 1);
+    f32::from_bits(u & 0xffff_0000)
+}
 
 /// Why a kernel refused its inputs.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -551,6 +630,20 @@ pub trait Compute: Send + Sync + fmt::Debug {
         shared: Option<&[f32]>,
         residual: &mut [f32],
     ) -> Result<(), ComputeError>;
+
+    /// Router logits of every row (`router` is `[experts, hidden]`): a plain `f32` product in
+    /// every [`ActPrecision`], never rounded (the GPU computes them with an `f32` kernel, not a
+    /// bf16 GEMM). The default is [`Compute::linear`], right for backends that never round.
+    fn router_logits(
+        &self,
+        x: &[f32],
+        router: &[f32],
+        hidden: usize,
+        experts: usize,
+        out: &mut [f32],
+    ) -> Result<(), ComputeError> {
+        self.linear(x, router, hidden, experts, out)
+    }
 
     /// Logits of every row: `lm_head` is `[vocab, hidden]`.
     fn lm_head(

@@ -528,7 +528,10 @@ impl<C: Compute> Model<C> {
         let MlpWeights::Moe { router, .. } = w.mlp else {
             return Err(ModelError::Unsupported("route() on a dense layer".into()));
         };
-        let logits = self.linear(normed, router, self.hidden(), self.router.experts)?;
+        let e = self.router.experts;
+        let mut logits = vec![0.0; normed.len() / self.hidden().max(1) * e];
+        self.compute
+            .router_logits(normed, router, self.hidden(), e, &mut logits)?;
         Ok(self.compute.route(&logits, &self.router)?)
     }
 
