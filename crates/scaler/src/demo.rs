@@ -243,6 +243,10 @@ pub struct ScaleEventReport {
     /// (Beyond the schema.) Sequences this event re-queued for recompute (to fit the colocated
     /// baseline's halved KV budget, or at a switch): never lost, recomputed bitwise the same.
     pub sequences_preempted: u64,
+    /// (Beyond the schema.) Colocated: the running instance's KV budget during the transition,
+    /// in chunks, per shared device (ascending id), against `kv_max_chunks` per device
+    /// outside it. Empty for the other strategies.
+    pub kv_budget_chunks: Vec<u64>,
 }
 
 impl ScaleEventReport {
@@ -270,6 +274,7 @@ impl ScaleEventReport {
             kv_bytes_precopied: e.kv_bytes_precopied,
             kv_bytes_at_switch: e.kv_bytes_at_switch,
             sequences_preempted: e.sequences_preempted,
+            kv_budget_chunks: e.kv_budget.iter().map(|c| c.budget_chunks as u64).collect(),
         }
     }
 }

@@ -497,3 +497,56 @@ fn an_elastic_scale_down_precopies_kv_and_the_switch_copies_only_the_tail() {
     // the scheduler's ordinary pressure handling, recomputed bitwise the same.)
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_colocated_transfer_failure_rolls_back_restoring_the_kv_budget() {
+    let ck = checkpoint();
+    let ps = prompts(12);
+    let want = reference(&ps, &ck);
+    let e = engine(2, &ck);
+    let mut x = executor(&e, &ck);
+    let store = e.with_runner(|r| Arc::clone(r.store()));
+    let keys_before = store.keys();
+    let usage_before = store.vmm().usage(hbm_vmm::DeviceId(2));
+    let handles = submit(&x, &ps);
+    for _ in 0..3 {
+        e.step().unwrap();
+    }
+    let run = e.start();
+    x.set_faults(Faults {
+        fail_copies_to: Some(scaler::DeviceId(1)),
+        ..Faults::default()
+    });
+    let from = DeviceSet::first(2);
+    let ev = x
+        .run(spec(Strategy::Colocated, &from, DeviceSet::first(3)))
+        .unwrap();
+    assert_eq!(ev.report.phase, Phase::Aborted);
+    assert_eq!(
+        ev.kv_budget.len(),
+        2,
+        "the budget was halved before the copies"
+    );
+    assert_eq!(x.devices(), from, "still serving on the old instance");
+    for d in 0..2 {
+        assert_eq!(
+            x.engine()
+                .with_runner(|r| r.kv_budget(hbm_vmm::DeviceId(d))),
+            None,
+            "the full budget is back"
+        );
+    }
+    assert!(Arc::ptr_eq(
+        &store,
+        &e.with_runner(|r| Arc::clone(r.store()))
+    ));
+    assert_eq!(store.keys(), keys_before);
+    assert_eq!(
+        store.vmm().usage(hbm_vmm::DeviceId(2)),
+        usage_before,
+        "the second instance's copies were freed"
+    );
+    let got: Vec<_> = finish_all(handles).iter().map(bits).collect();
+    run.stop();
+    assert_eq!(got, want);
+}

@@ -779,4 +779,44 @@ mod tests {
         };
         assert_eq!(got, one, "preempted sequences are recomputed, not lost");
     }
+
+    fn one_device_reference() -> &'static Vec<Vec<u32>> {
+        static REF: std::sync::OnceLock<Vec<Vec<u32>>> = std::sync::OnceLock::new();
+        REF.get_or_init(|| {
+            let e = engine(1);
+            let hs = submit(&e);
+            e.run_until_idle(10_000).unwrap();
+            hs.into_iter().map(|h| h.wait().tokens).collect()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
+
+        /// Whatever the budget and whenever it is set, the pool's used blocks stay within it
+        /// from then on, and once it is lifted every request completes with the tokens of a run
+        /// that never had one.
+        #[test]
+        fn a_budget_bounds_used_blocks_and_loses_nothing(budget in 1usize..=8, warm in 0usize..30) {
+            let e = engine(1);
+            let hs = submit(&e);
+            for _ in 0..warm {
+                e.step().unwrap();
+            }
+            let changes = at(&e, move |r, s| r.set_kv_budget(s, &[DeviceId(0)], budget).unwrap());
+            proptest::prop_assert_eq!(changes[0].budget_chunks, budget);
+            for _ in 0..30 {
+                let (used, per) = e.with_runner(|r| {
+                    let p = r.deployment().ranks()[0].pool();
+                    (p.stats().used, p.blocks_per_chunk())
+                });
+                proptest::prop_assert!(used <= budget * per, "{} > {} blocks", used, budget * per);
+                e.step().unwrap();
+            }
+            at(&e, |r, _| r.clear_kv_budget(&[DeviceId(0)]));
+            e.run_until_idle(10_000).unwrap();
+            let got: Vec<Vec<u32>> = hs.into_iter().map(|h| h.wait().tokens).collect();
+            proptest::prop_assert_eq!(&got, one_device_reference());
+        }
+    }
 }
