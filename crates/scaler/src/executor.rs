@@ -12,16 +12,27 @@
 //! | `StartCopies` | [`WeightStore::copy`] chunk by chunk (the host stand-in for a peer-to-peer copy), [`WeightStore::load`] for reloads; one `CopiesDone`/`CopiesFailed` per destination |
 //! | `DiscardCopies` | releases every chunk the copies registered |
 //! | `CloseRanks` / `ReopenRanks` / `FenceFailed` / `RequeueSequences` | scheduler changes at an iteration boundary ([`Engine::at_boundary`]) |
+//! | `MigrateKv` | scale-down pre-copy: at a boundary, `DeploymentRunner::plan_precopy` lists the full KV blocks of every sequence on the (closed) leaving ranks; off the loop, `PrecopyPlan::copy` copies them into new KV sequences on staying ranks while those sequences keep decoding where they are; answered with the pre-copied sequences and bytes |
+//! | `StopKvMigration` | drops the pre-copies, freeing their blocks on the staying ranks |
 //! | `BuildDeployment` | [`Deployment::build`] beside the running deployment, reusing its KV pools, replicated views and unchanged expert ranges (zero-copy) |
-//! | `RequestSwitch` | [`Engine::swap_deployment`]: a pointer swap at the next iteration boundary; running sequences of leaving ranks move there with their KV (`DeploymentRunner::install`) |
+//! | `RequestSwitch` | a pointer swap at the next iteration boundary (`DeploymentRunner::install_precopied`); sequences of leaving ranks move to their pre-copies and only the tail written since is copied there (a sequence without a valid pre-copy moves whole) |
 //! | `RetireOld` / `ReleaseOldViews` | the old deployment is dropped through the `hbm-vmm` epoch after its last iteration; chunks no device needs any more are released |
 //! | cold restart `StopOldDeployment` | a boundary action that re-queues every running sequence and holds the serving loop until a runner rebuilt from disk (a fresh store and fresh workers) replaces the old one |
 //!
-//! Two things are done by the runtime rather than in Prepare, and are reported as such:
-//! reserving and mapping the next deployment's views happen inside [`Deployment::build`], and the
-//! live KV migration of a scale-down happens inside the switch's boundary action (the runner owns
-//! the sequence → KV table), so [`Event::KvMigrated`] is answered once the leaving ranks are
-//! closed, and the moved sequences and bytes come from the runtime's [`SwapReport`].
+//! The colocated baseline (a second instance on old ∪ new devices) differs in these:
+//!
+//! | action | colocated |
+//! |---|---|
+//! | `ShrinkKvBudget` | at a boundary, `DeploymentRunner::set_kv_budget` limits the running instance's pools on the shared devices to half their chunks; where more blocks are in use, the youngest sequences of that rank are preempted (re-queued and recomputed, never dropped, counted in [`ScaleEvent::sequences_preempted`]); free chunks past the budget are unmapped. `RestoreKvBudget` lifts it (rollback) |
+//! | `ComputePlan` | every chunk of the target placement is a copy, including those a device already holds for the running instance (a device-local duplicate, `ChunkSource::Peer` of the device itself): `bytes_zero_copy` is 0 |
+//! | `StartCopies` | into a second [`WeightStore`] over the same devices ([`WeightStore::copy_from`]) |
+//! | `BuildDeployment` | [`Deployment::build`] from that store with no `previous`: its own views and KV pools, within half the budget |
+//! | `RequestSwitch` | `DeploymentRunner::install_instance` at a boundary: every running sequence's whole KV is copied into the new instance's pools (copied, not recomputed) and the old instance is dropped; the boundary holds the loop for that copy ([`ScaleEvent::switch_boundary_ms`]) |
+//! | `ReleaseOldViews` / `DestroyKvPools` | the old store gives every chunk up; the new instance's KV budget is lifted |
+//!
+//! Reserving and mapping the next deployment's views happen inside [`Deployment::build`] (so
+//! `ReserveNextViews`, `MapKeptExperts`, `MapMovedExperts` and `CreateKvPools` have no separate
+//! host effect).
 //!
 //! Architecture invariant: the executor never blocks the serving loop in the elastic strategy;
 //! everything slow (plan, copies, build) runs on the caller's thread. Only the cold-restart
@@ -283,7 +294,9 @@ pub struct ScaleEvent {
     /// How long the serving loop was stopped (only the cold restart stops it).
     pub downtime_ms: f64,
     /// How long the switch's boundary action held the serving loop (the pointer swap, plus
-    /// the KV copies of sequences on leaving ranks).
+    /// the KV copies made there: the tails after a pre-copy, or every running sequence's whole
+    /// KV for the colocated and extravagant baselines). The loop is not stopped, so this is not
+    /// counted as downtime; the next iteration starts this much later.
     pub switch_boundary_ms: f64,
     /// The highest bytes each involved device held during the transition (weights and KV).
     pub peak_bytes_per_device: BTreeMap<DeviceId, u64>,
