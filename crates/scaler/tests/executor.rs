@@ -450,7 +450,7 @@ fn an_elastic_scale_down_precopies_kv_and_the_switch_copies_only_the_tail() {
     let ck = checkpoint();
     let v = PRESET.config().vocab_size as u32;
     let ps: Vec<Vec<TokenId>> = (0..9u32)
-        .map(|i| (0..24).map(|j| (i * 13 + j * 5 + 1) % v).collect())
+        .map(|i| (0..48).map(|j| (i * 13 + j * 5 + 1) % v).collect())
         .collect();
     let long = |p: &Vec<TokenId>| Request::greedy(p.clone(), 96).with_logprobs(true);
     let want: Vec<_> = {
@@ -466,7 +466,7 @@ fn an_elastic_scale_down_precopies_kv_and_the_switch_copies_only_the_tail() {
         .map(|p| x.gate().submit(x.engine(), long(p)).unwrap())
         .collect();
     // Prefill by hand, so that device 2 has running sequences with full KV blocks.
-    for _ in 0..12 {
+    for _ in 0..16 {
         e.step().unwrap();
     }
     let run = e.start();
