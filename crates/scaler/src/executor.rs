@@ -731,6 +731,7 @@ impl HostExecutor {
             Action::ShrinkKvBudget { devices, budget } => {
                 let chunks = self.kv_budget_chunks(budget);
                 let devs: Vec<HDev> = devices.iter().map(hdev).collect();
+                let undo = devs.clone();
                 match self.at_boundary(move |r, s| r.set_kv_budget(s, &devs, chunks)) {
                     Some(Ok(changes)) => {
                         ctx.preempted += changes
@@ -743,11 +744,17 @@ impl HostExecutor {
                         step: Step::ShrinkKvBudget,
                         reason: e.to_string(),
                     }),
-                    None => events.push(Event::StepFailed {
-                        step: Step::ShrinkKvBudget,
-                        reason: ExecError::BoundaryTimeout(self.config.boundary_timeout)
-                            .to_string(),
-                    }),
+                    None => {
+                        // The budget may still be set when the engine reaches a boundary:
+                        // queue its undo behind it (the step reports as undone).
+                        self.engine
+                            .at_boundary(move |r, _| r.clear_kv_budget(&undo));
+                        events.push(Event::StepFailed {
+                            step: Step::ShrinkKvBudget,
+                            reason: ExecError::BoundaryTimeout(self.config.boundary_timeout)
+                                .to_string(),
+                        });
+                    }
                 }
             }
             Action::RestoreKvBudget { devices } => {
