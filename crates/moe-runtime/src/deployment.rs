@@ -188,6 +188,15 @@ pub enum DeploymentError {
     /// KV migration failed.
     #[error("moving the KV of a sequence failed: {0}")]
     Migration(String),
+    /// A device that the running deployment does not serve on.
+    #[error("{device} is not part of the running deployment")]
+    NotServing {
+        /// The device.
+        device: DeviceId,
+    },
+    /// A KV budget of no chunks at all.
+    #[error("a KV budget must allow at least 1 chunk per device")]
+    ZeroKvBudget,
 }
 
 /// How [`PlacementKind::placement`] lays experts out.
@@ -544,21 +553,34 @@ impl WeightStore {
     /// Copies the chunk of `key` (on `key.device()`) to a new chunk on `to` and registers it as
     /// `key.on(to)`. The host stand-in for a peer-to-peer copy. Returns the bytes copied.
     pub fn copy(&self, key: WeightKey, to: DeviceId) -> Result<usize, DeploymentError> {
+        self.copy_from(self, key, to)
+    }
+
+    /// Copies the chunk of `key` held by another store `src` (on `key.device()`) into a new chunk
+    /// on `to`, registered here as `key.on(to)`. With `to == key.device()` this duplicates the
+    /// chunk on its own device: the colocated baseline gives a second instance its own copy of
+    /// every weight this way. Returns the bytes copied.
+    pub fn copy_from(
+        &self,
+        src: &WeightStore,
+        key: WeightKey,
+        to: DeviceId,
+    ) -> Result<usize, DeploymentError> {
         self.check_device(to)?;
         let dst_key = key.on(to);
         if self.has(&dst_key) {
             return Err(DeploymentError::DuplicateChunk(dst_key));
         }
-        let src = self
+        let src_chunk = src
             .hmm
             .get(&key)
             .ok_or(DeploymentError::MissingChunk(key))?;
-        let size = src.size();
+        let size = src_chunk.size();
         let dst = self.vmm.create_chunk(to, size, true)?;
-        let src_map = self
+        let src_map = src
             .vmm
-            .reserve(src.device(), size)?
-            .map(0, &src, 0, size)?;
+            .reserve(src_chunk.device(), size)?
+            .map(0, &src_chunk, 0, size)?;
         let dst_map = self.vmm.reserve(to, size)?.map(0, &dst, 0, size)?;
         dst_map.as_mut_slice().copy_from_slice(&src_map.as_slice());
         drop((src_map, dst_map));

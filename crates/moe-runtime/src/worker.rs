@@ -64,6 +64,10 @@ use crate::engine::{
 use crate::model::weights::{LayerWeights, TensorSource};
 use crate::model::{Model, ModelError};
 
+mod install;
+
+pub use install::{KvBudgetChange, KvPrecopy, PrecopyPlan};
+
 /// Why a worker could not finish its part of an iteration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -568,8 +572,11 @@ pub struct SwapReport {
     pub migrated: Vec<(RequestId, RankId, RankId)>,
     /// Sequences sent back to the queue for recompute.
     pub requeued: Vec<RequestId>,
-    /// KV bytes copied.
+    /// KV bytes copied inside the swap (for sequences whose KV was pre-copied, only the tail
+    /// written since; see [`DeploymentRunner::install_precopied`]).
     pub kv_bytes: usize,
+    /// Sequences that moved on a pre-copy (only their tail was copied in the swap).
+    pub precopied: usize,
 }
 
 /// Knobs of [`DeploymentRunner::host_engine`].
@@ -610,6 +617,9 @@ pub struct DeploymentRunner {
     workers: Workers,
     seqs: BTreeMap<RequestId, (RankId, kv_pool::SeqId)>,
     config: RunnerConfig,
+    /// KV budgets below the pools' reserved maximum, in chunks per device (see
+    /// [`DeploymentRunner::set_kv_budget`]).
+    kv_budget: BTreeMap<DeviceId, usize>,
 }
 
 impl DeploymentRunner {
@@ -630,6 +640,7 @@ impl DeploymentRunner {
             workers,
             seqs: BTreeMap::new(),
             config,
+            kv_budget: BTreeMap::new(),
         })
     }
 
@@ -700,6 +711,22 @@ impl DeploymentRunner {
         scheduler: &mut Scheduler,
         failed: &[DeviceId],
     ) -> Result<SwapReport, DeploymentError> {
+        self.install_precopied(next, scheduler, failed, KvPrecopy::default())
+    }
+
+    /// As [`DeploymentRunner::install`], with the KV of sequences on leaving devices already
+    /// pre-copied ([`DeploymentRunner::plan_precopy`], [`PrecopyPlan::copy`]) while they kept
+    /// decoding: a sequence whose pre-copy is still valid (same KV sequence, same blocks, its
+    /// destination rank stays and is open) moves there and only the blocks written since the
+    /// pre-copy (the tail) are copied now. Any other sequence moves as in `install`. Pre-copies
+    /// left unused are freed.
+    pub fn install_precopied(
+        &mut self,
+        next: Arc<Deployment>,
+        scheduler: &mut Scheduler,
+        failed: &[DeviceId],
+        mut precopy: KvPrecopy,
+    ) -> Result<SwapReport, DeploymentError> {
         let cur = Arc::clone(self.slot.current());
         let (old_devs, new_devs) = (cur.devices(), next.devices());
         for &d in new_devs.iter().filter(|d| old_devs.contains(d)) {
@@ -739,6 +766,11 @@ impl DeploymentRunner {
             for seq in scheduler.running_on(from).to_vec() {
                 let moved = if failed.contains(&d) {
                     None
+                } else if let Some((to, bytes)) =
+                    self.finish_precopy(&next, scheduler, &mut precopy, seq, from)
+                {
+                    report.precopied += 1;
+                    Some((to, bytes))
                 } else {
                     self.migrate(&next, scheduler, seq, from)
                 };
@@ -756,6 +788,8 @@ impl DeploymentRunner {
             report.requeued.extend(scheduler.remove_rank(from, self));
             report.removed.push(from);
         }
+        // Pre-copies of sequences that finished (or were not used) give their blocks back.
+        drop(precopy);
         self.slot.swap(next);
         // This runs between iterations, so no iteration's epoch can still see the old deployment:
         // drop it now rather than at the next iteration (which may be far off when idle).
@@ -785,7 +819,8 @@ impl DeploymentRunner {
             let dst = next.rank_on(DeviceId(to.0))?.pool();
             // Grow the destination pool (within its limit) until the blocks fit.
             let need = src.table(sid).map(|t| t.blocks().len()).unwrap_or(0);
-            while dst.stats().free < need && dst.stats().chunks < dst.max_chunks() {
+            let limit = self.chunk_limit(DeviceId(to.0), dst);
+            while dst.stats().free < need && dst.stats().chunks < limit {
                 if dst.grow(1).is_err() {
                     break;
                 }
@@ -807,10 +842,10 @@ impl DeploymentRunner {
     }
 }
 
-/// Blocks a pool could still get by growing, on top of its free ones.
-fn headroom(pool: &BlockPool<HostBackend>) -> usize {
-    let s = pool.stats();
-    s.free + pool.max_chunks().saturating_sub(s.chunks) * pool.blocks_per_chunk()
+/// Blocks a pool could still hand out within `limit` chunks: free ones plus those it could get by
+/// growing (with the pool under its limit this is `limit` chunks' blocks minus the used ones).
+fn headroom(pool: &BlockPool<HostBackend>, limit: usize) -> usize {
+    (limit * pool.blocks_per_chunk()).saturating_sub(pool.stats().used)
 }
 
 impl KvLedger for DeploymentRunner {
@@ -818,9 +853,10 @@ impl KvLedger for DeploymentRunner {
         let Some(pool) = self.pool(rank) else {
             return false;
         };
-        let max_blocks = pool.max_chunks() * pool.blocks_per_chunk();
+        let limit = self.chunk_limit(DeviceId(rank.0), pool);
+        let max_blocks = limit * pool.blocks_per_chunk();
         let need = pool.layout().blocks_for(tokens) + pool.watermarks().reserve_blocks(max_blocks);
-        need <= headroom(pool)
+        need <= headroom(pool, limit)
     }
 
     fn grow(&mut self, rank: RankId, seq: RequestId, tokens: usize) -> bool {
@@ -836,10 +872,14 @@ impl KvLedger for DeploymentRunner {
                 sid
             }
         };
+        let limit = self.chunk_limit(DeviceId(rank.0), &pool);
         loop {
+            if !self.within_budget(DeviceId(rank.0), &pool, sid, tokens) {
+                break;
+            }
             match pool.grow_to(sid, tokens) {
                 Ok(_) => return true,
-                Err(KvError::OutOfBlocks { .. }) if pool.stats().chunks < pool.max_chunks() => {
+                Err(KvError::OutOfBlocks { .. }) if pool.stats().chunks < limit => {
                     if pool.grow(1).is_err() {
                         break;
                     }
@@ -860,6 +900,7 @@ impl KvLedger for DeploymentRunner {
             debug_assert_eq!(r, rank);
             if let Some(pool) = self.pool(r) {
                 let _ = pool.free(sid);
+                self.trim_to_budget(DeviceId(r.0), pool);
             }
         }
     }

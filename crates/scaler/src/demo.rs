@@ -230,6 +230,23 @@ pub struct ScaleEventReport {
     pub peak_bytes_per_device: Vec<u64>,
     /// Phase durations.
     pub phases_ms: PhasesMs,
+    /// (Beyond issue 8's schema.) How long the switch's boundary action held the serving loop
+    /// between two iterations: the pointer swap plus the KV copied there. Not counted as
+    /// downtime (the loop did not stop; one iteration started this much later).
+    pub switch_boundary_ms: f64,
+    /// (Beyond the schema.) Scale-down: KV bytes pre-copied to staying ranks during Prepare
+    /// while the sequences kept decoding.
+    pub kv_bytes_precopied: u64,
+    /// (Beyond the schema.) KV bytes copied inside the switch: only the tails after a
+    /// pre-copy; every running sequence's whole KV for the colocated and extravagant baselines.
+    pub kv_bytes_at_switch: u64,
+    /// (Beyond the schema.) Sequences this event re-queued for recompute (to fit the colocated
+    /// baseline's halved KV budget, or at a switch): never lost, recomputed bitwise the same.
+    pub sequences_preempted: u64,
+    /// (Beyond the schema.) Colocated: the running instance's KV budget during the transition,
+    /// in chunks, per shared device (ascending id), against `kv_max_chunks` per device
+    /// outside it. Empty for the other strategies.
+    pub kv_budget_chunks: Vec<u64>,
 }
 
 impl ScaleEventReport {
@@ -253,6 +270,11 @@ impl ScaleEventReport {
                 switch: r.phases_ms.switch,
                 retire: r.phases_ms.retire,
             },
+            switch_boundary_ms: e.switch_boundary_ms,
+            kv_bytes_precopied: e.kv_bytes_precopied,
+            kv_bytes_at_switch: e.kv_bytes_at_switch,
+            sequences_preempted: e.sequences_preempted,
+            kv_budget_chunks: e.kv_budget.iter().map(|c| c.budget_chunks as u64).collect(),
         }
     }
 }

@@ -12,16 +12,27 @@
 //! | `StartCopies` | [`WeightStore::copy`] chunk by chunk (the host stand-in for a peer-to-peer copy), [`WeightStore::load`] for reloads; one `CopiesDone`/`CopiesFailed` per destination |
 //! | `DiscardCopies` | releases every chunk the copies registered |
 //! | `CloseRanks` / `ReopenRanks` / `FenceFailed` / `RequeueSequences` | scheduler changes at an iteration boundary ([`Engine::at_boundary`]) |
+//! | `MigrateKv` | scale-down pre-copy: at a boundary, `DeploymentRunner::plan_precopy` lists the full KV blocks of every sequence on the (closed) leaving ranks; off the loop, `PrecopyPlan::copy` copies them into new KV sequences on staying ranks while those sequences keep decoding where they are; answered with the pre-copied sequences and bytes |
+//! | `StopKvMigration` | drops the pre-copies, freeing their blocks on the staying ranks |
 //! | `BuildDeployment` | [`Deployment::build`] beside the running deployment, reusing its KV pools, replicated views and unchanged expert ranges (zero-copy) |
-//! | `RequestSwitch` | [`Engine::swap_deployment`]: a pointer swap at the next iteration boundary; running sequences of leaving ranks move there with their KV (`DeploymentRunner::install`) |
+//! | `RequestSwitch` | a pointer swap at the next iteration boundary (`DeploymentRunner::install_precopied`); sequences of leaving ranks move to their pre-copies and only the tail written since is copied there (a sequence without a valid pre-copy moves whole) |
 //! | `RetireOld` / `ReleaseOldViews` | the old deployment is dropped through the `hbm-vmm` epoch after its last iteration; chunks no device needs any more are released |
 //! | cold restart `StopOldDeployment` | a boundary action that re-queues every running sequence and holds the serving loop until a runner rebuilt from disk (a fresh store and fresh workers) replaces the old one |
 //!
-//! Two things are done by the runtime rather than in Prepare, and are reported as such:
-//! reserving and mapping the next deployment's views happen inside [`Deployment::build`], and the
-//! live KV migration of a scale-down happens inside the switch's boundary action (the runner owns
-//! the sequence → KV table), so [`Event::KvMigrated`] is answered once the leaving ranks are
-//! closed, and the moved sequences and bytes come from the runtime's [`SwapReport`].
+//! The colocated baseline (a second instance on old ∪ new devices) differs in these:
+//!
+//! | action | colocated |
+//! |---|---|
+//! | `ShrinkKvBudget` | at a boundary, `DeploymentRunner::set_kv_budget` limits the running instance's pools on the shared devices to half their chunks; where more blocks are in use, the youngest sequences of that rank are preempted (re-queued and recomputed, never dropped, counted in [`ScaleEvent::sequences_preempted`]); free chunks past the budget are unmapped. `RestoreKvBudget` lifts it (rollback) |
+//! | `ComputePlan` | every chunk of the target placement is a copy, including those a device already holds for the running instance (a device-local duplicate, `ChunkSource::Peer` of the device itself): `bytes_zero_copy` is 0 |
+//! | `StartCopies` | into a second [`WeightStore`] over the same devices ([`WeightStore::copy_from`]) |
+//! | `BuildDeployment` | [`Deployment::build`] from that store with no `previous`: its own views and KV pools, within half the budget |
+//! | `RequestSwitch` | `DeploymentRunner::install_instance` at a boundary: every running sequence's whole KV is copied into the new instance's pools (copied, not recomputed) and the old instance is dropped; the boundary holds the loop for that copy ([`ScaleEvent::switch_boundary_ms`]) |
+//! | `ReleaseOldViews` / `DestroyKvPools` | the old store gives every chunk up; the new instance's KV budget is lifted |
+//!
+//! Reserving and mapping the next deployment's views happen inside [`Deployment::build`] (so
+//! `ReserveNextViews`, `MapKeptExperts`, `MapMovedExperts` and `CreateKvPools` have no separate
+//! host effect).
 //!
 //! Architecture invariant: the executor never blocks the serving loop in the elastic strategy;
 //! everything slow (plan, copies, build) runs on the caller's thread. Only the cold-restart
@@ -42,9 +53,9 @@ use moe_runtime::deployment::{
 use moe_runtime::engine::{Engine, RankId, Request, RequestError, RequestHandle, Scheduler};
 use moe_runtime::model::weights::TensorSource;
 use moe_runtime::model::Model;
-use moe_runtime::worker::{DeploymentRunner, RunnerConfig, SwapReport};
+use moe_runtime::worker::{DeploymentRunner, KvBudgetChange, KvPrecopy, RunnerConfig, SwapReport};
 
-use crate::action::{Action, Event, Step, WorkerSource};
+use crate::action::{Action, Event, KvBudget, Step, WorkerSource};
 use crate::device::{DeviceId, DeviceSet};
 use crate::plan::TransitionPlan;
 use crate::report::{Phase, TransitionReport};
@@ -283,7 +294,9 @@ pub struct ScaleEvent {
     /// How long the serving loop was stopped (only the cold restart stops it).
     pub downtime_ms: f64,
     /// How long the switch's boundary action held the serving loop (the pointer swap, plus
-    /// the KV copies of sequences on leaving ranks).
+    /// the KV copies made there: the tails after a pre-copy, or every running sequence's whole
+    /// KV for the colocated and extravagant baselines). The loop is not stopped, so this is not
+    /// counted as downtime; the next iteration starts this much later.
     pub switch_boundary_ms: f64,
     /// The highest bytes each involved device held during the transition (weights and KV).
     pub peak_bytes_per_device: BTreeMap<DeviceId, u64>,
@@ -291,6 +304,18 @@ pub struct ScaleEvent {
     pub swap: Option<SwapReport>,
     /// Warm-pool hits among the workers taken.
     pub warm_workers: usize,
+    /// Scale-down: KV bytes of sequences on leaving ranks pre-copied during Prepare while they
+    /// kept decoding.
+    pub kv_bytes_precopied: u64,
+    /// KV bytes copied inside the switch's boundary action: for an elastic scale-down only the
+    /// tails written since the pre-copy; for the colocated and extravagant baselines every
+    /// running sequence's whole KV.
+    pub kv_bytes_at_switch: u64,
+    /// Colocated: the running instance's KV budgets halved before Prepare, per device.
+    pub kv_budget: Vec<KvBudgetChange>,
+    /// Sequences preempted (re-queued and recomputed, never lost) by this transition: to fit a
+    /// halved KV budget, or at the switch when their KV did not fit the next instance.
+    pub sequences_preempted: u64,
     /// Devices serving when it ended.
     pub devices_after: DeviceSet,
 }
@@ -318,6 +343,14 @@ struct Ctx {
     cold_done: Option<Receiver<u64>>,
     cold_stopped_at: Option<Instant>,
     deferred_requeue: bool,
+    /// Colocated: the new instance's own weight store (over the same devices).
+    colo_store: Option<Arc<WeightStore>>,
+    /// Scale-down: KV pre-copied to staying ranks during Prepare.
+    precopy: Option<KvPrecopy>,
+    kv_precopied: u64,
+    kv_budget: Vec<KvBudgetChange>,
+    preempted: u64,
+    switched: bool,
     /// The store and deployment serving when the transition started.
     store: Arc<WeightStore>,
     cur: Arc<Deployment>,
@@ -429,9 +462,6 @@ impl HostExecutor {
         if let Some(device) = spec.to.iter().find(|d| d.0 as usize >= available) {
             return Err(ExecError::NoSuchDevice { device, available });
         }
-        if spec.strategy == Strategy::Colocated {
-            return Err(ExecError::Unsupported(spec.strategy));
-        }
         let involved = spec.from.union(&spec.to);
         let store = self.store();
         for d in involved.iter() {
@@ -455,6 +485,12 @@ impl HostExecutor {
             cold_done: None,
             cold_stopped_at: None,
             deferred_requeue: false,
+            colo_store: None,
+            precopy: None,
+            kv_precopied: 0,
+            kv_budget: Vec::new(),
+            preempted: 0,
+            switched: false,
             store,
             cur,
         };
@@ -487,12 +523,18 @@ impl HostExecutor {
             }
             peak.insert(d, p);
         }
+        let swap = ctx.swap.take();
         Ok(ScaleEvent {
             report: t.report(),
             downtime_ms: millis(ctx.downtime),
             switch_boundary_ms: millis(ctx.switch_boundary),
             peak_bytes_per_device: peak,
-            swap: ctx.swap.take(),
+            kv_bytes_precopied: ctx.kv_precopied,
+            kv_bytes_at_switch: swap.as_ref().map_or(0, |s| s.kv_bytes as u64),
+            kv_budget: std::mem::take(&mut ctx.kv_budget),
+            sequences_preempted: ctx.preempted
+                + swap.as_ref().map_or(0, |s| s.requeued.len() as u64),
+            swap,
             warm_workers: ctx.warm,
             devices_after: self.devices(),
         })
@@ -670,18 +712,63 @@ impl HostExecutor {
             | Action::ReleaseNextViews { .. }
             | Action::MapKeptExperts { .. }
             | Action::MapMovedExperts { .. }
-            | Action::CreateKvPools { .. }
-            | Action::DestroyKvPools { .. }
-            | Action::StopKvMigration
-            | Action::ShrinkKvBudget { .. }
-            | Action::RestoreKvBudget { .. } => {}
+            | Action::CreateKvPools { .. } => {}
+            Action::DestroyKvPools { .. } => {
+                // The old instance's pools went with it at the switch; before the switch, the
+                // next instance's go with its deployment. Once the colocated baseline's old
+                // instance is gone, the new one may use the whole device: its budget goes.
+                if ctx.switched && spec.strategy == Strategy::Colocated {
+                    let _ = self.at_boundary(|r, _| {
+                        let devices = r.deployment().devices();
+                        r.clear_kv_budget(&devices);
+                    });
+                }
+            }
+            Action::StopKvMigration => {
+                // Dropping the pre-copies frees their blocks on the staying ranks.
+                ctx.precopy = None;
+            }
+            Action::ShrinkKvBudget { devices, budget } => {
+                let chunks = self.kv_budget_chunks(budget);
+                let devs: Vec<HDev> = devices.iter().map(hdev).collect();
+                let undo = devs.clone();
+                match self.at_boundary(move |r, s| r.set_kv_budget(s, &devs, chunks)) {
+                    Some(Ok(changes)) => {
+                        ctx.preempted += changes
+                            .iter()
+                            .map(|c| c.preempted.len() as u64)
+                            .sum::<u64>();
+                        ctx.kv_budget = changes;
+                    }
+                    Some(Err(e)) => events.push(Event::StepFailed {
+                        step: Step::ShrinkKvBudget,
+                        reason: e.to_string(),
+                    }),
+                    None => {
+                        // The budget may still be set when the engine reaches a boundary:
+                        // queue its undo behind it (the step reports as undone).
+                        self.engine
+                            .at_boundary(move |r, _| r.clear_kv_budget(&undo));
+                        events.push(Event::StepFailed {
+                            step: Step::ShrinkKvBudget,
+                            reason: ExecError::BoundaryTimeout(self.config.boundary_timeout)
+                                .to_string(),
+                        });
+                    }
+                }
+            }
+            Action::RestoreKvBudget { devices } => {
+                let devs: Vec<HDev> = devices.iter().map(hdev).collect();
+                let _ = self.at_boundary(move |r, _| r.clear_kv_budget(&devs));
+            }
             Action::StartCopies { plan } => self.copy(&spec, &plan, ctx, events),
             Action::DiscardCopies => {
-                let store = Arc::clone(&ctx.store);
+                let store = Arc::clone(ctx.colo_store.as_ref().unwrap_or(&ctx.store));
                 for key in ctx.copied.drain(..) {
                     let _ = store.release(&key);
                 }
                 ctx.cold_store = None;
+                ctx.colo_store = None;
             }
             Action::CloseRanks { devices } => {
                 let ranks = ranks_of(&devices);
@@ -699,12 +786,18 @@ impl HostExecutor {
                     }
                 });
             }
-            Action::MigrateKv { .. } => {
-                // The ranks are closed; the runtime moves their sequences' KV at the switch.
+            Action::MigrateKv { from, .. } => {
+                // The ranks are closed. Pre-copy their sequences' full KV blocks to staying ranks
+                // while they keep decoding; the switch copies only the tails written since.
+                let leaving: Vec<HDev> = from.iter().map(hdev).collect();
+                let plan = self.at_boundary(move |r, s| r.plan_precopy(s, &leaving));
+                let precopy = plan.map(|p| p.copy()).unwrap_or_default();
+                ctx.kv_precopied = precopy.bytes() as u64;
                 events.push(Event::KvMigrated {
-                    sequences: 0,
-                    bytes: 0,
+                    sequences: precopy.sequences() as u64,
+                    bytes: precopy.bytes() as u64,
                 });
+                ctx.precopy = Some(precopy);
             }
             Action::BuildDeployment { .. } => match self.build(&spec, ctx) {
                 Ok(d) => {
@@ -732,6 +825,12 @@ impl HostExecutor {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 events.push(Event::OldDrained);
+            }
+            Action::ReleaseOldViews { .. } if spec.strategy == Strategy::Colocated => {
+                // The old instance was dropped at the switch; its store gives every chunk up.
+                for key in ctx.store.keys() {
+                    let _ = ctx.store.release(&key);
+                }
             }
             Action::ReleaseOldViews { .. } => {
                 let store = self.store();
@@ -781,7 +880,16 @@ impl HostExecutor {
                     continue;
                 }
                 if store.has(&key) && !failed.contains(d) {
-                    zero_copy += bytes;
+                    if strategy == Strategy::Colocated {
+                        // The second instance gets its own copy, also of what this device
+                        // already holds for the running one: a device-local duplicate.
+                        copies
+                            .entry(d)
+                            .or_default()
+                            .push((key, ChunkSource::Peer(d), bytes));
+                    } else {
+                        zero_copy += bytes;
+                    }
                     continue;
                 }
                 let source = healthy
@@ -851,9 +959,18 @@ impl HostExecutor {
                     return;
                 }
             }
+        } else if spec.strategy == Strategy::Colocated {
+            // The second instance's own weight store, over the same devices.
+            let s = Arc::new(WeightStore::new(
+                Arc::clone(ctx.store.model()),
+                ctx.store.vmm(),
+            ));
+            ctx.colo_store = Some(Arc::clone(&s));
+            s
         } else {
             Arc::clone(&ctx.store)
         };
+        let src_store = Arc::clone(&ctx.store);
         for (&dst, list) in &plan.copies {
             if list.is_empty() {
                 continue;
@@ -870,13 +987,15 @@ impl HostExecutor {
                     break;
                 }
                 match source {
-                    ChunkSource::Peer(s) => match store.copy(key.on(hdev(s)), hdev(dst)) {
-                        Ok(_) => ctx.copied.push(key),
-                        Err(e) => {
-                            result = Err(e.to_string());
-                            break;
+                    ChunkSource::Peer(s) => {
+                        match store.copy_from(&src_store, key.on(hdev(s)), hdev(dst)) {
+                            Ok(_) => ctx.copied.push(key),
+                            Err(e) => {
+                                result = Err(e.to_string());
+                                break;
+                            }
                         }
-                    },
+                    }
                     ChunkSource::Checkpoint => {
                         reload_any = true;
                         if let WeightKey::Expert { layer, expert, .. } = key {
@@ -920,6 +1039,18 @@ impl HostExecutor {
             return Deployment::build(store, &plan.placement, &self.config.deployment, None)
                 .map_err(|e| e.to_string());
         }
+        if spec.strategy == Strategy::Colocated {
+            // A separate instance: its own views and KV pools, which start within half the
+            // budget (they may grow to the full one once the old instance is gone).
+            let store = ctx.colo_store.as_ref().ok_or("no store was copied")?;
+            let half = self.kv_budget_chunks(KvBudget::Half);
+            let config = DeploymentConfig {
+                kv_chunks: self.config.deployment.kv_chunks.min(half),
+                ..self.config.deployment
+            };
+            return Deployment::build(store, &plan.placement, &config, None)
+                .map_err(|e| e.to_string());
+        }
         Deployment::build(
             &ctx.store,
             &plan.placement,
@@ -927,6 +1058,16 @@ impl HostExecutor {
             Some(&ctx.cur),
         )
         .map_err(|e| e.to_string())
+    }
+
+    /// A KV budget in chunks per device.
+    fn kv_budget_chunks(&self, budget: KvBudget) -> usize {
+        let d = &self.config.deployment;
+        let full = d.kv_max_chunks.max(d.kv_chunks).max(1);
+        match budget {
+            KvBudget::Full => full,
+            KvBudget::Half => (full / 2).max(1),
+        }
     }
 
     /// Swaps the next deployment in at an iteration boundary; returns the first iteration on it.
@@ -949,17 +1090,38 @@ impl HostExecutor {
             *lock(self.pool_store()) = self.store();
             return Some(self.engine.metrics().iterations + 1);
         }
+        if spec.strategy == Strategy::Colocated {
+            let store = ctx.colo_store.clone()?;
+            let half = self.kv_budget_chunks(KvBudget::Half);
+            let (tx, rx) = bounded(1);
+            self.engine.at_boundary(move |r, s| {
+                let started = Instant::now();
+                let out = r.install_instance(store, next, s, Some(half));
+                let _ = tx.send((out, started.elapsed()));
+            });
+            let (out, took) = rx.recv_timeout(self.config.boundary_timeout).ok()?;
+            ctx.switch_boundary = took;
+            ctx.swap = Some(out.ok()?);
+            ctx.switched = true;
+            // Future workers and copies come from the new instance's store; the old instance
+            // is no longer referenced here either.
+            *lock(self.pool_store()) = self.store();
+            ctx.cur = self.engine.with_runner(|r| Arc::clone(r.deployment()));
+            return Some(self.engine.metrics().iterations + 1);
+        }
         let failed: Vec<HDev> = spec.kind.failed().iter().map(hdev).collect();
+        let precopy = ctx.precopy.take().unwrap_or_default();
         let (tx, rx) = bounded(1);
         self.engine.at_boundary(move |r, s| {
             let started = Instant::now();
-            let out = r.install(next, s, &failed);
+            let out = r.install_precopied(next, s, &failed, precopy);
             let _ = tx.send((out, started.elapsed()));
         });
         let (out, took) = rx.recv_timeout(self.config.boundary_timeout).ok()?;
         ctx.switch_boundary = took;
         // A refused install changed nothing; the machine then stays in Switch (reported as stuck).
         ctx.swap = Some(out.ok()?);
+        ctx.switched = true;
         Some(self.engine.metrics().iterations + 1)
     }
 

@@ -31,7 +31,7 @@ pub enum StrategyArg {
     ColdRestart,
     /// A new instance on disjoint devices.
     Extravagant,
-    /// A second instance on old plus new devices (not implemented yet).
+    /// A second instance on old plus new devices, weights duplicated, KV budget halved.
     Colocated,
 }
 
@@ -55,7 +55,7 @@ pub struct Args {
     /// The scaling strategy.
     #[arg(long, value_enum, default_value_t = StrategyArg::Elastic)]
     pub strategy: StrategyArg,
-    /// Run every implemented strategy on the same trace.
+    /// Run every strategy (elastic, cold-restart, extravagant, colocated) on the same trace.
     #[arg(long, conflicts_with = "strategy")]
     pub compare: bool,
     /// Length of the trace in seconds.
@@ -107,20 +107,10 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let strategies: Vec<Strategy> = if args.compare {
-        vec![
-            Strategy::Elastic,
-            Strategy::ColdRestart,
-            Strategy::Extravagant,
-        ]
+        Strategy::ALL.to_vec()
     } else {
         vec![args.strategy.into()]
     };
-    if strategies.contains(&Strategy::Colocated) {
-        bail!(
-            "the colocated baseline is not implemented by the host executor yet; use elastic, \
-             cold-restart or extravagant"
-        );
-    }
     let dir = model_dir(&args.cache, args.quiet)?;
     let cfg = ModelConfig::from_dir(&dir)
         .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
