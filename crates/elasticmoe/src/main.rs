@@ -34,6 +34,8 @@ enum Command {
     /// Elastic scaling end to end on 4 host devices: a load trace drives the autoscaler; writes
     /// report.json and timeline.svg.
     Demo(cmd::demo::Args),
+    /// Benchmarks (`bench scale`).
+    Bench(cmd::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +44,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Serve(args) => cmd::serve::run(&args),
         Command::Demo(args) => cmd::demo::run(&args),
+        Command::Bench(b) => match b.which {
+            cmd::Bench::Scale(args) => cmd::bench_scale::run(&args),
+        },
     }
 }

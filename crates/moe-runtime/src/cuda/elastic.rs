@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbm_vmm::PhysChunk;
-use p2p_xfer::cuda::{CudaTransport, CudaTransportConfig};
+pub use p2p_xfer::cuda::CudaTransport;
+use p2p_xfer::cuda::CudaTransportConfig;
 use p2p_xfer::{CopyOp, LinkModel, Location, Need, Planner, PlannerConfig, Transport};
 
 use super::{
@@ -989,6 +990,11 @@ impl CudaRunner {
             None => Ok(requeued),
         }
     }
+}
+
+/// GPUs `0..n`, as the device ids [`Blueprint::prepare`] and [`peer_bandwidth`] take.
+pub fn first_devices(n: usize) -> Vec<DeviceId> {
+    (0..n as u32).map(DeviceId).collect()
 }
 
 /// Peer copy bandwidth from `src` to `dst` in 10⁹ bytes per second, measured through

@@ -40,8 +40,8 @@ mod elastic;
 mod kernels;
 
 pub use elastic::{
-    peer_bandwidth, Blueprint, CudaWarmPool, PrepareReport, Prepared, Retired, Snapshot,
-    SwitchReport,
+    first_devices, peer_bandwidth, Blueprint, CudaTransport, CudaWarmPool, PrepareReport, Prepared,
+    Retired, Snapshot, SwitchReport,
 };
 
 use std::collections::BTreeMap;
