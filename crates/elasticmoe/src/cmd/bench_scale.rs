@@ -89,6 +89,12 @@ pub struct Args {
     /// The card's name in the report (default: what the driver says, or `host`).
     #[arg(long)]
     pub card: Option<String>,
+    /// Compare the outputs of the first N requests of every run with the reference.
+    #[arg(long, default_value_t = 256)]
+    pub compare: u64,
+    /// Also append this run's entry to the list in this JSON file (created if missing).
+    #[arg(long)]
+    pub append: Option<PathBuf>,
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -410,7 +416,6 @@ fn run_one(
     vocab: usize,
     (from, to): (usize, usize),
     strategy: StrategyArg,
-    peer_gbps: f64,
 ) -> Result<(StepReport, Series, Vec<Done>)> {
     let mut session = backend.start(from, strategy)?;
     let submit = session.submitter();
@@ -427,6 +432,7 @@ fn run_one(
             strategies: Vec::new(),
             out: PathBuf::new(),
             card: None,
+            append: None,
             ..*args
         };
         std::thread::spawn(move || {
@@ -496,11 +502,6 @@ fn run_one(
         .filter(|(t, g)| *t >= during_from && *t <= t_end && g.is_some())
         .filter_map(|(_, g)| *g)
         .collect();
-    let bound_ms = if peer_gbps > 0.0 {
-        measured.max_bytes_into_device as f64 / (peer_gbps * 1e9) * 1e3
-    } else {
-        0.0
-    };
     let failed = log.done.iter().filter(|d| !d.ok).count() as u64 + log.submit_failures;
     let completed = log.done.iter().filter(|d| d.ok).count() as u64;
     let mut series = Vec::new();
@@ -528,7 +529,7 @@ fn run_one(
         to,
         strategy: strategy_name(strategy).into(),
         latency_ms: measured.latency_ms,
-        bound_ms,
+        bound_ms: 0.0,
         downtime_ms: measured.downtime_ms,
         intake_paused_ms: measured.intake_paused_ms,
         bytes_moved: measured.bytes_moved,
@@ -683,18 +684,17 @@ pub fn run(args: &Args) -> Result<()> {
         "host" => Box::new(host::HostBench::new(&cfg, ckpt, n, args)),
         _ => cuda_backend(&cfg, ckpt, n, args)?,
     };
-    let peer_gbps = backend.peer_gbps()?;
     let model_name = args
         .model
         .file_name()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     let mut report = MachineReport {
-        card: args.card.clone().unwrap_or_else(|| backend.card()),
+        card: String::new(),
         gpus: backend.gpus(),
         backend: backend.name().into(),
         model: model_name.clone(),
         layers: cfg.num_layers,
-        peer_gbps,
+        peer_gbps: 0.0,
         concurrency: args.concurrency,
         prompt_len: args.prompt_len,
         max_tokens: args.max_tokens,
@@ -721,22 +721,16 @@ pub fn run(args: &Args) -> Result<()> {
             if !args.quiet {
                 eprintln!("{from}->{to} {}: running", strategy_name(s));
             }
-            let (r, ser, done) = run_one(
-                backend.as_mut(),
-                args,
-                cfg.vocab_size,
-                (from, to),
-                s,
-                peer_gbps,
-            )?;
+            let (r, ser, done) = run_one(backend.as_mut(), args, cfg.vocab_size, (from, to), s)?;
             if !args.quiet {
                 eprintln!(
-                    "{from}->{to} {}: latency {:.1} ms (bound {:.1} ms), downtime {:.1} ms, \
-                     throughput {:.0}/{:.0}/{:.0} tok/s, {} failed",
+                    "{from}->{to} {}: latency {:.1} ms, downtime {:.1} ms, {} bytes moved \
+                     (at most {} into one device), throughput {:.0}/{:.0}/{:.0} tok/s, {} failed",
                     r.strategy,
                     r.latency_ms,
-                    r.bound_ms,
                     r.downtime_ms,
+                    r.bytes_moved,
+                    r.max_bytes_into_device,
                     r.throughput_before,
                     r.throughput_during,
                     r.throughput_after,
@@ -748,10 +742,20 @@ pub fn run(args: &Args) -> Result<()> {
             series.push(ser);
         }
     }
+    // The transfer bound, with the peer bandwidth measured in this run.
+    let peer_gbps = backend.peer_gbps()?;
+    report.peer_gbps = peer_gbps;
+    report.card = args.card.clone().unwrap_or_else(|| backend.card());
+    for r in &mut report.steps {
+        if peer_gbps > 0.0 {
+            r.bound_ms = r.max_bytes_into_device as f64 / (peer_gbps * 1e9) * 1e3;
+        }
+    }
     // Outputs against a fixed deployment.
     let max_index = outputs
         .iter()
         .flat_map(|(_, d)| d.iter().filter(|x| x.ok).map(|x| x.index))
+        .filter(|&i| i < args.compare)
         .max();
     if let Some(max_index) = max_index {
         if !args.quiet {
@@ -766,7 +770,7 @@ pub fn run(args: &Args) -> Result<()> {
         let reference = backend.reference(&prompts, args.max_tokens)?;
         for (i, done) in &outputs {
             let r = &mut report.steps[*i];
-            for d in done.iter().filter(|d| d.ok) {
+            for d in done.iter().filter(|d| d.ok && d.index < args.compare) {
                 r.outputs_compared += 1;
                 if reference.get(d.index as usize) != Some(&d.tokens) {
                     r.outputs_mismatched += 1;
@@ -791,6 +795,16 @@ pub fn run(args: &Args) -> Result<()> {
             ),
         ),
     )?;
+    if let Some(path) = &args.append {
+        let mut list: Vec<serde_json::Value> = match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON list", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        list.push(serde_json::to_value(&report)?);
+        write(path, &serde_json::to_string_pretty(&list)?)?;
+    }
     if !args.quiet {
         eprintln!("wrote {}", args.out.join("scaling.json").display());
     }
@@ -1039,6 +1053,7 @@ mod gpu {
         args_kv: usize,
         scheduler: SchedulerConfig,
         card: String,
+        peer: Option<f64>,
     }
 
     impl CudaBench {
@@ -1059,6 +1074,7 @@ mod gpu {
                 args_kv: args.kv_blocks,
                 scheduler: scheduler(args),
                 card: String::new(),
+                peer: None,
             })
         }
 
@@ -1228,22 +1244,8 @@ mod gpu {
             self.n
         }
         fn peer_gbps(&mut self) -> Result<f64> {
-            let runner = CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(1, 16))?;
-            self.card = runner.device_name()?;
-            if self.n < 2 {
-                return Ok(0.0);
-            }
-            let bp = runner.blueprint();
-            let transport = bp.transport()?;
-            let d = cuda::first_devices(2);
-            Ok(cuda::peer_bandwidth(
-                &bp,
-                &transport,
-                d[0],
-                d[1],
-                1 << 30,
-                4,
-            )?)
+            // Measured when the first engine started (see `start`).
+            Ok(self.peer.unwrap_or(0.0))
         }
         fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String> {
             match strategy {
@@ -1269,6 +1271,20 @@ mod gpu {
             let runner = CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
             let bp = runner.blueprint();
             let transport = bp.transport()?;
+            if self.card.is_empty() {
+                self.card = runner.device_name()?;
+            }
+            if self.peer.is_none() && self.n >= 2 {
+                let d = cuda::first_devices(2);
+                self.peer = Some(cuda::peer_bandwidth(
+                    &bp,
+                    &transport,
+                    d[0],
+                    d[1],
+                    1 << 30,
+                    4,
+                )?);
+            }
             let mut pool = CudaWarmPool::new();
             if strategy == StrategyArg::Elastic {
                 let spare: Vec<_> = cuda::first_devices(self.n).into_iter().skip(from).collect();
