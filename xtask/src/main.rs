@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's automation, in Rust so that it runs wherever cargo does.
 //!
 //! - `cargo xtask ci`: fmt check, clippy (twice: as is and with every crate's `cuda` feature),
-//!   workspace tests, and the loom models of the crates that have them.
+//!   workspace tests, the GPU-free unit tests of `moe-runtime`'s CUDA elastic scaling, and the
+//!   loom models of the crates that have them.
 //! - `cargo xtask hil [--run] [FILTER]`: build the GPU bundle into `target/hil/` (test and bench
 //!   binaries built with `--features cuda`, plus `run.sh`, and `scale.sh` for the elastic scaling
 //!   benchmark of issue 11); with `--run`, also run it here.
@@ -109,6 +110,17 @@ fn ci(args: &[String]) -> Result<()> {
             .args(["--", "-D", "warnings"]))?;
     }
     run(cargo().args(["test", "--workspace"]))?;
+    // Unit tests of CUDA-only host logic (elastic scaling's planning and KV bookkeeping): they
+    // need no GPU, only the feature to compile.
+    run(cargo().args([
+        "test",
+        "--package",
+        "moe-runtime",
+        "--features",
+        "cuda",
+        "--lib",
+        "cuda::elastic",
+    ]))?;
     if !args.iter().any(|a| a == "--no-loom") {
         for pkg in loom_packages(&pkgs) {
             // A separate target dir keeps the cfg(loom) build from invalidating the normal one.

@@ -594,6 +594,24 @@ fn place(
         .collect()
 }
 
+/// Pairs `(src[i], dst[i])` grouped into maximal runs where both sides are consecutive:
+/// `(first src block, first dst block, blocks)`.
+fn block_runs(src: &[u32], dst: &[u32]) -> Vec<(u32, u32, u64)> {
+    let mut runs: Vec<(u32, u32, u64)> = Vec::new();
+    for (&s, &d) in src.iter().zip(dst) {
+        match runs.last_mut() {
+            Some((s0, d0, len))
+                if u64::from(s) == u64::from(*s0) + *len
+                    && u64::from(d) == u64::from(*d0) + *len =>
+            {
+                *len += 1;
+            }
+            _ => runs.push((s, d, 1)),
+        }
+    }
+    runs
+}
+
 /// Copy ops for the placed moves, contiguous runs of blocks coalesced.
 fn kv_ops(
     moves: &[Move],
@@ -611,27 +629,7 @@ fn kv_ops(
         let &(dd, dbase) = dst_kv
             .get(to)
             .ok_or_else(|| CudaError::Scale(format!("no KV address for {to}")))?;
-        let mut run: Option<(u32, u32, u64)> = None;
-        for (&s, &d) in m.src_blocks.iter().zip(dst_blocks) {
-            run = match run {
-                Some((s0, d0, len))
-                    if u64::from(s) == u64::from(s0) + len
-                        && u64::from(d) == u64::from(d0) + len =>
-                {
-                    Some((s0, d0, len + 1))
-                }
-                Some((s0, d0, len)) => {
-                    ops.push(CopyOp::new(
-                        Location::new(sd, sbase + u64::from(s0) * block_bytes),
-                        Location::new(dd, dbase + u64::from(d0) * block_bytes),
-                        len * block_bytes,
-                    ));
-                    Some((s, d, 1))
-                }
-                None => Some((s, d, 1)),
-            };
-        }
-        if let Some((s0, d0, len)) = run {
+        for (s0, d0, len) in block_runs(&m.src_blocks, dst_blocks) {
             ops.push(CopyOp::new(
                 Location::new(sd, sbase + u64::from(s0) * block_bytes),
                 Location::new(dd, dbase + u64::from(d0) * block_bytes),
@@ -1025,7 +1023,11 @@ pub fn peer_bandwidth(
 
 #[cfg(test)]
 mod tests {
-    use super::expert_range;
+    use super::{block_runs, expert_range, place, Move};
+    use crate::cuda::{Ledger, RankLedger};
+    use crate::engine::{RankId, RequestId};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn expert_ranges_match_the_runners_placement_and_cover_every_expert() {
@@ -1039,6 +1041,91 @@ mod tests {
                     }
                 }
                 assert_eq!(seen, (0..experts).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    fn ledger(free: &[(u32, u32)]) -> Ledger {
+        Ledger {
+            block_tokens: 4,
+            ranks: free
+                .iter()
+                .map(|&(r, n)| {
+                    (
+                        RankId(r),
+                        RankLedger {
+                            total: n as usize,
+                            free: (0..n).rev().collect(),
+                            tables: BTreeMap::new(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Runs expand back to exactly the pairs, in order, and are maximal.
+        #[test]
+        fn block_runs_cover_every_pair_once_and_are_maximal(
+            pairs in proptest::collection::vec((0u32..64, 0u32..64), 0..40),
+        ) {
+            let (src, dst): (Vec<u32>, Vec<u32>) = pairs.iter().copied().unzip();
+            let runs = block_runs(&src, &dst);
+            let expanded: Vec<(u32, u32)> = runs
+                .iter()
+                .flat_map(|&(s, d, n)| (0..n as u32).map(move |k| (s + k, d + k)))
+                .collect();
+            prop_assert_eq!(expanded, pairs);
+            for w in runs.windows(2) {
+                let (s, d, n) = w[0];
+                prop_assert!(!(w[1].0 == s + n as u32 && w[1].1 == d + n as u32));
+            }
+        }
+
+        /// Placement never over-allocates: each placed sequence gets exactly as many blocks as
+        /// it holds, on a target rank, and every rank's blocks are conserved.
+        #[test]
+        fn placement_gives_exact_blocks_and_conserves_the_pool(
+            sizes in proptest::collection::vec(0usize..12, 0..12),
+            free0 in 0u32..40,
+            free1 in 0u32..40,
+        ) {
+            let mut l = ledger(&[(0, free0), (1, free1)]);
+            let moves: Vec<Move> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Move {
+                    seq: RequestId(i as u64),
+                    from: RankId(9),
+                    src_blocks: (0..n as u32).collect(),
+                })
+                .collect();
+            let placed = place(&moves, &mut l, &[RankId(0), RankId(1)], 4);
+            let mut used: BTreeMap<RankId, usize> = BTreeMap::new();
+            for (m, p) in moves.iter().zip(&placed) {
+                if let Some((to, blocks)) = p {
+                    prop_assert_eq!(blocks.len(), m.src_blocks.len());
+                    prop_assert_eq!(l.rank(*to).unwrap().tables.get(&m.seq), Some(blocks));
+                    *used.entry(*to).or_default() += blocks.len();
+                }
+            }
+            for (r, total) in [(RankId(0), free0), (RankId(1), free1)] {
+                let rl = l.rank(r).unwrap();
+                let held: usize = rl.tables.values().map(Vec::len).sum();
+                prop_assert_eq!(held, used.get(&r).copied().unwrap_or(0));
+                prop_assert_eq!(rl.free.len() + held, total as usize);
+            }
+            // A sequence left unplaced did not fit on either rank at its turn (free blocks only
+            // shrink, so it does not fit now either).
+            for (m, p) in moves.iter().zip(&placed) {
+                if p.is_none() {
+                    for r in [RankId(0), RankId(1)] {
+                        prop_assert!(l.rank(r).unwrap().free.len() < m.src_blocks.len());
+                    }
+                }
             }
         }
     }
