@@ -91,8 +91,8 @@ fn bench_scale_on_host_reports_every_step_and_strategy() {
         got,
         vec![
             (1, 2, "elastic"),
-            (1, 2, "cold-restart"),
             (2, 1, "elastic"),
+            (1, 2, "cold-restart"),
             (2, 1, "cold-restart")
         ]
     );

@@ -411,13 +411,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs one step with one strategy; returns the report, the series and the completed outputs.
 #[allow(clippy::too_many_lines)]
 fn run_one(
-    backend: &mut dyn Backend,
+    session: &mut dyn Session,
     args: &Args,
     vocab: usize,
     (from, to): (usize, usize),
     strategy: StrategyArg,
 ) -> Result<(StepReport, Series, Vec<Done>)> {
-    let mut session = backend.start(from, strategy)?;
     let submit = session.submitter();
     let metrics = session.metrics();
     let start = Instant::now();
@@ -483,7 +482,6 @@ fn run_one(
     let _ = loader.join();
     sampler_stop.store(true, Ordering::Release);
     let samples = sampler.join().unwrap_or_default();
-    session.stop();
     let measured = measured.with_context(|| format!("{from}->{to} with {strategy:?}"))?;
 
     let log = std::mem::take(&mut *lock(&log));
@@ -704,8 +702,11 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let mut series = Vec::new();
     let mut outputs: Vec<(usize, Vec<Done>)> = Vec::new();
-    for &(from, to) in &steps {
-        for &s in &args.strategies {
+    // Each strategy runs the steps in order on one engine while a step starts where the last
+    // ended (1-2 then 2-1), and on a fresh engine otherwise.
+    for &s in &args.strategies {
+        let mut session: Option<(Box<dyn Session>, usize)> = None;
+        for &(from, to) in &steps {
             if let Some(note) = backend.skip(s, from, to) {
                 if !args.quiet {
                     eprintln!("{from}->{to} {}: skipped: {note}", strategy_name(s));
@@ -721,25 +722,66 @@ pub fn run(args: &Args) -> Result<()> {
             if !args.quiet {
                 eprintln!("{from}->{to} {}: running", strategy_name(s));
             }
-            let (r, ser, done) = run_one(backend.as_mut(), args, cfg.vocab_size, (from, to), s)?;
-            if !args.quiet {
-                eprintln!(
-                    "{from}->{to} {}: latency {:.1} ms, downtime {:.1} ms, {} bytes moved \
-                     (at most {} into one device), throughput {:.0}/{:.0}/{:.0} tok/s, {} failed",
-                    r.strategy,
-                    r.latency_ms,
-                    r.downtime_ms,
-                    r.bytes_moved,
-                    r.max_bytes_into_device,
-                    r.throughput_before,
-                    r.throughput_during,
-                    r.throughput_after,
-                    r.failed_requests
-                );
+            let mut live = match session.take() {
+                Some((sess, n)) if n == from => sess,
+                other => {
+                    if let Some((old, _)) = other {
+                        old.stop();
+                    }
+                    match backend.start(from, s) {
+                        Ok(sess) => sess,
+                        Err(e) => {
+                            record_failure(&mut report, args, (from, to), s, &e);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match run_one(live.as_mut(), args, cfg.vocab_size, (from, to), s) {
+                Ok((r, ser, done)) => {
+                    if !args.quiet {
+                        eprintln!(
+                            "{from}->{to} {}: latency {:.1} ms, downtime {:.1} ms, {} bytes \
+                             moved (at most {} into one device), throughput {:.0}/{:.0}/{:.0} \
+                             tok/s, {} failed",
+                            r.strategy,
+                            r.latency_ms,
+                            r.downtime_ms,
+                            r.bytes_moved,
+                            r.max_bytes_into_device,
+                            r.throughput_before,
+                            r.throughput_during,
+                            r.throughput_after,
+                            r.failed_requests
+                        );
+                    }
+                    outputs.push((report.steps.len(), done));
+                    report.steps.push(r);
+                    series.push(ser);
+                    session = Some((live, to));
+                }
+                Err(e) => {
+                    record_failure(&mut report, args, (from, to), s, &e);
+                    live.stop();
+                }
             }
-            outputs.push((report.steps.len(), done));
-            report.steps.push(r);
-            series.push(ser);
+        }
+        if let Some((sess, _)) = session {
+            sess.stop();
+        }
+    }
+    if report.steps.is_empty() && !report.skipped.is_empty() {
+        let failed = report.skipped.iter().any(|k| k.note.starts_with("failed:"));
+        if failed {
+            bail!(
+                "every run failed: {}",
+                report
+                    .skipped
+                    .iter()
+                    .map(|k| format!("{}->{} {}: {}", k.from, k.to, k.strategy, k.note))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
         }
     }
     // The transfer bound, with the peer bandwidth measured in this run.
@@ -809,6 +851,25 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("wrote {}", args.out.join("scaling.json").display());
     }
     Ok(())
+}
+
+/// A run that failed: reported under `skipped` with the error, so the other runs still count.
+fn record_failure(
+    report: &mut MachineReport,
+    args: &Args,
+    (from, to): (usize, usize),
+    s: StrategyArg,
+    e: &anyhow::Error,
+) {
+    if !args.quiet {
+        eprintln!("{from}->{to} {}: FAILED: {e:#}", strategy_name(s));
+    }
+    report.skipped.push(Skipped {
+        from,
+        to,
+        strategy: strategy_name(s).into(),
+        note: format!("failed: {e:#}"),
+    });
 }
 
 fn write(p: &Path, s: &str) -> Result<()> {
