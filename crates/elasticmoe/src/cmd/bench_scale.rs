@@ -404,6 +404,15 @@ fn load(
     }
 }
 
+/// A progress line with the time since the process started (`ELASTICMOE_TRACE=1`).
+fn trace(what: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    if std::env::var_os("ELASTICMOE_TRACE").is_some() {
+        eprintln!("[{t:8.3} s] {what}");
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -441,7 +450,7 @@ fn run_one(
                 &args,
                 start,
                 &stop,
-                Duration::from_secs(120),
+                Duration::from_secs(60),
                 &log,
             );
         })
@@ -469,17 +478,31 @@ fn run_one(
             out
         })
     };
+    trace("load running");
     std::thread::sleep(Duration::from_secs_f64(args.before_s));
     let t_start = start.elapsed().as_secs_f64();
+    trace(&format!(
+        "scaling {from}->{to}; {} tokens so far",
+        metrics().generated_tokens
+    ));
     let measured = session.scale(to);
     let t_end = start.elapsed().as_secs_f64();
+    trace(&format!(
+        "scaled: {:?}",
+        measured.as_ref().map(|m| m.latency_ms)
+    ));
     if let Ok(m) = &measured {
         devices_now.store(m.devices_after, Ordering::Release);
     }
     std::thread::sleep(Duration::from_secs_f64(args.after_s));
     let t_after = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
+    trace(&format!(
+        "draining; {} tokens so far",
+        metrics().generated_tokens
+    ));
     let _ = loader.join();
+    trace("drained");
     sampler_stop.store(true, Ordering::Release);
     let samples = sampler.join().unwrap_or_default();
     let measured = measured.with_context(|| format!("{from}->{to} with {strategy:?}"))?;
@@ -1179,17 +1202,16 @@ mod gpu {
                 let out = f(r, s);
                 let _ = tx.send((out, t.elapsed()));
             });
-            rx.recv_timeout(Duration::from_secs(600))
+            rx.recv_timeout(Duration::from_secs(120))
                 .context("the engine did not reach an iteration boundary")
         }
 
         fn peaks(&self) -> Vec<u64> {
-            self.engine.with_runner(|r| {
-                r.memory_per_device()
-                    .into_iter()
-                    .map(|(_, p)| p as u64)
-                    .collect()
-            })
+            self.bp
+                .memory_per_device()
+                .into_iter()
+                .map(|(_, p)| p as u64)
+                .collect()
         }
     }
 
@@ -1203,22 +1225,31 @@ mod gpu {
             Arc::new(move || engine.metrics())
         }
         fn scale(&mut self, to: usize) -> Result<Measured> {
-            self.engine.with_runner(CudaRunner::reset_peaks);
+            // Nothing here uses `Engine::with_runner`: under a full decode load the serving loop
+            // takes the engine's lock back at once and a waiter can starve for minutes; a
+            // boundary action always runs at the next iteration.
+            self.bp.reset_peaks();
             let t0 = Instant::now();
             let mut m = Measured::default();
             match self.strategy {
                 StrategyArg::Elastic => {
-                    let snap = self.engine.with_runner(CudaRunner::snapshot);
+                    let (snap, _) = self.at_boundary(|r, _| r.snapshot())?;
                     let snap_ms = ms(t0.elapsed());
                     let target = cuda::first_devices(to);
+                    trace("snapshot taken");
                     let prepared =
                         self.bp
                             .prepare(snap, &target, &mut self.pool, &self.transport)?;
+                    trace(&format!("prepared: {:?}", prepared.report));
                     let p = prepared.report.clone();
                     let t_sw = Instant::now();
-                    let (out, held) = self.at_boundary(move |r, s| r.install(prepared, s))?;
+                    let (out, held) = self.at_boundary(move |r, s| {
+                        r.install(prepared, s)
+                            .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                    })?;
                     let switch_ms = ms(t_sw.elapsed());
-                    let (sw, retired) = out?;
+                    let (sw, retired, ranks) = out?;
+                    m.devices_after = ranks;
                     m.latency_ms = ms(t0.elapsed());
                     let retire = retired.release();
                     m.phases_ms = vec![
@@ -1240,21 +1271,25 @@ mod gpu {
                 }
                 StrategyArg::ColdRestart => {
                     let ckpt = Arc::clone(&self.ckpt);
-                    let (out, held) =
-                        self.at_boundary(move |r, s| r.restart_from(ckpt.as_ref(), to, s))?;
+                    let (out, held) = self.at_boundary(move |r, s| {
+                        r.restart_from(ckpt.as_ref(), to, s)
+                            .map(|n| (n, r.rank_count()))
+                    })?;
                     m.latency_ms = ms(t0.elapsed());
-                    m.requeued = out? as u64;
+                    let (requeued, ranks) = out?;
+                    m.requeued = requeued as u64;
+                    m.devices_after = ranks;
                     m.downtime_ms = ms(held);
                     m.intake_paused_ms = ms(held);
                     m.phases_ms = vec![("stopped_reload".into(), ms(held))];
-                    let bytes = self.engine.with_runner(|r| {
-                        r.memory_per_device()
-                            .iter()
-                            .map(|x| x.0 as u64)
-                            .max()
-                            .unwrap_or(0)
-                    });
-                    m.max_bytes_into_device = bytes;
+                    // Every GPU reloads its whole share from disk.
+                    m.max_bytes_into_device = self
+                        .bp
+                        .memory_per_device()
+                        .iter()
+                        .map(|x| x.0 as u64)
+                        .max()
+                        .unwrap_or(0);
                 }
                 StrategyArg::Colocated => {
                     let t = Instant::now();
@@ -1262,10 +1297,13 @@ mod gpu {
                     let load_ms = ms(t.elapsed());
                     let transport = Arc::clone(&self.transport);
                     let t_sw = Instant::now();
-                    let (out, held) =
-                        self.at_boundary(move |r, s| r.install_runner(next, &transport, s))?;
+                    let (out, held) = self.at_boundary(move |r, s| {
+                        r.install_runner(next, &transport, s)
+                            .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                    })?;
                     let switch_ms = ms(t_sw.elapsed());
-                    let (sw, retired) = out?;
+                    let (sw, retired, ranks) = out?;
+                    m.devices_after = ranks;
                     m.latency_ms = ms(t0.elapsed());
                     let retire = retired.release();
                     m.phases_ms = vec![
@@ -1284,7 +1322,6 @@ mod gpu {
                 }
             }
             m.peak_bytes_per_device = self.peaks();
-            m.devices_after = self.engine.with_runner(|r| r.devices().len());
             Ok(m)
         }
         fn stop(mut self: Box<Self>) {
@@ -1329,7 +1366,9 @@ mod gpu {
             } else {
                 self.args_kv
             };
+            trace(&format!("loading the checkpoint on {from} GPU(s)"));
             let runner = CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
+            trace("loaded");
             let bp = runner.blueprint();
             let transport = bp.transport()?;
             if self.card.is_empty() {
@@ -1345,11 +1384,16 @@ mod gpu {
                     1 << 30,
                     4,
                 )?);
+                trace(&format!(
+                    "peer bandwidth {:.1} GB/s",
+                    self.peer.unwrap_or(0.0)
+                ));
             }
             let mut pool = CudaWarmPool::new();
             if strategy == StrategyArg::Elastic {
                 let spare: Vec<_> = cuda::first_devices(self.n).into_iter().skip(from).collect();
                 pool.prewarm(&bp, &spare)?;
+                trace("warm pool ready");
             }
             let engine = Engine::new(
                 runner,

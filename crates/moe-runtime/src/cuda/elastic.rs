@@ -291,6 +291,21 @@ impl Blueprint {
         self.config
     }
 
+    /// Bytes held on each GPU of the machine by this manager now, and the peak since the last
+    /// [`Blueprint::reset_peaks`] (needs no runner: safe to call while the engine serves).
+    pub fn memory_per_device(&self) -> Vec<(usize, usize)> {
+        (0..self.vmm.device_count() as u32)
+            .map(|d| (self.vmm.usage(DeviceId(d)), self.vmm.peak(DeviceId(d))))
+            .collect()
+    }
+
+    /// Restarts the peak counters of [`Blueprint::memory_per_device`].
+    pub fn reset_peaks(&self) {
+        for d in 0..self.vmm.device_count() as u32 {
+            self.vmm.reset_peak(DeviceId(d));
+        }
+    }
+
     /// A peer-copy transport over every GPU of the manager.
     pub fn transport(&self) -> Result<Arc<CudaTransport>, CudaError> {
         CudaTransport::new(self.vmm.clone(), CudaTransportConfig::default())
