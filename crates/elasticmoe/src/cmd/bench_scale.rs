@@ -22,7 +22,7 @@
 //!
 //! `host:N` runs the host backend through `scaler`'s `HostExecutor` (the colocated baseline is
 //! not implemented there and is skipped with a note). `cuda:0,1,...` (binary built with the
-//! `cuda` feature) runs `moe_runtime::cuda`'s elastic scaling and its baselines.
+//! `cuda` feature) runs `moe_runtime::cuda::CudaScaler` (elastic scaling and its baselines).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1125,10 +1125,9 @@ mod gpu {
     //! The CUDA backend: `moe_runtime::cuda`'s elastic scaling and baselines.
 
     use super::*;
-    use moe_runtime::cuda::{
-        self, Blueprint, CudaConfig, CudaRunner, CudaTransport, CudaWarmPool, Precision,
-    };
+    use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
     use moe_runtime::engine::{Engine, EngineConfig, RunLoop};
+    use moe_runtime::model::weights::TensorSource;
 
     pub(super) struct CudaBench {
         cfg: ModelConfig,
@@ -1176,43 +1175,11 @@ mod gpu {
 
     struct CudaSession {
         engine: Engine<CudaRunner>,
-        bp: Blueprint,
-        transport: Arc<CudaTransport>,
-        pool: CudaWarmPool,
+        scaler: CudaScaler,
         ckpt: Arc<Checkpoint>,
         strategy: StrategyArg,
         kv: usize,
         serving: Option<RunLoop>,
-    }
-
-    fn ms(d: Duration) -> f64 {
-        d.as_secs_f64() * 1e3
-    }
-
-    impl CudaSession {
-        /// Runs `f` at the next iteration boundary; returns its answer and how long the boundary
-        /// action held the loop.
-        fn at_boundary<T: Send + 'static>(
-            &self,
-            f: impl FnOnce(&mut CudaRunner, &mut moe_runtime::engine::Scheduler) -> T + Send + 'static,
-        ) -> Result<(T, Duration)> {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.engine.at_boundary(move |r, s| {
-                let t = Instant::now();
-                let out = f(r, s);
-                let _ = tx.send((out, t.elapsed()));
-            });
-            rx.recv_timeout(Duration::from_secs(120))
-                .context("the engine did not reach an iteration boundary")
-        }
-
-        fn peaks(&self) -> Vec<u64> {
-            self.bp
-                .memory_per_device()
-                .into_iter()
-                .map(|(_, p)| p as u64)
-                .collect()
-        }
     }
 
     impl Session for CudaSession {
@@ -1225,104 +1192,36 @@ mod gpu {
             Arc::new(move || engine.metrics())
         }
         fn scale(&mut self, to: usize) -> Result<Measured> {
-            // Nothing here uses `Engine::with_runner`: under a full decode load the serving loop
-            // takes the engine's lock back at once and a waiter can starve for minutes; a
-            // boundary action always runs at the next iteration.
-            self.bp.reset_peaks();
-            let t0 = Instant::now();
-            let mut m = Measured::default();
-            match self.strategy {
-                StrategyArg::Elastic => {
-                    let (snap, _) = self.at_boundary(|r, _| r.snapshot())?;
-                    let snap_ms = ms(t0.elapsed());
-                    let target = cuda::first_devices(to);
-                    trace("snapshot taken");
-                    let prepared =
-                        self.bp
-                            .prepare(snap, &target, &mut self.pool, &self.transport)?;
-                    trace(&format!("prepared: {:?}", prepared.report));
-                    let p = prepared.report.clone();
-                    let t_sw = Instant::now();
-                    let (out, held) = self.at_boundary(move |r, s| {
-                        r.install(prepared, s)
-                            .map(|(sw, ret)| (sw, ret, r.rank_count()))
-                    })?;
-                    let switch_ms = ms(t_sw.elapsed());
-                    let (sw, retired, ranks) = out?;
-                    m.devices_after = ranks;
-                    m.latency_ms = ms(t0.elapsed());
-                    let retire = retired.release();
-                    m.phases_ms = vec![
-                        ("snapshot".into(), snap_ms),
-                        ("plan".into(), p.plan_ms),
-                        ("workers".into(), p.workers_ms),
-                        ("map".into(), p.map_ms),
-                        ("copy".into(), p.copy_ms),
-                        ("switch".into(), switch_ms),
-                        ("switch_boundary".into(), ms(held)),
-                        ("kv_copy".into(), sw.kv_copy_ms),
-                        ("retire".into(), ms(retire)),
-                    ];
-                    m.bytes_moved = p.bytes_moved + sw.kv_bytes;
-                    m.bytes_zero_copy = p.bytes_zero_copy;
-                    m.max_bytes_into_device = p.max_bytes_into_device;
-                    m.kv_migrated = sw.migrated as u64;
-                    m.requeued = sw.requeued as u64;
-                }
-                StrategyArg::ColdRestart => {
-                    let ckpt = Arc::clone(&self.ckpt);
-                    let (out, held) = self.at_boundary(move |r, s| {
-                        r.restart_from(ckpt.as_ref(), to, s)
-                            .map(|n| (n, r.rank_count()))
-                    })?;
-                    m.latency_ms = ms(t0.elapsed());
-                    let (requeued, ranks) = out?;
-                    m.requeued = requeued as u64;
-                    m.devices_after = ranks;
-                    m.downtime_ms = ms(held);
-                    m.intake_paused_ms = ms(held);
-                    m.phases_ms = vec![("stopped_reload".into(), ms(held))];
-                    // Every GPU reloads its whole share from disk.
-                    m.max_bytes_into_device = self
-                        .bp
-                        .memory_per_device()
-                        .iter()
-                        .map(|x| x.0 as u64)
-                        .max()
-                        .unwrap_or(0);
-                }
-                StrategyArg::Colocated => {
-                    let t = Instant::now();
-                    let next = self.bp.load_runner(self.ckpt.as_ref(), to, self.kv)?;
-                    let load_ms = ms(t.elapsed());
-                    let transport = Arc::clone(&self.transport);
-                    let t_sw = Instant::now();
-                    let (out, held) = self.at_boundary(move |r, s| {
-                        r.install_runner(next, &transport, s)
-                            .map(|(sw, ret)| (sw, ret, r.rank_count()))
-                    })?;
-                    let switch_ms = ms(t_sw.elapsed());
-                    let (sw, retired, ranks) = out?;
-                    m.devices_after = ranks;
-                    m.latency_ms = ms(t0.elapsed());
-                    let retire = retired.release();
-                    m.phases_ms = vec![
-                        ("load_beside".into(), load_ms),
-                        ("switch".into(), switch_ms),
-                        ("switch_boundary".into(), ms(held)),
-                        ("kv_copy".into(), sw.kv_copy_ms),
-                        ("retire".into(), ms(retire)),
-                    ];
-                    m.bytes_moved = sw.kv_bytes;
-                    m.kv_migrated = sw.migrated as u64;
-                    m.requeued = sw.requeued as u64;
-                }
+            let o: ScaleOutcome = match self.strategy {
+                StrategyArg::Elastic => self.scaler.elastic(to)?,
+                StrategyArg::ColdRestart => self.scaler.cold_restart(
+                    Arc::clone(&self.ckpt) as Arc<dyn TensorSource + Send + Sync>,
+                    to,
+                )?,
+                StrategyArg::Colocated => self.scaler.colocated(self.ckpt.as_ref(), to, self.kv)?,
                 StrategyArg::Extravagant => {
                     bail!("the extravagant baseline is not implemented on CUDA")
                 }
-            }
-            m.peak_bytes_per_device = self.peaks();
-            Ok(m)
+            };
+            trace(&format!("scaled: {o:?}"));
+            Ok(Measured {
+                latency_ms: o.latency_ms,
+                phases_ms: o
+                    .phases_ms
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), *v))
+                    .collect(),
+                downtime_ms: o.downtime_ms,
+                // Only the cold restart holds the loop; requests wait in the queue meanwhile.
+                intake_paused_ms: o.downtime_ms,
+                bytes_moved: o.bytes_moved,
+                bytes_zero_copy: o.bytes_zero_copy,
+                max_bytes_into_device: o.max_bytes_into_device,
+                peak_bytes_per_device: o.peak_bytes_per_device,
+                kv_migrated: o.kv_migrated,
+                requeued: o.requeued,
+                devices_after: o.devices_after,
+            })
         }
         fn stop(mut self: Box<Self>) {
             if let Some(s) = self.serving.take() {
@@ -1370,15 +1269,23 @@ mod gpu {
             let runner = CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
             trace("loaded");
             let bp = runner.blueprint();
-            let transport = bp.transport()?;
             if self.card.is_empty() {
                 self.card = runner.device_name()?;
             }
+            let engine = Engine::new(
+                runner,
+                EngineConfig {
+                    scheduler: self.scheduler,
+                    idle_wait: Duration::from_millis(2),
+                    ..EngineConfig::default()
+                },
+            );
+            let mut scaler = CudaScaler::new(engine.clone(), bp)?;
             if self.peer.is_none() && self.n >= 2 {
                 let d = cuda::first_devices(2);
                 self.peer = Some(cuda::peer_bandwidth(
-                    &bp,
-                    &transport,
+                    scaler.blueprint(),
+                    scaler.transport(),
                     d[0],
                     d[1],
                     1 << 30,
@@ -1389,26 +1296,14 @@ mod gpu {
                     self.peer.unwrap_or(0.0)
                 ));
             }
-            let mut pool = CudaWarmPool::new();
             if strategy == StrategyArg::Elastic {
-                let spare: Vec<_> = cuda::first_devices(self.n).into_iter().skip(from).collect();
-                pool.prewarm(&bp, &spare)?;
+                scaler.prewarm(from, self.n)?;
                 trace("warm pool ready");
             }
-            let engine = Engine::new(
-                runner,
-                EngineConfig {
-                    scheduler: self.scheduler,
-                    idle_wait: Duration::from_millis(2),
-                    ..EngineConfig::default()
-                },
-            );
             let serving = engine.start();
             Ok(Box::new(CudaSession {
                 engine,
-                bp,
-                transport,
-                pool,
+                scaler,
                 ckpt: Arc::clone(&self.ckpt),
                 strategy,
                 kv,

@@ -38,11 +38,13 @@
 
 mod elastic;
 mod kernels;
+mod scaler;
 
 pub use elastic::{
     first_devices, peer_bandwidth, Blueprint, CudaTransport, CudaWarmPool, PrepareReport, Prepared,
     Retired, Snapshot, SwitchReport,
 };
+pub use scaler::{CudaScaler, ScaleOutcome};
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
