@@ -295,13 +295,14 @@ const HIL_SCALE: &str = r#"#!/usr/bin/env bash
 # Env: SCALE_MODELS (default "deepseek-v2-lite:8 qwen3-30b-a3b:8", preset:layers),
 #      SCALE_STEPS (default 1-2,2-1), SCALE_STRATEGIES (default elastic,cold-restart,colocated),
 #      SCALE_ARGS (more bench flags), MODEL_DIR (default /tmp/elasticmoe-models, local disk),
-#      KEEP_MODELS (set: keep the checkpoints).
+#      KEEP_MODELS (set: keep the checkpoints). Progress lines carry times (ELASTICMOE_TRACE).
 # Writes $OUT/scale/PRESET/{scaling.json,scaling.svg}, PRESET.log, and $OUT/scale/scaling.json
 # (one entry per model: the format of docs/benchmarks/data/scaling.json).
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/results}/scale"
 models="${MODEL_DIR:-/tmp/elasticmoe-models}"
+export ELASTICMOE_TRACE="${ELASTICMOE_TRACE:-1}"
 mkdir -p "$out" "$models"
 gpus=$(nvidia-smi -L | wc -l)
 devs=$(seq -s, 0 $((gpus - 1)))
