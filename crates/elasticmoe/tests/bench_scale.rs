@@ -1,6 +1,7 @@
 //! `elasticmoe bench scale` end to end on host devices: a steady load, 1→2 and 2→1 with the
-//! elastic and cold-restart strategies (colocated is skipped with a note on host), every field
-//! of issue 11's schema, outputs equal to a fixed deployment, and clear errors for bad steps.
+//! elastic and cold-restart strategies (colocated is skipped with a note on host) on the first 2
+//! layers of the checkpoint, every field of issue 11's schema, outputs equal to a fixed
+//! deployment, and clear errors for bad steps.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -44,6 +45,8 @@ fn bench_scale_on_host_reports_every_step_and_strategy() {
         "1-2,2-1",
         "--strategies",
         "elastic,cold-restart,colocated",
+        "--layers",
+        "2",
         "--concurrency",
         "6",
         "--prompt-len",
@@ -73,7 +76,10 @@ fn bench_scale_on_host_reports_every_step_and_strategy() {
     let m = &machines[0];
     assert_eq!(m["gpus"], 2);
     assert_eq!(m["model"], "tiny-qwen3");
-    assert!(m["layers"].as_u64().unwrap() > 0);
+    assert_eq!(
+        m["layers"], 2,
+        "--layers keeps the first layers of the checkpoint"
+    );
     assert!(m["peer_gbps"].as_f64().unwrap() > 0.0);
     assert!(m["card"].is_string());
     let steps = m["steps"].as_array().unwrap();
