@@ -704,21 +704,6 @@ impl CudaRunner {
         }
     }
 
-    /// Bytes held on each GPU by this runner's memory manager now, and the peak since the last
-    /// [`CudaRunner::reset_peaks`], per device of the machine.
-    pub fn memory_per_device(&self) -> Vec<(usize, usize)> {
-        (0..self.vmm.device_count() as u32)
-            .map(|d| (self.vmm.usage(DeviceId(d)), self.vmm.peak(DeviceId(d))))
-            .collect()
-    }
-
-    /// Restarts the peak counters of [`CudaRunner::memory_per_device`].
-    pub fn reset_peaks(&self) {
-        for d in 0..self.vmm.device_count() as u32 {
-            self.vmm.reset_peak(DeviceId(d));
-        }
-    }
-
     /// The switch: installs `next` (built from a snapshot of this runner) between two
     /// iterations. Leaving ranks' sequences move with their KV; see the module docs. On an
     /// error nothing changed (except sequences already re-queued, which recompute).
