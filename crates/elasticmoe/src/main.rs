@@ -34,7 +34,7 @@ enum Command {
     /// Elastic scaling end to end on 4 host devices: a load trace drives the autoscaler; writes
     /// report.json and timeline.svg.
     Demo(cmd::demo::Args),
-    /// Benchmarks (`bench decode`).
+    /// Benchmarks (`bench decode`, `bench scale`).
     Bench(cmd::BenchArgs),
 }
 
@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => cmd::demo::run(&args),
         Command::Bench(b) => match b.which {
             cmd::Bench::Decode(args) => cmd::bench_decode::run(&args),
+            cmd::Bench::Scale(args) => cmd::bench_scale::run(&args),
         },
     }
 }

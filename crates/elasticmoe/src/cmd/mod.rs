@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench_decode;
+pub mod bench_scale;
 pub mod demo;
 pub mod gen_model;
 pub mod generate;
@@ -20,4 +21,7 @@ pub enum Bench {
     /// Decode throughput at several batch sizes, beside the weight-bytes-read floor (`cuda:`
     /// devices) or on the CPU backend (`host:N`).
     Decode(bench_decode::Args),
+    /// Add or remove devices under a steady decode load with each strategy; writes
+    /// scaling.json and scaling.svg.
+    Scale(bench_scale::Args),
 }

@@ -62,7 +62,15 @@
 //! }
 //! ```
 
+mod elastic;
 mod kernels;
+mod scaler;
+
+pub use elastic::{
+    first_devices, peer_bandwidth, Blueprint, CudaTransport, CudaWarmPool, PrepareReport, Prepared,
+    Retired, Snapshot, SwitchReport,
+};
+pub use scaler::{CudaScaler, ScaleOutcome};
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -140,6 +148,9 @@ pub enum CudaError {
     /// A step's input does not fit the runner (too many tokens, unknown sequence, ...).
     #[error("bad step input: {0}")]
     Input(String),
+    /// Elastic scaling could not prepare or install the next configuration (see `elastic`).
+    #[error("elastic scaling: {0}")]
+    Scale(String),
 }
 
 impl CudaError {
@@ -1034,6 +1045,8 @@ fn has_role(layout: &ChunkLayout, role: TensorRole) -> bool {
 enum Fill<'a> {
     Source(&'a dyn TensorSource),
     Random(u64),
+    /// Left as allocated: the bytes arrive later by peer copies (a warm rank).
+    Skip,
 }
 
 impl CudaRunner {
@@ -1043,16 +1056,21 @@ impl CudaRunner {
         src: &dyn TensorSource,
         config: CudaConfig,
     ) -> Result<Self, CudaError> {
-        Self::build(cfg, config, Fill::Source(src))
+        Self::build(cfg, config, Fill::Source(src), None)
     }
 
     /// Random bf16 weights generated on the device (uniform in `±1/sqrt(fan_in)`, norms 1), for
     /// benchmarks of shapes too large to write to disk.
     pub fn synthetic(cfg: &ModelConfig, seed: u64, config: CudaConfig) -> Result<Self, CudaError> {
-        Self::build(cfg, config, Fill::Random(seed))
+        Self::build(cfg, config, Fill::Random(seed), None)
     }
 
-    fn build(cfg: &ModelConfig, config: CudaConfig, fill: Fill<'_>) -> Result<Self, CudaError> {
+    fn build(
+        cfg: &ModelConfig,
+        config: CudaConfig,
+        fill: Fill<'_>,
+        vmm: Option<Vmm<CudaBackend>>,
+    ) -> Result<Self, CudaError> {
         let n_dev = device_count()?;
         if config.devices == 0 || config.devices > n_dev {
             return Err(CudaError::NoGpu(format!(
@@ -1140,7 +1158,10 @@ impl CudaRunner {
                  (at most 48 KiB); lower max_context"
             )));
         }
-        let vmm = Vmm::new(CudaBackend::new()?);
+        let vmm = match vmm {
+            Some(v) => v,
+            None => Vmm::new(CudaBackend::new()?),
+        };
         let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
         let layout = model.layout().clone();
         let mut ranks = Vec::with_capacity(devs.len());
@@ -1262,6 +1283,7 @@ impl CudaRunner {
                     rank.htod(addr, &b)
                 }
             }
+            Fill::Skip => Ok(()),
             Fill::Random(seed) => {
                 *seed_ctr += 1;
                 if spec.shape.len() == 1 {

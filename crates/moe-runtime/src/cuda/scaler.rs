@@ -1,0 +1,251 @@
+//! [`CudaScaler`]: carries out a transition on a live `Engine<CudaRunner>` whose run loop serves
+//! on its own thread, by the elastic strategy or one of the baselines, and measures it.
+//!
+//! Everything it asks of the engine goes through boundary actions (`Engine::at_boundary`), which
+//! the run loop performs at its next iteration boundary; it never waits on
+//! `Engine::with_runner`, whose lock a serving loop at full batch retakes at once (a waiter
+//! there can starve for minutes).
+//!
+//! | strategy | what the serving loop sees |
+//! |---|---|
+//! | [`CudaScaler::elastic`] | a snapshot between two iterations (µs), then the switch: a pointer swap plus the KV of sequences on leaving GPUs |
+//! | [`CudaScaler::colocated`] | a second runner loaded beside the first (KV budget halved by the caller in advance), then a switch that moves every running sequence's KV into it |
+//! | [`CudaScaler::cold_restart`] | the loop is held while every chunk is released and the model reloads from disk; running sequences recompute |
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool};
+use super::{CudaError, CudaRunner, DeviceId};
+use crate::engine::{Engine, Scheduler};
+use crate::model::weights::TensorSource;
+
+/// What one transition measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScaleOutcome {
+    /// From the call until the next configuration served (the switch returned).
+    pub latency_ms: f64,
+    /// Where the time went, in order.
+    pub phases_ms: Vec<(&'static str, f64)>,
+    /// How long the serving loop was held for the transition's own work beyond a switch (the
+    /// cold restart's reload; 0 otherwise).
+    pub downtime_ms: f64,
+    /// Bytes copied between or within GPUs (weights and KV).
+    pub bytes_moved: u64,
+    /// Bytes of experts kept in place and remapped.
+    pub bytes_zero_copy: u64,
+    /// Most bytes any one GPU received (the cold restart: the largest share reloaded).
+    pub max_bytes_into_device: u64,
+    /// Sequences that moved with their KV.
+    pub kv_migrated: u64,
+    /// Sequences re-queued for recompute.
+    pub requeued: u64,
+    /// GPUs serving afterwards.
+    pub devices_after: usize,
+    /// Peak bytes per GPU of the machine during the transition.
+    pub peak_bytes_per_device: Vec<u64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Scales a live CUDA engine (see the module docs).
+pub struct CudaScaler {
+    engine: Engine<CudaRunner>,
+    bp: Blueprint,
+    transport: Arc<CudaTransport>,
+    pool: CudaWarmPool,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for CudaScaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaScaler")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaScaler {
+    /// A scaler for `engine`, whose runner `bp` describes (take it with
+    /// [`CudaRunner::blueprint`] before the runner goes into the engine). Starts the peer-copy
+    /// transport.
+    pub fn new(engine: Engine<CudaRunner>, bp: Blueprint) -> Result<Self, CudaError> {
+        let transport = bp.transport()?;
+        Ok(Self {
+            engine,
+            bp,
+            transport,
+            pool: CudaWarmPool::new(),
+            timeout: Duration::from_secs(120),
+        })
+    }
+
+    /// The longest wait for an iteration boundary (120 s by default).
+    pub fn set_boundary_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The blueprint of the runners it makes.
+    pub fn blueprint(&self) -> &Blueprint {
+        &self.bp
+    }
+
+    /// The peer-copy transport.
+    pub fn transport(&self) -> &Arc<CudaTransport> {
+        &self.transport
+    }
+
+    /// Pre-initialises ranks for GPUs `from..to` (those a scale-up to `to` GPUs would add).
+    pub fn prewarm(&mut self, from: usize, to: usize) -> Result<Duration, CudaError> {
+        let spare: Vec<DeviceId> = first_devices(to).into_iter().skip(from).collect();
+        self.pool.prewarm(&self.bp, &spare)
+    }
+
+    /// Runs `f` at the next iteration boundary; returns its answer and how long it held the loop.
+    fn at_boundary<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut CudaRunner, &mut Scheduler) -> T + Send + 'static,
+    ) -> Result<(T, Duration), CudaError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.engine.at_boundary(move |r, s| {
+            let t = Instant::now();
+            let out = f(r, s);
+            let _ = tx.send((out, t.elapsed()));
+        });
+        rx.recv_timeout(self.timeout).map_err(|_| {
+            CudaError::Scale(format!(
+                "the engine did not reach an iteration boundary within {:?}; is its run loop \
+                 started?",
+                self.timeout
+            ))
+        })
+    }
+
+    fn finish(&self, mut out: ScaleOutcome) -> ScaleOutcome {
+        out.peak_bytes_per_device = self
+            .bp
+            .memory_per_device()
+            .into_iter()
+            .map(|(_, p)| p as u64)
+            .collect();
+        out
+    }
+
+    /// Ours: prepare beside the running configuration on this thread, switch at a boundary,
+    /// retire here. Scales to GPUs `0..to`.
+    pub fn elastic(&mut self, to: usize) -> Result<ScaleOutcome, CudaError> {
+        self.bp.reset_peaks();
+        let t0 = Instant::now();
+        let (snap, _) = self.at_boundary(|r, _| r.snapshot())?;
+        let snap_ms = ms(t0.elapsed());
+        let prepared =
+            self.bp
+                .prepare(snap, &first_devices(to), &mut self.pool, &self.transport)?;
+        let p = prepared.report.clone();
+        let t_sw = Instant::now();
+        let (out, held) = self.at_boundary(move |r, s| {
+            r.install(prepared, s)
+                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+        })?;
+        let switch_ms = ms(t_sw.elapsed());
+        let (sw, retired, ranks) = out?;
+        let latency_ms = ms(t0.elapsed());
+        let retire = retired.release();
+        Ok(self.finish(ScaleOutcome {
+            latency_ms,
+            phases_ms: vec![
+                ("snapshot", snap_ms),
+                ("plan", p.plan_ms),
+                ("workers", p.workers_ms),
+                ("map", p.map_ms),
+                ("copy", p.copy_ms),
+                ("switch", switch_ms),
+                ("switch_boundary", ms(held)),
+                ("kv_copy", sw.kv_copy_ms),
+                ("retire", ms(retire)),
+            ],
+            downtime_ms: 0.0,
+            bytes_moved: p.bytes_moved + sw.kv_bytes,
+            bytes_zero_copy: p.bytes_zero_copy,
+            max_bytes_into_device: p.max_bytes_into_device,
+            kv_migrated: sw.migrated as u64,
+            requeued: sw.requeued as u64,
+            devices_after: ranks,
+            peak_bytes_per_device: Vec::new(),
+        }))
+    }
+
+    /// Baseline: hold the loop, release everything, reload GPUs `0..to` from `src`; running
+    /// sequences recompute.
+    pub fn cold_restart(
+        &mut self,
+        src: Arc<dyn TensorSource + Send + Sync>,
+        to: usize,
+    ) -> Result<ScaleOutcome, CudaError> {
+        self.bp.reset_peaks();
+        let t0 = Instant::now();
+        let (out, held) = self.at_boundary(move |r, s| {
+            r.restart_from(src.as_ref(), to, s)
+                .map(|n| (n, r.rank_count()))
+        })?;
+        let latency_ms = ms(t0.elapsed());
+        let (requeued, ranks) = out?;
+        let largest_share = self
+            .bp
+            .memory_per_device()
+            .iter()
+            .map(|x| x.0 as u64)
+            .max()
+            .unwrap_or(0);
+        Ok(self.finish(ScaleOutcome {
+            latency_ms,
+            phases_ms: vec![("stopped_reload", ms(held))],
+            downtime_ms: ms(held),
+            max_bytes_into_device: largest_share,
+            requeued: requeued as u64,
+            devices_after: ranks,
+            ..ScaleOutcome::default()
+        }))
+    }
+
+    /// Baseline: load a second runner on GPUs `0..to` from `src` beside the running one (with
+    /// `kv_blocks_per_rank` blocks per rank), then switch with KV migration.
+    pub fn colocated(
+        &mut self,
+        src: &dyn TensorSource,
+        to: usize,
+        kv_blocks_per_rank: usize,
+    ) -> Result<ScaleOutcome, CudaError> {
+        self.bp.reset_peaks();
+        let t0 = Instant::now();
+        let next = self.bp.load_runner(src, to, kv_blocks_per_rank)?;
+        let load_ms = ms(t0.elapsed());
+        let transport = Arc::clone(&self.transport);
+        let t_sw = Instant::now();
+        let (out, held) = self.at_boundary(move |r, s| {
+            r.install_runner(next, &transport, s)
+                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+        })?;
+        let switch_ms = ms(t_sw.elapsed());
+        let (sw, retired, ranks) = out?;
+        let latency_ms = ms(t0.elapsed());
+        let retire = retired.release();
+        Ok(self.finish(ScaleOutcome {
+            latency_ms,
+            phases_ms: vec![
+                ("load_beside", load_ms),
+                ("switch", switch_ms),
+                ("switch_boundary", ms(held)),
+                ("kv_copy", sw.kv_copy_ms),
+                ("retire", ms(retire)),
+            ],
+            bytes_moved: sw.kv_bytes,
+            kv_migrated: sw.migrated as u64,
+            requeued: sw.requeued as u64,
+            devices_after: ranks,
+            ..ScaleOutcome::default()
+        }))
+    }
+}

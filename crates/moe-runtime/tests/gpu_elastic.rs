@@ -1,0 +1,235 @@
+//! GPU elastic scaling of a live CUDA runner inside the engine (feature `cuda`; run through
+//! `cargo xtask hil`). Without a GPU the test prints why it skips and returns; checks that need
+//! two GPUs say so and skip on one.
+//!
+//! Each scenario serves the same greedy requests as a reference engine that never scales, and
+//! performs its transition between two iterations (the engine is stepped on this thread, so the
+//! switch lands at the same iteration every run). Every request's tokens must equal the
+//! reference's: no request is lost, paused for good or recomputed differently.
+//! - elastic 1→2: the joining GPU gets its replicated weights and half the experts by peer
+//!   copies; kept experts are remapped zero-copy; requests admitted after the switch run on
+//!   the new rank.
+//! - elastic 2→1: the leaving GPU's experts move first; its running sequences move to GPU 0
+//!   with their KV blocks (migrated, none re-queued).
+//! - colocated 1→1 and 2→1: a second runner loaded beside the first; running sequences' KV
+//!   moves into it at the switch.
+//! - cold restart 1→1: everything released and reloaded; running sequences recompute.
+//!
+//! Precision is [`Precision::F32`] (pedantic f32 GEMMs), so a changed batch composition after a
+//! switch cannot flip a greedy token through bf16 rounding.
+
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use moe_runtime::config::ModelConfig;
+use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaWarmPool, Precision};
+use moe_runtime::engine::{Engine, EngineConfig, Request, RequestHandle, SchedulerConfig};
+use moe_runtime::model::weights::MemTensors;
+use moe_runtime::presets::Preset;
+
+const KV_BLOCKS: usize = 256;
+
+fn config(devices: usize) -> CudaConfig {
+    CudaConfig {
+        devices,
+        block_tokens: 16,
+        kv_blocks_per_rank: KV_BLOCKS,
+        max_batch_tokens: 128,
+        max_context: 256,
+        precision: Precision::F32,
+    }
+}
+
+fn engine(cfg: &ModelConfig, src: &MemTensors, devices: usize) -> Engine<CudaRunner> {
+    let runner = CudaRunner::load(cfg, src, config(devices)).expect("loading the runner");
+    Engine::new(
+        runner,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 128,
+                max_running_per_rank: 16,
+            },
+            ..EngineConfig::default()
+        },
+    )
+}
+
+fn prompts(vocab: u32, n: usize, salt: u32) -> Vec<Vec<u32>> {
+    let mut seed = 977u32 ^ salt;
+    (0..n)
+        .map(|i| {
+            (0..3 + (i * 7) % 19)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 8) % vocab
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Serves `first` from the start and `second` from iteration `at`, calling `switch` at that
+/// iteration (before `second` is submitted). Returns every request's tokens.
+fn serve(
+    e: &Engine<CudaRunner>,
+    first: &[Vec<u32>],
+    second: &[Vec<u32>],
+    at: usize,
+    mut switch: impl FnMut(&Engine<CudaRunner>),
+) -> Vec<Vec<u32>> {
+    let mut handles: Vec<RequestHandle> = first
+        .iter()
+        .map(|p| e.submit(Request::greedy(p.clone(), 24)).unwrap())
+        .collect();
+    for _ in 0..at {
+        e.step().expect("iteration");
+    }
+    switch(e);
+    handles.extend(
+        second
+            .iter()
+            .map(|p| e.submit(Request::greedy(p.clone(), 24)).unwrap()),
+    );
+    e.run_until_idle(10_000).expect("iterations");
+    assert!(e.is_idle());
+    handles.into_iter().map(|h| h.wait().tokens).collect()
+}
+
+fn check(name: &str, got: &[Vec<u32>], want: &[Vec<u32>]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), 24, "{name}: request {i} did not complete");
+        assert_eq!(
+            g, w,
+            "{name}: request {i} differs from the never-scaled run"
+        );
+    }
+    println!("{name}: {} requests equal to the reference", got.len());
+}
+
+fn elastic(
+    e: &Engine<CudaRunner>,
+    to: usize,
+    pool: &mut CudaWarmPool,
+) -> (cuda::PrepareReport, cuda::SwitchReport) {
+    let bp = e.with_runner(CudaRunner::blueprint);
+    let transport = bp.transport().unwrap();
+    let snap = e.with_runner(CudaRunner::snapshot);
+    let prepared = bp
+        .prepare(snap, &cuda::first_devices(to), pool, &transport)
+        .expect("prepare");
+    let report = prepared.report.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    e.at_boundary(move |r, s| {
+        let _ = tx.send(r.install(prepared, s));
+    });
+    e.step().expect("the switch iteration");
+    let (sw, retired) = rx.recv().unwrap().expect("install");
+    retired.release();
+    assert_eq!(e.with_runner(|r| r.rank_count()), to);
+    (report, sw)
+}
+
+#[test]
+fn gpu_elastic_scaling_keeps_outputs_identical() {
+    let n = match cuda::device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("no GPU ({e}): skipping");
+            return;
+        }
+    };
+    for preset in [Preset::TinyQwen3, Preset::TinyDeepseek] {
+        let cfg = preset.config();
+        let src = MemTensors::seeded(&cfg, 21);
+        let vocab = cfg.vocab_size as u32;
+        let first = prompts(vocab, 10, 1);
+        let second = prompts(vocab, 6, 2);
+        let reference = serve(&engine(&cfg, &src, 1), &first, &second, 6, |_| {});
+        let name = preset.name();
+
+        // Colocated 1→1: a second runner beside the first, KV moved into it.
+        let e = engine(&cfg, &src, 1);
+        let src_arc = Arc::new(src.clone());
+        let got = serve(&e, &first, &second, 6, |e| {
+            let bp = e.with_runner(CudaRunner::blueprint);
+            let transport = bp.transport().unwrap();
+            let next = bp.load_runner(src_arc.as_ref(), 1, KV_BLOCKS).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install_runner(next, &transport, s));
+            });
+            e.step().unwrap();
+            let (sw, retired) = rx.recv().unwrap().expect("install_runner");
+            retired.release();
+            assert!(sw.migrated > 0 && sw.kv_bytes > 0, "{sw:?}");
+            assert_eq!(sw.requeued, 0);
+        });
+        check(&format!("{name} colocated 1->1"), &got, &reference);
+
+        // Cold restart 1→1: running sequences recompute after the reload.
+        let e = engine(&cfg, &src, 1);
+        let got = serve(&e, &first, &second, 6, |e| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let s2 = Arc::clone(&src_arc);
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.restart_from(s2.as_ref(), 1, s));
+            });
+            e.step().unwrap();
+            let requeued = rx.recv().unwrap().expect("restart");
+            assert!(requeued > 0);
+        });
+        check(&format!("{name} cold restart 1->1"), &got, &reference);
+
+        if n < 2 {
+            println!("only {n} GPU: skipping the elastic and 2-GPU checks of {name}");
+            continue;
+        }
+        // Elastic 1→2 with a warm rank, then 2→1.
+        let e = engine(&cfg, &src, 1);
+        let mut pool = CudaWarmPool::new();
+        let bp = e.with_runner(CudaRunner::blueprint);
+        pool.prewarm(&bp, &cuda::first_devices(2)[1..]).unwrap();
+        let got = serve(&e, &first, &second, 6, |e| {
+            let (p, sw) = elastic(e, 2, &mut pool);
+            println!("{name} elastic 1->2: {p:?} {sw:?}");
+            assert_eq!(p.warm_hits, 1);
+            assert!(p.bytes_moved > 0 && p.bytes_zero_copy > 0);
+            assert_eq!(sw.requeued, 0);
+        });
+        check(&format!("{name} elastic 1->2"), &got, &reference);
+        let l = cfg.moe_layers().next().unwrap();
+        assert_eq!(
+            e.with_runner(|r| r.expert_device(l, cfg.moe.num_experts - 1)),
+            Some(cuda::first_devices(2)[1])
+        );
+
+        let e = engine(&cfg, &src, 2);
+        let got = serve(&e, &first, &second, 6, |e| {
+            let (p, sw) = elastic(e, 1, &mut CudaWarmPool::new());
+            println!("{name} elastic 2->1: {p:?} {sw:?}");
+            assert!(sw.migrated > 0 && sw.kv_bytes > 0, "{sw:?}");
+            assert_eq!(sw.requeued, 0);
+            assert!(p.bytes_moved > 0);
+        });
+        check(&format!("{name} elastic 2->1"), &got, &reference);
+
+        // Colocated 2→1 across GPUs.
+        let e = engine(&cfg, &src, 2);
+        let got = serve(&e, &first, &second, 6, |e| {
+            let bp = e.with_runner(CudaRunner::blueprint);
+            let transport = bp.transport().unwrap();
+            let next = bp.load_runner(src_arc.as_ref(), 1, KV_BLOCKS).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install_runner(next, &transport, s));
+            });
+            e.step().unwrap();
+            let (sw, retired) = rx.recv().unwrap().expect("install_runner");
+            retired.release();
+            assert!(sw.migrated > 0, "{sw:?}");
+        });
+        check(&format!("{name} colocated 2->1"), &got, &reference);
+    }
+}
