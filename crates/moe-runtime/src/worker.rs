@@ -701,6 +701,38 @@ impl DeploymentRunner {
             .map(|r| r.pool())
     }
 
+    /// The rank bookkeeping every switch shares: workers for the next device set, new ranks
+    /// opened, leaving ranks closed. Returns the report to fill and the leaving devices.
+    fn open_swap(
+        &mut self,
+        cur: &Deployment,
+        next: &Deployment,
+        scheduler: &mut Scheduler,
+    ) -> Result<(SwapReport, Vec<DeviceId>), DeploymentError> {
+        let (old_devs, new_devs) = (cur.devices(), next.devices());
+        self.workers
+            .ensure(&new_devs)
+            .map_err(|e| DeploymentError::Unsupported(format!("starting workers: {e}")))?;
+        let mut report = SwapReport {
+            retired: cur.generation(),
+            installed: next.generation(),
+            ..SwapReport::default()
+        };
+        for &d in new_devs.iter().filter(|d| !old_devs.contains(d)) {
+            scheduler.add_rank(RankId(d.0));
+            report.added.push(RankId(d.0));
+        }
+        let leaving: Vec<DeviceId> = old_devs
+            .iter()
+            .copied()
+            .filter(|d| !new_devs.contains(d))
+            .collect();
+        for &d in &leaving {
+            let _ = scheduler.close_rank(RankId(d.0));
+        }
+        Ok((report, leaving))
+    }
+
     /// Installs `next` between iterations. Sequences on devices that stay keep their KV where it
     /// is; sequences on leaving devices move with their KV to the least loaded staying rank (or,
     /// when that fails or the device is in `failed`, go back to the queue for recompute). The old
@@ -741,26 +773,7 @@ impl DeploymentRunner {
                 )));
             }
         }
-        self.workers
-            .ensure(&new_devs)
-            .map_err(|e| DeploymentError::Unsupported(format!("starting workers: {e}")))?;
-        let mut report = SwapReport {
-            retired: cur.generation(),
-            installed: next.generation(),
-            ..SwapReport::default()
-        };
-        for &d in new_devs.iter().filter(|d| !old_devs.contains(d)) {
-            scheduler.add_rank(RankId(d.0));
-            report.added.push(RankId(d.0));
-        }
-        let leaving: Vec<DeviceId> = old_devs
-            .iter()
-            .copied()
-            .filter(|d| !new_devs.contains(d))
-            .collect();
-        for &d in &leaving {
-            let _ = scheduler.close_rank(RankId(d.0));
-        }
+        let (mut report, leaving) = self.open_swap(&cur, &next, scheduler)?;
         for &d in &leaving {
             let from = RankId(d.0);
             for seq in scheduler.running_on(from).to_vec() {

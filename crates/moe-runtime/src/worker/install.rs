@@ -224,26 +224,7 @@ impl DeploymentRunner {
             }
         }
         let (old_devs, new_devs) = (cur.devices(), next.devices());
-        self.workers
-            .ensure(&new_devs)
-            .map_err(|e| DeploymentError::Unsupported(format!("starting workers: {e}")))?;
-        let mut report = SwapReport {
-            retired: cur.generation(),
-            installed: next.generation(),
-            ..SwapReport::default()
-        };
-        for &d in new_devs.iter().filter(|d| !old_devs.contains(d)) {
-            scheduler.add_rank(RankId(d.0));
-            report.added.push(RankId(d.0));
-        }
-        let leaving: Vec<DeviceId> = old_devs
-            .iter()
-            .copied()
-            .filter(|d| !new_devs.contains(d))
-            .collect();
-        for &d in &leaving {
-            let _ = scheduler.close_rank(RankId(d.0));
-        }
+        let (mut report, leaving) = self.open_swap(&cur, &next, scheduler)?;
         // From here on the budget is the next instance's.
         self.kv_budget = kv_budget
             .map(|b| new_devs.iter().map(|&d| (d, b)).collect())
