@@ -43,8 +43,11 @@
 //!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: `moe_dispatch_grouped`
 //!     lays the routed rows out per active expert and writes the batched GEMMs' pointer arrays
 //!     on the device, and the host reads back only the layout's size (active experts, busiest
-//!     expert's rows), because cuBLAS takes its shapes from the host. The two device paths
-//!     avoid it but are not faster at those sizes (see the constants' docs);
+//!     expert's rows) through a page-locked buffer and an event, because cuBLAS takes its
+//!     shapes from the host. The shared experts (which do not need the routes) are queued
+//!     before the host waits, so the GPU works on them while the host wakes up and launches the
+//!     routed GEMMs. The two device paths avoid the wait but are not faster at those sizes (see
+//!     the constants' docs);
 //!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
@@ -79,7 +82,9 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 use hbm_vmm::cuda::CudaBackend;
 use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
 
@@ -316,7 +321,8 @@ struct PinnedHost {
 }
 
 // SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
-// written only by copies that `Rank::read_back` issues and waits for, and read only there.
+// written only by copies that `Rank::read_back` (or, for `pinned_info`, `Rank::fetch_info`)
+// issues and waits for, and read only there (or in `Rank::wait_info`).
 unsafe impl Send for PinnedHost {}
 // SAFETY: as above; a shared reference gives no way to touch the memory outside `read_back`,
 // whose caller holds the runner mutably.
@@ -455,6 +461,10 @@ struct Rank {
     /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
     /// count per layer (32-bit integers).
     pinned_small: PinnedHost,
+    /// Page-locked staging for the host-dispatch layout's size (`s.dinfo`, 3 integers), and the
+    /// event that says it has arrived (see [`Rank::fetch_info`]).
+    pinned_info: PinnedHost,
+    info_ready: CudaEvent,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
     dt: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
@@ -601,6 +611,40 @@ impl Rank {
             })
             .collect();
         Ok((out, ints[n..].to_vec()))
+    }
+
+    /// Queues the copy of the host-dispatch layout's size (`s.dinfo`) into `pinned_info` and
+    /// records `info_ready` behind it; [`Rank::wait_info`] reads it. The stream goes on with
+    /// whatever is queued after this (work that does not need the routes), so the host's wait
+    /// and its next launches overlap with it.
+    fn fetch_info(&self) -> Result<(), CudaError> {
+        // SAFETY: `pinned_info` holds 4 i32 slots of page-locked memory owned by this rank and
+        // `s.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
+        // `wait_info` reads it after the event behind this copy completed. The next copy is
+        // queued only after that read (both run on the thread driving the rank, in order).
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.pinned_info.ptr.cast::<c_void>(),
+                self.s.dinfo,
+                3 * std::mem::size_of::<i32>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.info_ready
+            .record(&self.stream)
+            .map_err(CudaError::driver("cuEventRecord"))
+    }
+
+    /// Waits for the copy [`Rank::fetch_info`] queued; returns `{active experts, busiest
+    /// expert's rows, bad id}`.
+    fn wait_info(&self) -> Result<[i32; 3], CudaError> {
+        self.info_ready
+            .synchronize()
+            .map_err(CudaError::driver("cuEventSynchronize"))?;
+        // SAFETY: the copy into these 3 slots completed (its event completed above) and nothing
+        // else writes them (see `fetch_info`).
+        let v = unsafe { std::slice::from_raw_parts(self.pinned_info.ptr.cast::<i32>(), 3) };
+        Ok([v[0], v[1], v[2]])
     }
 
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
@@ -1394,6 +1438,10 @@ impl CudaRunner {
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
         let pinned_small = PinnedHost::new(&ctx, r + d.layers)?;
+        let pinned_info = PinnedHost::new(&ctx, 4)?;
+        let info_ready = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
         let mut at = scratch.addr();
         let mut addr = BTreeMap::new();
         for (name, b) in &sizes {
@@ -1460,6 +1508,8 @@ impl CudaRunner {
             s,
             pinned,
             pinned_small,
+            pinned_info,
+            info_ready,
             dt: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
@@ -2398,6 +2448,7 @@ impl CudaRunner {
                 ],
             )?;
             let ie = d.inter_e;
+            let mut shared_done = false;
             if path == DispatchPath::Gemv {
                 // Counts, offsets and the gather computed on the device; the expert products
                 // read the counts there, so the host never waits for the routes.
@@ -2539,7 +2590,14 @@ impl CudaRunner {
                         Arg::P(s.active + 4 * l as u64),
                     ],
                 )?;
-                let info: Vec<i32> = rank.dtoh(s.dinfo, 3)?;
+                rank.fetch_info()?;
+                // The shared experts do not need the routes: queued before the host waits, they
+                // run while it wakes up and launches the routed experts' GEMMs.
+                if self.cfg.moe.n_shared_experts > 0 {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                    shared_done = true;
+                }
+                let info = rank.wait_info()?;
                 if info[2] != 0 {
                     return Err(CudaError::Input(format!(
                         "router produced an expert id outside 0..{e}"
@@ -2579,7 +2637,9 @@ impl CudaRunner {
                 rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
             }
             let shared = if self.cfg.moe.n_shared_experts > 0 {
-                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                if !shared_done {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                }
                 s.y
             } else {
                 0
