@@ -917,6 +917,12 @@ impl KvLedger for DeploymentRunner {
             }
         }
     }
+
+    fn reduced(&self, rank: RankId) -> bool {
+        let device = DeviceId(rank.0);
+        self.pool(rank)
+            .is_some_and(|pool| self.chunk_limit(device, pool) < pool.max_chunks())
+    }
 }
 
 impl Runner for DeploymentRunner {
