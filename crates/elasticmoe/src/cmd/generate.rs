@@ -89,6 +89,10 @@ pub struct Args {
     /// Include each token's logprob (in JSON; in text mode, on stderr).
     #[arg(long)]
     pub logprobs: bool,
+    /// CUDA: batch-invariant compute (`CudaConfig::batch_invariant`): each request's output is
+    /// bitwise the same whatever it is batched with (slower at large batches).
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 /// Where to run, from `--devices`.
@@ -266,6 +270,7 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
                 &checkpoint,
                 CudaConfig {
                     devices: n,
+                    batch_invariant: args.batch_invariant,
                     ..CudaConfig::default()
                 },
             )

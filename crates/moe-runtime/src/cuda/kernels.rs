@@ -447,6 +447,157 @@ extern "C" __global__ void moe_gemv(const int* counts, const int* offsets, const
   }
 }
 
+// Batch-invariant GEMM (the runner's `batch_invariant` mode): for each batch b (grid.z),
+// out[m, n] (ldo, +b*so) = sum_k x[m, k] (ldx, +b*sx) * w[n, k] (ldw, +b*sw), plus beta * out
+// when beta != 0; out is bf16 when out_bf16, else f32. grid (ceil(N / (BI_WARPS*BI_COLS)),
+// ceil(M / BI_ROWS), batch), block 32*BI_WARPS.
+// The reduction order of one output element is fixed by K alone: lane l of the warp that owns
+// column n adds, for k's VEC-element groups c = l, l+32, l+64, ... in ascending order, the VEC
+// products of group c in ascending order (fmaf), and the 32 lane sums are then combined by a
+// fixed xor butterfly. Which rows share the block, how many rows the step has, the tiling of k
+// through shared memory (BI_KTV groups per tile, a multiple of 32) and whether the loads are
+// 128-bit (`aligned`) or scalar with zero padding past K never change that order, so a row's
+// result is bitwise the same in any batch. No split-K, no atomics.
+#define BI_ROWS 16
+#define BI_WARPS 8
+#define BI_COLS 4
+#define BI_KTV 128
+__device__ __forceinline__ void bi_store(void* out, size_t idx, float v, int out_bf16,
+    float beta) {
+  if (out_bf16) {
+    bf16* o = (bf16*)out;
+    if (beta != 0.f) v = v + beta * b2f(o[idx]);
+    o[idx] = f2b(v);
+  } else {
+    float* o = (float*)out;
+    if (beta != 0.f) v = v + beta * o[idx];
+    o[idx] = v;
+  }
+}
+__device__ __forceinline__ void bi_load_vec(const bf16* p, int k, int K, int aligned,
+    float* f) {
+  if (aligned) {
+    unpack(*(const uint4*)p, f);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; v++) f[v] = (k + v < K) ? b2f(p[v]) : 0.f;
+  }
+}
+extern "C" __global__ void bi_gemm(const bf16* x, int ldx, long long sx, const bf16* w,
+    int ldw, long long sw, void* out, int ldo, long long so, int out_bf16, float beta, int M,
+    int N, int K, int aligned) {
+  __shared__ uint4 xs[BI_ROWS * BI_KTV];
+  int b = blockIdx.z;
+  x += (size_t)b * sx;
+  w += (size_t)b * sw;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int col0 = (blockIdx.x * BI_WARPS + warp) * BI_COLS;
+  int row0 = blockIdx.y * BI_ROWS;
+  int nr = min(BI_ROWS, M - row0);
+  int kv = (K + VEC - 1) / VEC;
+  float acc[BI_COLS][BI_ROWS];
+#pragma unroll
+  for (int cc = 0; cc < BI_COLS; cc++)
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++) acc[cc][j] = 0.f;
+  for (int t0 = 0; t0 < kv; t0 += BI_KTV) {
+    int tv = min(BI_KTV, kv - t0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nr * tv; idx += blockDim.x) {
+      int j = idx / tv, c = idx - j * tv;
+      int k = (t0 + c) * VEC;
+      const bf16* src = x + (size_t)(row0 + j) * ldx + k;
+      if (aligned) {
+        xs[j * BI_KTV + c] = *(const uint4*)src;
+      } else {
+        bf16* d = (bf16*)&xs[j * BI_KTV + c];
+#pragma unroll
+        for (int v = 0; v < VEC; v++) d[v] = (k + v < K) ? src[v] : (bf16)0;
+      }
+    }
+    __syncthreads();
+    for (int c = lane; c < tv; c += 32) {
+      int k = (t0 + c) * VEC;
+      float wf[BI_COLS][VEC];
+#pragma unroll
+      for (int cc = 0; cc < BI_COLS; cc++) {
+        int col = col0 + cc;
+        if (col < N) {
+          bi_load_vec(w + (size_t)col * ldw + k, k, K, aligned, wf[cc]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; v++) wf[cc][v] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < BI_ROWS; j++) {
+        if (j < nr) {
+          float xf[VEC];
+          unpack(xs[j * BI_KTV + c], xf);
+#pragma unroll
+          for (int cc = 0; cc < BI_COLS; cc++)
+#pragma unroll
+            for (int v = 0; v < VEC; v++) acc[cc][j] = fmaf(wf[cc][v], xf[v], acc[cc][j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int cc = 0; cc < BI_COLS; cc++) {
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++) {
+      float a = acc[cc][j];
+      for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+      int col = col0 + cc;
+      if (lane == 0 && j < nr && col < N)
+        bi_store(out, (size_t)b * so + (size_t)(row0 + j) * ldo + col, a, out_bf16, beta);
+    }
+  }
+}
+
+// Batch-invariant GEMM with the weight's k along rows: out[m, n] = sum_k x[m, k] * w[k*ldw + n]
+// (batch strides as in bi_gemm; MLA's absorbed q_nope -> latent product). One thread per column
+// and row: a single fmaf chain over k = 0..K-1 in order, so again fixed by K alone. grid
+// (ceil(N / 128), ceil(M / BI_ROWS), batch), block 128.
+#define BI_KN_KT 256
+extern "C" __global__ void bi_gemm_kn(const bf16* x, int ldx, long long sx, const bf16* w,
+    int ldw, long long sw, void* out, int ldo, long long so, int out_bf16, float beta, int M,
+    int N, int K) {
+  __shared__ float xs[BI_ROWS * BI_KN_KT];
+  int b = blockIdx.z;
+  x += (size_t)b * sx;
+  w += (size_t)b * sw;
+  int n = blockIdx.x * blockDim.x + threadIdx.x;
+  int row0 = blockIdx.y * BI_ROWS;
+  int nr = min(BI_ROWS, M - row0);
+  float acc[BI_ROWS];
+#pragma unroll
+  for (int j = 0; j < BI_ROWS; j++) acc[j] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += BI_KN_KT) {
+    int kt = min(BI_KN_KT, K - k0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nr * kt; idx += blockDim.x) {
+      int j = idx / kt, kk = idx - j * kt;
+      xs[j * BI_KN_KT + kk] = b2f(x[(size_t)(row0 + j) * ldx + k0 + kk]);
+    }
+    __syncthreads();
+    if (n < N) {
+      for (int kk = 0; kk < kt; kk++) {
+        float wv = b2f(w[(size_t)(k0 + kk) * ldw + n]);
+#pragma unroll
+        for (int j = 0; j < BI_ROWS; j++)
+          if (j < nr) acc[j] = fmaf(xs[j * BI_KN_KT + kk], wv, acc[j]);
+      }
+    }
+  }
+  if (n < N) {
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++)
+      if (j < nr)
+        bi_store(out, (size_t)b * so + (size_t)(row0 + j) * ldo + n, acc[j], out_bf16, beta);
+  }
+}
+
 // Greedy choice per row, as the host sampler makes it: the lowest id among the largest finite
 // logits; -1 when no logit is finite. grid rows, block 1024.
 extern "C" __global__ void argmax_rows(const float* logits, int vocab, int* out) {
@@ -526,6 +677,8 @@ pub(crate) struct Kernels {
     pub moe_dispatch_padded: CudaFunction,
     pub moe_gemv: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub bi_gemm: CudaFunction,
+    pub bi_gemm_kn: CudaFunction,
     pub fill_random: CudaFunction,
     pub fill_const: CudaFunction,
 }
@@ -566,6 +719,8 @@ impl Kernels {
             moe_dispatch_padded: f("moe_dispatch_padded")?,
             moe_gemv: f("moe_gemv")?,
             argmax_rows: f("argmax_rows")?,
+            bi_gemm: f("bi_gemm")?,
+            bi_gemm_kn: f("bi_gemm_kn")?,
             fill_random: f("fill_random")?,
             fill_const: f("fill_const")?,
             _module: module,
