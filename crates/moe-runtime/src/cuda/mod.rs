@@ -47,6 +47,35 @@
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
 //!   Ranks run one after the other on the calling thread.
+//! - **Batch invariance** ([`CudaConfig::batch_invariant`], off by default). By default a row's
+//!   logits depend on the rest of its step: cuBLAS picks its kernel (tile shape, split-K) from
+//!   the GEMM's shape, so the same row is summed in another order in a step of 5 rows than in
+//!   one of 64; the routed experts switch between `moe_gemv` and cuBLAS batched GEMMs (padded to
+//!   the busiest expert) by row count; a prompt prefilled in one chunk and the same tokens
+//!   decoded one at a time go through different M. Greedy argmax then flips on near-ties. In
+//!   batch-invariant mode every row's logits are bitwise independent of the other rows, of the
+//!   step's row count, of the rank (GPU) serving it and of prefill chunking:
+//!   - every projection, the dense and shared-expert MLPs, the LM head and MLA's per-head
+//!     products run on the NVRTC kernels `bi_gemm` (weights `[n, k]`; 128-bit loads, the rows of
+//!     16 at a time staged through shared memory, 8 warps × 4 output columns per block) and
+//!     `bi_gemm_kn` (MLA's absorb, weights `[k, n]`): an output element's summation order is
+//!     fixed by `k` alone (lane-strided 8-element groups in ascending order, then a fixed xor
+//!     butterfly; or one ascending `fmaf` chain), with no split-K and no atomics;
+//!   - the routed experts always go through `moe_gemv`, whose per-row order depends only on
+//!     `k` (each row has its own accumulators; the chunking of rows never reorders a sum), at
+//!     every row count; [`check_config`] refuses a model whose expert or hidden size it cannot
+//!     take;
+//!   - the other kernels were already row-local with a fixed order: embedding, RMS norm (one
+//!     block per row, fixed block size), rope, the KV write, attention (one block per head and
+//!     row; the scores, softmax and weighted sum depend only on the row's position and the KV
+//!     cache, whose entries are themselves invariant, so a position computed in a prefill
+//!     chunk and in a decode step reads the same values), the router's logits and top-k (one
+//!     block or thread per row), SiLU-mul, the combine (ascending expert id, then the shared
+//!     expert) and the greedy argmax (ties to the lowest id).
+//!
+//!   The cost is speed at large batches: CUDA-core FMAs instead of tensor cores, and weights
+//!   re-read per 16 rows. Measured decode times are in `docs/benchmarks/cuda-runtime.md`
+//!   ("Batch-invariant mode").
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -1241,7 +1270,8 @@ impl CudaRunner {
     }
 
     /// Random bf16 weights generated on the device (uniform in `±1/sqrt(fan_in)`, norms 1), for
-    /// benchmarks of shapes too large to write to disk.
+    /// benchmarks of shapes too large to write to disk. The same `cfg` and `seed` give the same
+    /// weights on any number of devices (every rank's replicated copy is identical).
     pub fn synthetic(cfg: &ModelConfig, seed: u64, config: CudaConfig) -> Result<Self, CudaError> {
         Self::build(cfg, config, Fill::Random(seed), None)
     }
@@ -1347,8 +1377,12 @@ impl CudaRunner {
         let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
         let layout = model.layout().clone();
         let mut ranks = Vec::with_capacity(devs.len());
+        // Random weights: every rank's replicated tensors restart the seed counter, so every
+        // rank holds the same model, and the experts continue after them whatever the device
+        // count (a synthetic model is the same on 1 GPU and on 2).
         let mut seed_ctr = 0u64;
         for &dev in &devs {
+            let mut rank_ctr = 0u64;
             ranks.push(Self::make_rank(
                 &vmm,
                 dev,
@@ -1359,8 +1393,9 @@ impl CudaRunner {
                 &config,
                 &layout,
                 &fill,
-                &mut seed_ctr,
+                &mut rank_ctr,
             )?);
+            seed_ctr = rank_ctr;
         }
         // Routed experts: contiguous id ranges per device, readable by every device.
         let mut experts = Vec::with_capacity(cfg.num_layers);
