@@ -137,6 +137,10 @@ const BI_ROWS: usize = 16;
 const BI_WARPS: usize = 8;
 const BI_COLS: usize = 4;
 
+/// `bi_mma`'s block tile, as in [`kernels::MMA_SOURCE`]: rows and columns (4 warps, 128 threads).
+const MMA_ROWS: usize = 32;
+const MMA_COLS: usize = 16;
+
 /// Whether `bi_gemm` may use 128-bit loads: `k` a multiple of the vector width (`16 / es`
 /// elements) and every address and element stride a multiple of 16 bytes. Either way the
 /// kernel sums in the same order (the scalar loads pad with zeros past `k`), so this changes
@@ -948,6 +952,20 @@ impl Rank {
             &[x, w],
             &[ldx, ldw, sx, sw],
         ))));
+        if let Some(mma) = &self.k.bi_mma {
+            // Tensor cores (bf16): plain mode, no expert arrays.
+            args.extend([Arg::P(0), Arg::P(0), Arg::P(0), Arg::P(0), Arg::L(0)]);
+            return self.launch3(
+                mma,
+                (
+                    cols.div_ceil(MMA_COLS) as u32,
+                    rows.div_ceil(MMA_ROWS) as u32,
+                    count as u32,
+                ),
+                128,
+                &args,
+            );
+        }
         self.launch3(
             &self.k.bi_gemm,
             (
@@ -1536,7 +1554,7 @@ impl CudaRunner {
             status: e.0 as i32,
         })?;
         let f32_storage = config.precision == Precision::F32;
-        let k = Kernels::compile(&ctx, f32_storage)?;
+        let k = Kernels::compile(&ctx, f32_storage, config.batch_invariant && !f32_storage)?;
         let es = d.es;
         let global = DevBuf::new(vmm, dev, layout.global().floats() * es, &[])?;
         let layers = (0..cfg.num_layers)
@@ -1953,6 +1971,61 @@ impl CudaRunner {
                 Arg::P(out),
                 Arg::I(ldo as i32),
                 Arg::I(rchunk as i32),
+            ],
+        )
+    }
+
+    /// The routed experts' products of the device dispatch: `moe_gemv`, or in batch-invariant
+    /// bf16 mode `bi_mma` in its expert mode (tensor cores; a row's result independent of the
+    /// other rows, as `moe_gemv`'s is). Same arguments as [`CudaRunner::moe_gemv`], plus `rows`,
+    /// the step's token count (no expert has more).
+    #[allow(clippy::too_many_arguments)]
+    fn expert_products(
+        &self,
+        rank: &Rank,
+        co: (u64, u64),
+        table: u64,
+        row_idx: u64,
+        (x, ldx): (u64, usize),
+        w_off: usize,
+        (n, k): (usize, usize),
+        (out, ldo): (u64, usize),
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let Some(mma) = &rank.k.bi_mma else {
+            return self.moe_gemv(rank, co, table, row_idx, x, ldx, w_off, n, k, out, ldo);
+        };
+        let es = self.dims.es;
+        let aligned = bi_vectorizable(es, k, &[x, (es * w_off) as u64], &[ldx, k]);
+        rank.launch3(
+            mma,
+            (
+                n.div_ceil(MMA_COLS) as u32,
+                rows.div_ceil(MMA_ROWS) as u32,
+                self.dims.experts as u32,
+            ),
+            128,
+            &[
+                Arg::P(x),
+                Arg::I(ldx as i32),
+                Arg::L(0),
+                Arg::P(0),
+                Arg::I(k as i32),
+                Arg::L(0),
+                Arg::P(out),
+                Arg::I(ldo as i32),
+                Arg::L(0),
+                Arg::I(0),
+                Arg::F(0.0),
+                Arg::I(rows as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(i32::from(aligned)),
+                Arg::P(co.0),
+                Arg::P(co.1),
+                Arg::P(row_idx),
+                Arg::P(table),
+                Arg::L(w_off as i64),
             ],
         )
     }
@@ -2570,7 +2643,9 @@ impl CudaRunner {
                 clock.mark(&rank.stream, 2)?;
                 let table = s.etable + (8 * l * d.experts) as u64;
                 let co = (s.counts, s.offsets);
-                self.moe_gemv(rank, co, table, s.gidx, s.xb, h, 0, 2 * ie, h, s.gu, 2 * ie)?;
+                let xb = (s.xb, h);
+                let gu = (s.gu, 2 * ie);
+                self.expert_products(rank, co, table, s.gidx, xb, 0, (2 * ie, h), gu, rows)?;
                 rank.launch(
                     &rank.k.silu_mul,
                     ((rows * k) as u32, 1),
@@ -2585,7 +2660,8 @@ impl CudaRunner {
                         Arg::I(ie as i32),
                     ],
                 )?;
-                self.moe_gemv(rank, co, table, 0, s.eh, ie, 2 * h * ie, h, ie, s.eo, h)?;
+                let (eh, eo) = ((s.eh, ie), (s.eo, h));
+                self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, rows)?;
             } else if let DispatchPath::Padded(cap) = path {
                 // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
                 // the rows past an expert's capacity through `moe_gemv`; no host sync.
