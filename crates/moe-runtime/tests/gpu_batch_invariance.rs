@@ -18,6 +18,9 @@
 //! `qwen3-30b-a3b`: two MoE layers), with random weights made on the device. The tiny presets'
 //! `alone` runs are also checked against the CPU reference (`ActPrecision::Bf16Gemm`, fed the
 //! same tokens) at `gpu_runtime`'s thresholds: token match >= 0.99, relative logit error <= 2e-2.
+//! Batch-invariant mode runs in bf16 (tensor-core `bi_mma`) on every model, and in the f32
+//! reference precision (CUDA-core `bi_gemm`, `moe_gemv`; against `ActPrecision::F32`) on the
+//! tiny presets.
 //!
 //! The same schedules run with `batch_invariant: false` (the default path: cuBLAS picks its
 //! kernel by shape; experts go through `moe_gemv` or cuBLAS by row count) and the test prints how
@@ -268,28 +271,33 @@ fn differences(runs: &Runs) -> Vec<(&'static str, usize, usize, usize)> {
         .collect()
 }
 
-fn config(devices: usize, batch_invariant: bool) -> CudaConfig {
+fn config(devices: usize, batch_invariant: bool, precision: Precision) -> CudaConfig {
     CudaConfig {
         devices,
         block_tokens: 16,
         kv_blocks_per_rank: 256,
         max_batch_tokens: 256,
         max_context: 256,
-        precision: Precision::Bf16,
+        precision,
         batch_invariant,
     }
 }
 
 /// The tiny preset's `alone` logits against the CPU reference fed the same tokens:
 /// (token match fraction, max relative logit error).
-fn against_cpu(cfg: &ModelConfig, targets: &[Vec<u32>], alone: &[Vec<Vec<f32>>]) -> (f64, f64) {
+fn against_cpu(
+    cfg: &ModelConfig,
+    act: ActPrecision,
+    targets: &[Vec<u32>],
+    alone: &[Vec<Vec<f32>>],
+) -> (f64, f64) {
     let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
     let host = Vmm::new(HostBackend::new(
         HostConfig::devices(1, 1 << 30)
             .with_granularity(4096)
             .unwrap(),
     ));
-    let model = Model::new(cfg, CpuCompute::with_act_precision(ActPrecision::Bf16Gemm)).unwrap();
+    let model = Model::new(cfg, CpuCompute::with_act_precision(act)).unwrap();
     let mut cpu = SingleDevice::load(model, &host, DeviceId(0), &src, 16).unwrap();
     let (mut matched, mut total, mut worst) = (0usize, 0usize, 0.0f64);
     for (prompt, gpu) in targets.iter().zip(alone) {
@@ -336,13 +344,23 @@ fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
     let mut failures = Vec::new();
     let mut rows = Vec::new();
     for (name, cfg, tiny) in &models {
-        for bi in [true, false] {
+        // (batch-invariant, precision): the f32 reference precision only on the tiny presets.
+        let modes: &[(bool, Precision)] = if *tiny {
+            &[
+                (true, Precision::Bf16),
+                (false, Precision::Bf16),
+                (true, Precision::F32),
+            ]
+        } else {
+            &[(true, Precision::Bf16), (false, Precision::Bf16)]
+        };
+        for &(bi, precision) in modes {
             let make = |devices: usize| {
                 if *tiny {
                     let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
-                    CudaRunner::load(cfg, &src, config(devices, bi))
+                    CudaRunner::load(cfg, &src, config(devices, bi, precision))
                 } else {
-                    CudaRunner::synthetic(cfg, 7, config(devices, bi))
+                    CudaRunner::synthetic(cfg, 7, config(devices, bi, precision))
                 }
                 .unwrap()
             };
@@ -355,7 +373,11 @@ fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
             }
             let (runs, targets) = schedules(&mut one, two.as_mut(), cfg.vocab_size);
             drop((one, two));
-            let mode = if bi { "batch-invariant" } else { "default" };
+            let mode = match (bi, precision) {
+                (true, Precision::F32) => "batch-invariant f32",
+                (true, _) => "batch-invariant",
+                (false, _) => "default",
+            };
             for (sched, tok, bits, total) in differences(&runs) {
                 println!(
                     "{name}, {mode}: {sched} vs alone: {tok}/{total} greedy tokens differ, \
@@ -372,11 +394,16 @@ fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
                 }
             }
             if *tiny {
-                let (tm, err) = against_cpu(cfg, &targets, &runs[0].1);
+                let act = if precision == Precision::F32 {
+                    ActPrecision::F32
+                } else {
+                    ActPrecision::Bf16Gemm
+                };
+                let (tm, err) = against_cpu(cfg, act, &targets, &runs[0].1);
                 let pass = tm >= 0.99 && err <= 2e-2;
                 println!(
-                    "{name}, {mode}: alone vs CPU bf16-gemm: token match {tm:.4}, max rel logit \
-                     err {err:.3e} -> {}",
+                    "{name}, {mode}: alone vs CPU {act}: token match {tm:.4}, max rel logit err \
+                     {err:.3e} -> {}",
                     if pass { "pass" } else { "FAIL" }
                 );
                 rows.push(serde_json::json!({

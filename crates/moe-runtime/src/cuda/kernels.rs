@@ -447,7 +447,8 @@ extern "C" __global__ void moe_gemv(const int* counts, const int* offsets, const
   }
 }
 
-// Batch-invariant GEMM (the runner's `batch_invariant` mode): for each batch b (grid.z),
+// Batch-invariant GEMM on CUDA cores (`batch_invariant` mode in the f32 reference precision;
+// bf16 uses `bi_mma`, MMA_SOURCE): for each batch b (grid.z),
 // out[m, n] (ldo, +b*so) = sum_k x[m, k] (ldx, +b*sx) * w[n, k] (ldw, +b*sw), plus beta * out
 // when beta != 0; out is bf16 when out_bf16, else f32. grid (ceil(N / (BI_WARPS*BI_COLS)),
 // ceil(M / BI_ROWS), batch), block 32*BI_WARPS.

@@ -55,16 +55,20 @@
 //!   decoded one at a time go through different M. Greedy argmax then flips on near-ties. In
 //!   batch-invariant mode every row's logits are bitwise independent of the other rows, of the
 //!   step's row count, of the rank (GPU) serving it and of prefill chunking:
-//!   - every projection, the dense and shared-expert MLPs, the LM head and MLA's per-head
-//!     products run on the NVRTC kernels `bi_gemm` (weights `[n, k]`; 128-bit loads, the rows of
-//!     16 at a time staged through shared memory, 8 warps × 4 output columns per block) and
-//!     `bi_gemm_kn` (MLA's absorb, weights `[k, n]`): an output element's summation order is
-//!     fixed by `k` alone (lane-strided 8-element groups in ascending order, then a fixed xor
-//!     butterfly; or one ascending `fmaf` chain), with no split-K and no atomics;
-//!   - the routed experts always go through `moe_gemv`, whose per-row order depends only on
-//!     `k` (each row has its own accumulators; the chunking of rows never reorders a sum), at
-//!     every row count; [`check_config`] refuses a model whose expert or hidden size it cannot
-//!     take;
+//!   - in bf16, every projection, the dense and shared-expert MLPs, the LM head, MLA's expand
+//!     and the routed experts run on `bi_mma` ([`kernels::MMA_SOURCE`]): tensor-core
+//!     `mma.sync` m16n8k16 with one fixed tiling (32 rows x 16 columns per block), k in
+//!     32-element chunks dealt to the block's 4 warps by chunk index and the warps' partial
+//!     sums added in warp order. An output element's arithmetic is fixed by `k` alone; an mma
+//!     computes each output from its own row and column, so neither M nor a row's place in the
+//!     tile changes it. No split-K across blocks, no atomics, no choice of kernel by shape.
+//!     The routed experts use its expert mode, which reads the device dispatch's counts and
+//!     offsets like `moe_gemv` (so every step routes on the device, with no host sync);
+//!   - MLA's absorb (weights `[k, n]`) runs on `bi_gemm_kn` (one ascending `fmaf` chain per
+//!     output, CUDA cores; k is 128), and in the f32 reference precision the GEMMs run on
+//!     `bi_gemm` (CUDA cores, lane-strided groups then a fixed xor butterfly) and the experts on
+//!     `moe_gemv`, whose per-row order depends only on `k` too; [`check_config`] refuses a
+//!     model whose expert or hidden size the expert path cannot take;
 //!   - the other kernels were already row-local with a fixed order: embedding, RMS norm (one
 //!     block per row, fixed block size), rope, the KV write, attention (one block per head and
 //!     row; the scores, softmax and weighted sum depend only on the row's position and the KV
@@ -73,9 +77,10 @@
 //!     block or thread per row), SiLU-mul, the combine (ascending expert id, then the shared
 //!     expert) and the greedy argmax (ties to the lowest id).
 //!
-//!   The cost is speed at large batches: CUDA-core FMAs instead of tensor cores, and weights
-//!   re-read per 16 rows. Measured decode times are in `docs/benchmarks/cuda-runtime.md`
-//!   ("Batch-invariant mode").
+//!   Cost, measured on H200 (8-layer shapes, decode, `examples/hil_batch_invariant.rs`): Qwen3
+//!   0.98-1.19x the default path's step time at batch 1-256, DeepSeek-V2-Lite 1.19-1.54x (its
+//!   MLA absorb on CUDA cores and the 32-row tile's waste at small batches). Details in
+//!   `docs/benchmarks/cuda-runtime.md` ("Batch-invariant mode").
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -330,9 +335,9 @@ pub struct CudaConfig {
     /// Batch-invariant compute (see the module docs): every row's logits are bitwise the same
     /// whatever else shares its step, however many rows the step has, on whichever rank (GPU)
     /// it runs, and whether its positions were computed in a prefill chunk or one decode step at
-    /// a time. The projections, the LM head and MLA's per-head products run on the `bi_gemm`
-    /// kernels instead of cuBLAS, and the routed experts always go through `moe_gemv`. Slower at
-    /// large batches; off by default.
+    /// a time. The GEMMs run on fixed-order kernels instead of cuBLAS (tensor-core `bi_mma` in
+    /// bf16) and the routed experts always on the device dispatch. Up to about 1.5x slower a
+    /// decode step (measured; module docs); off by default.
     pub batch_invariant: bool,
 }
 
