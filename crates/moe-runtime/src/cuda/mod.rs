@@ -56,7 +56,7 @@
 //!   batch-invariant mode every row's logits are bitwise independent of the other rows, of the
 //!   step's row count, of the rank (GPU) serving it and of prefill chunking:
 //!   - in bf16, every projection, the dense and shared-expert MLPs, the LM head, MLA's expand
-//!     and the routed experts run on `bi_mma` ([`kernels::MMA_SOURCE`]): tensor-core
+//!     and the routed experts run on `bi_mma` (in `kernels.rs`): tensor-core
 //!     `mma.sync` m16n8k16 with one fixed tiling (32 rows x 16 columns per block), k in
 //!     32-element chunks dealt to the block's 4 warps by chunk index and the warps' partial
 //!     sums added in warp order. An output element's arithmetic is fixed by `k` alone; an mma
@@ -78,9 +78,9 @@
 //!     expert) and the greedy argmax (ties to the lowest id).
 //!
 //!   Cost, measured on H200 (8-layer shapes, decode, `examples/hil_batch_invariant.rs`): Qwen3
-//!   0.98-1.19x the default path's step time at batch 1-256, DeepSeek-V2-Lite 1.19-1.54x (its
-//!   MLA absorb on CUDA cores and the 32-row tile's waste at small batches). Details in
-//!   `docs/benchmarks/cuda-runtime.md` ("Batch-invariant mode").
+//!   0.96-1.19x the default path's step time at batch 1-256, DeepSeek-V2-Lite 1.19-1.67x
+//!   (probably its MLA absorb on CUDA cores and the 32-row tile's waste at small batches).
+//!   Details: `docs/benchmarks/cuda-runtime.md` ("Batch-invariant mode").
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -336,7 +336,7 @@ pub struct CudaConfig {
     /// whatever else shares its step, however many rows the step has, on whichever rank (GPU)
     /// it runs, and whether its positions were computed in a prefill chunk or one decode step at
     /// a time. The GEMMs run on fixed-order kernels instead of cuBLAS (tensor-core `bi_mma` in
-    /// bf16) and the routed experts always on the device dispatch. Up to about 1.5x slower a
+    /// bf16) and the routed experts always on the device dispatch. Up to about 1.7x slower a
     /// decode step (measured; module docs); off by default.
     pub batch_invariant: bool,
 }
