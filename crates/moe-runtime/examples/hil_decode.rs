@@ -72,6 +72,7 @@ fn main() {
                 max_batch_tokens: 256,
                 max_context: 64,
                 precision: Precision::Bf16,
+                batch_invariant: false,
             },
         ) {
             Ok(r) => r,

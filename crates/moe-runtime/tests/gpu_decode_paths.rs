@@ -45,6 +45,7 @@ fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Path) -> C
             max_batch_tokens: 128,
             max_context: 128,
             precision,
+            batch_invariant: false,
         },
     )
     .unwrap();
