@@ -111,6 +111,50 @@ impl Snapshot {
     pub fn devices(&self) -> &[DeviceId] {
         &self.devices
     }
+
+    /// Whether it still describes what `runner` serves from: the same devices and every buffer
+    /// at the same address. A runner's buffers change only at a switch, so a snapshot taken right
+    /// after one (or before the runner started serving) stays valid until the next; a stale one
+    /// is refused by [`CudaRunner::install`].
+    pub fn describes(&self, runner: &CudaRunner) -> bool {
+        fn same(a: &[BufRef], b: &[DevBuf]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.addr == y.addr())
+        }
+        self.devices == runner.devices()
+            && self.global.len() == runner.ranks.len()
+            && self.kv.len() == runner.ranks.len()
+            && self.layers.len() == runner.ranks.len()
+            && runner.ranks.iter().enumerate().all(|(i, r)| {
+                self.global[i].addr == r.global.addr()
+                    && self.kv[i].addr == r.kv.addr()
+                    && same(&self.layers[i], &r.layers)
+            })
+            && self.experts.len() == runner.experts.len()
+            && self.experts.iter().zip(&runner.experts).all(|(a, b)| {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.addr == y.buf.addr())
+            })
+    }
+
+    /// How many fresh expert chunks (of which size) each device of `target` needs for a
+    /// transition from this configuration to `target` (experts that change device), by
+    /// `(device, chunk bytes)`.
+    fn moving_chunks(&self, target: &[DeviceId]) -> BTreeMap<(DeviceId, usize), usize> {
+        let mut target = target.to_vec();
+        target.sort();
+        target.dedup();
+        let mut out = BTreeMap::new();
+        for layer in &self.experts {
+            let Some(first) = layer.first() else { continue };
+            for (i, &d) in target.iter().enumerate() {
+                for ex in expert_range(i, target.len(), layer.len()) {
+                    if layer[ex].dev != d {
+                        *out.entry((d, first.len)).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Everything needed to make ranks and runners of the same model and settings on the same
@@ -138,6 +182,8 @@ impl std::fmt::Debug for Blueprint {
 #[derive(Debug, Default)]
 pub struct CudaWarmPool {
     ranks: BTreeMap<DeviceId, Rank>,
+    /// Fresh (unmapped) physical chunks for experts about to arrive, by `(device, bytes)`.
+    chunks: BTreeMap<(DeviceId, usize), Vec<PhysChunk<CudaBackend>>>,
 }
 
 impl CudaWarmPool {
@@ -165,6 +211,40 @@ impl CudaWarmPool {
     fn take(&mut self, d: DeviceId) -> Option<Rank> {
         self.ranks.remove(&d)
     }
+
+    /// Creates, ahead of the request, the physical chunks a transition from the configuration
+    /// `snap` describes to `target` would create for the experts that change device (chunks
+    /// already in the pool count); returns the time taken. [`Blueprint::prepare`] takes them
+    /// instead of creating chunks on the spot.
+    pub fn prewarm_experts(
+        &mut self,
+        bp: &Blueprint,
+        snap: &Snapshot,
+        target: &[DeviceId],
+    ) -> Result<Duration, CudaError> {
+        let t = Instant::now();
+        for ((d, len), n) in snap.moving_chunks(target) {
+            let have = self.chunks.entry((d, len)).or_default();
+            while have.len() < n {
+                have.push(bp.vmm.create_chunk(d, len, false)?);
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Expert chunks waiting in the pool.
+    pub fn expert_chunks(&self) -> usize {
+        self.chunks.values().map(Vec::len).sum()
+    }
+
+    /// Gives back the pool's expert chunks (their memory returns to the device).
+    pub fn release_expert_chunks(&mut self) {
+        self.chunks.clear();
+    }
+
+    fn take_chunk(&mut self, d: DeviceId, len: usize) -> Option<PhysChunk<CudaBackend>> {
+        self.chunks.get_mut(&(d, len)).and_then(Vec::pop)
+    }
 }
 
 /// Where the time of a prepare went, and what it moved.
@@ -191,6 +271,9 @@ pub struct PrepareReport {
     pub warm_hits: usize,
     /// Joining ranks initialised on the spot.
     pub cold_workers: usize,
+    /// Expert chunks taken from the warm pool (created ahead by
+    /// [`CudaWarmPool::prewarm_experts`]) rather than on the spot.
+    pub prewarmed_chunks: usize,
 }
 
 /// The next configuration, built beside the running one; install it with
@@ -482,7 +565,13 @@ impl Blueprint {
                             report.bytes_zero_copy += ebytes;
                             res.map(k * pad, &cur.chunk, cur.chunk_offset, pad)?
                         } else {
-                            let chunk = self.vmm.create_chunk(d, pad, false)?;
+                            let chunk = match pool.take_chunk(d, pad) {
+                                Some(c) => {
+                                    report.prewarmed_chunks += 1;
+                                    c
+                                }
+                                None => self.vmm.create_chunk(d, pad, false)?,
+                            };
                             let map = res.map(k * pad, &chunk, 0, pad)?;
                             needs.push(Need::new(
                                 Location::new(d, map.addr()),
@@ -719,6 +808,12 @@ impl CudaRunner {
                 next.snapshot.devices,
                 self.devices()
             )));
+        }
+        if !next.snapshot.describes(self) {
+            return Err(CudaError::Scale(
+                "prepared from a stale snapshot: the runner's buffers changed since it was taken"
+                    .into(),
+            ));
         }
         let target: BTreeSet<DeviceId> = next.target.iter().copied().collect();
         let leaving: Vec<RankId> = self

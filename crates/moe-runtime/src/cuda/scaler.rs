@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool};
+use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot};
 use super::{CudaError, CudaRunner, DeviceId};
 use crate::engine::{Engine, Scheduler};
 use crate::model::weights::TensorSource;
@@ -44,6 +44,10 @@ pub struct ScaleOutcome {
     pub devices_after: usize,
     /// Peak bytes per GPU of the machine during the transition.
     pub peak_bytes_per_device: Vec<u64>,
+    /// Expert chunks the elastic step took from the warm pool instead of creating them.
+    pub prewarmed_chunks: u64,
+    /// Whether the elastic step used a snapshot kept from the last switch (no boundary wait).
+    pub kept_snapshot: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -57,6 +61,11 @@ pub struct CudaScaler {
     transport: Arc<CudaTransport>,
     pool: CudaWarmPool,
     timeout: Duration,
+    /// What the runner serves from, as of the last switch (or [`CudaScaler::adopt_snapshot`]):
+    /// still valid because a runner's buffers change only at a switch, and every switch made
+    /// here refreshes it inside its boundary action. `None`: the next elastic step takes one at
+    /// a boundary.
+    snapshot: Option<Snapshot>,
 }
 
 impl std::fmt::Debug for CudaScaler {
@@ -79,7 +88,21 @@ impl CudaScaler {
             transport,
             pool: CudaWarmPool::new(),
             timeout: Duration::from_secs(120),
+            snapshot: None,
         })
+    }
+
+    /// Keeps `snap`, a snapshot of the engine's runner taken before it started serving (or at any
+    /// time the runner was not being switched), so that the next elastic step need not wait for
+    /// an iteration boundary to take one. A snapshot that no longer describes the runner makes
+    /// that step fail at its switch, changing nothing.
+    pub fn adopt_snapshot(&mut self, snap: Snapshot) {
+        self.snapshot = Some(snap);
+    }
+
+    /// Whether a snapshot is kept for the next elastic step.
+    pub fn has_snapshot(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     /// The longest wait for an iteration boundary (120 s by default).
@@ -101,6 +124,19 @@ impl CudaScaler {
     pub fn prewarm(&mut self, from: usize, to: usize) -> Result<Duration, CudaError> {
         let spare: Vec<DeviceId> = first_devices(to).into_iter().skip(from).collect();
         self.pool.prewarm(&self.bp, &spare)
+    }
+
+    /// Creates ahead the expert chunks an elastic step to GPUs `0..to` would create (needs the
+    /// kept snapshot; without one it does nothing and returns 0 chunks). Returns the chunks now
+    /// waiting in the pool and the time taken.
+    pub fn prewarm_experts(&mut self, to: usize) -> Result<(usize, Duration), CudaError> {
+        let Some(snap) = &self.snapshot else {
+            return Ok((self.pool.expert_chunks(), Duration::ZERO));
+        };
+        let t = self
+            .pool
+            .prewarm_experts(&self.bp, snap, &first_devices(to))?;
+        Ok((self.pool.expert_chunks(), t))
     }
 
     /// Runs `f` at the next iteration boundary; returns its answer and how long it held the loop.
@@ -138,7 +174,12 @@ impl CudaScaler {
     pub fn elastic(&mut self, to: usize) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
         let t0 = Instant::now();
-        let (snap, _) = self.at_boundary(|r, _| r.snapshot())?;
+        // The kept snapshot needs no boundary; without one, wait for a boundary to take it.
+        let kept_snapshot = self.snapshot.is_some();
+        let snap = match self.snapshot.take() {
+            Some(s) => s,
+            None => self.at_boundary(|r, _| r.snapshot())?.0,
+        };
         let snap_ms = ms(t0.elapsed());
         let prepared =
             self.bp
@@ -147,10 +188,11 @@ impl CudaScaler {
         let t_sw = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
             r.install(prepared, s)
-                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
         let switch_ms = ms(t_sw.elapsed());
-        let (sw, retired, ranks) = out?;
+        let (sw, retired, ranks, snap) = out?;
+        self.snapshot = Some(snap);
         let latency_ms = ms(t0.elapsed());
         let retire = retired.release();
         Ok(self.finish(ScaleOutcome {
@@ -174,6 +216,8 @@ impl CudaScaler {
             requeued: sw.requeued as u64,
             devices_after: ranks,
             peak_bytes_per_device: Vec::new(),
+            prewarmed_chunks: p.prewarmed_chunks as u64,
+            kept_snapshot,
         }))
     }
 
@@ -185,12 +229,17 @@ impl CudaScaler {
         to: usize,
     ) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
+        // The kept snapshot would keep the old chunks alive through the reload.
+        self.snapshot = None;
+        self.pool.release_expert_chunks();
         let t0 = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
-            r.restart_from(src.as_ref(), to, s)
-                .map(|n| (n, r.rank_count()))
+            let out = r.restart_from(src.as_ref(), to, s);
+            (out.map(|n| (n, r.rank_count())), r.snapshot())
         })?;
         let latency_ms = ms(t0.elapsed());
+        let (out, snap) = out;
+        self.snapshot = Some(snap);
         let (requeued, ranks) = out?;
         let largest_share = self
             .bp
@@ -219,6 +268,8 @@ impl CudaScaler {
         kv_blocks_per_rank: usize,
     ) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
+        self.snapshot = None;
+        self.pool.release_expert_chunks();
         let t0 = Instant::now();
         let next = self.bp.load_runner(src, to, kv_blocks_per_rank)?;
         let load_ms = ms(t0.elapsed());
@@ -226,10 +277,11 @@ impl CudaScaler {
         let t_sw = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
             r.install_runner(next, &transport, s)
-                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
         let switch_ms = ms(t_sw.elapsed());
-        let (sw, retired, ranks) = out?;
+        let (sw, retired, ranks, snap) = out?;
+        self.snapshot = Some(snap);
         let latency_ms = ms(t0.elapsed());
         let retire = retired.release();
         Ok(self.finish(ScaleOutcome {
