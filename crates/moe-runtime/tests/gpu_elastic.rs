@@ -15,9 +15,10 @@
 //!   moves into it at the switch.
 //! - cold restart 1→1: everything released and reloaded; running sequences recompute.
 //! - elastic 1→2→1 from kept snapshots: the second step prepares from the snapshot the first
-//!   switch took inside its boundary action (as `CudaScaler` does, no boundary wait), with its
-//!   expert chunks created ahead in the warm pool; a snapshot from before both switches is
-//!   refused at install and changes nothing.
+//!   switch took inside its boundary action (as `CudaScaler` does, no boundary wait), the 1→2
+//!   with its expert chunks created ahead in the warm pool, the 2→1 staged (ranges mapped)
+//!   before an iteration and filled after it; a configuration prepared from a snapshot taken
+//!   before both switches is refused at install and changes nothing.
 //!
 //! Precision is [`Precision::F32`] (pedantic f32 GEMMs), so a changed batch composition after a
 //! switch cannot flip a greedy token through bf16 rounding.
@@ -228,6 +229,16 @@ fn gpu_elastic_scaling_keeps_outputs_identical() {
         let got = serve(&e, &first, &second, 6, |e| {
             let before = e.with_runner(CudaRunner::snapshot);
             let bp = e.with_runner(CudaRunner::blueprint);
+            let transport = bp.transport().unwrap();
+            // Prepared now (its source addresses are mapped), installed after two switches.
+            let stale = bp
+                .prepare(
+                    before.clone(),
+                    &cuda::first_devices(2),
+                    &mut CudaWarmPool::new(),
+                    &transport,
+                )
+                .expect("prepare");
             pool.prewarm_experts(&bp, &before, &cuda::first_devices(2))
                 .unwrap();
             let ahead = pool.expert_chunks();
@@ -237,14 +248,23 @@ fn gpu_elastic_scaling_keeps_outputs_identical() {
             assert_eq!(pool.expert_chunks(), 0);
             e.step().expect("serving between the steps");
             assert!(e.with_runner(|r| kept.describes(r)), "no switch since");
-            let (p, sw, _) = elastic_from(e, 1, &mut pool, Some(kept));
-            assert!(p.bytes_moved > 0);
+            // 2→1 staged ahead from the kept snapshot, serving between staging and filling.
+            let staged = bp
+                .stage(kept, &cuda::first_devices(1), &mut pool)
+                .expect("stage");
+            e.step().expect("serving while staged");
+            let prepared = cuda::Blueprint::fill(staged, &transport).expect("fill");
+            assert!(prepared.report.bytes_moved > 0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install(prepared, s));
+            });
+            e.step().expect("the switch iteration");
+            let (sw, retired) = rx.recv().unwrap().expect("install");
+            retired.release();
             assert_eq!(sw.requeued, 0);
+            assert_eq!(e.with_runner(|r| r.rank_count()), 1);
             assert!(!e.with_runner(|r| before.describes(r)));
-            let transport = bp.transport().unwrap();
-            let stale = bp
-                .prepare(before, &cuda::first_devices(2), &mut pool, &transport)
-                .expect("prepare reads chunks the stale snapshot keeps alive");
             let (tx, rx) = std::sync::mpsc::channel();
             e.at_boundary(move |r, s| {
                 let _ = tx.send(r.install(stale, s).map(|_| ()));

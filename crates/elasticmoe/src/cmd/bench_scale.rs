@@ -127,6 +127,7 @@ struct Measured {
     devices_after: usize,
     prewarmed_chunks: u64,
     kept_snapshot: bool,
+    staged_ahead: bool,
 }
 
 type Submit = Arc<dyn Fn(Request) -> Result<RequestHandle, RequestError> + Send + Sync>;
@@ -190,10 +191,15 @@ struct StepReport {
     throughput_request_to_switch: f64,
     /// The engine's iterations in the second half of the *before* window.
     serving_before: ServingStats,
+    /// The engine's iterations in the second half of the *after* window.
+    serving_after: ServingStats,
     /// Expert chunks created ahead of the request (warm pool) and used by the step.
     prewarmed_chunks: u64,
     /// Whether the step used the snapshot kept from the last switch (no boundary wait).
     kept_snapshot: bool,
+    /// Whether the step's new layout (ranges, mappings, warm ranks) was staged before the
+    /// request; its time is then the `staged_ahead_map` phase, outside the latency.
+    staged_ahead: bool,
     completed_requests: u64,
     outputs_match: bool,
     outputs_compared: u64,
@@ -589,7 +595,17 @@ fn run_one(
     if let Ok(m) = &measured {
         devices_now.store(m.devices_after, Ordering::Release);
     }
-    std::thread::sleep(Duration::from_secs_f64(args.after_s));
+    // The after window's serving split, over its second half (the new configuration settled).
+    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
+    let _ = session.runner_phases();
+    let (m2, w2) = (metrics(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
+    let serving_after = ServingStats::between(&m2, &metrics(), w2.elapsed().as_secs_f64());
+    trace(&format!("serving after: {serving_after:?}"));
+    let phases = session.runner_phases();
+    if !phases.is_empty() {
+        trace(&format!("runner phases (s) after: {phases:?}"));
+    }
     let t_after = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
     trace(&format!(
@@ -657,8 +673,10 @@ fn run_one(
         throughput_after: rate(t_end, t_after),
         throughput_request_to_switch: rate(t_start, t_end),
         serving_before,
+        serving_after,
         prewarmed_chunks: measured.prewarmed_chunks,
         kept_snapshot: measured.kept_snapshot,
+        staged_ahead: measured.staged_ahead,
         tpot_p99_during_ms: percentile(&mut gaps, 0.99),
         peak_bytes_per_device: measured.peak_bytes_per_device.clone(),
         failed_requests: failed,
@@ -1169,6 +1187,7 @@ mod host {
                 devices_after: ev.devices_after.len(),
                 prewarmed_chunks: 0,
                 kept_snapshot: false,
+                staged_ahead: false,
             })
         }
         fn ready(&mut self, _to: usize) -> Result<()> {
@@ -1369,6 +1388,7 @@ mod gpu {
                 devices_after: o.devices_after,
                 prewarmed_chunks: o.prewarmed_chunks,
                 kept_snapshot: o.kept_snapshot,
+                staged_ahead: o.staged_ahead,
             })
         }
         fn ready(&mut self, to: usize) -> Result<()> {
@@ -1380,8 +1400,10 @@ mod gpu {
                 self.scaler.prewarm(from, to)?;
             }
             let (chunks, t) = self.scaler.prewarm_experts(to)?;
+            let staged = self.scaler.stage_ahead(to)?;
             trace(&format!(
-                "warm pool: {chunks} expert chunks for {to} GPU(s) ({:.1} ms)",
+                "warm pool: {chunks} expert chunks for {to} GPU(s) ({:.1} ms); staged ahead: \
+                 {staged:?}",
                 t.as_secs_f64() * 1e3
             ));
             Ok(())

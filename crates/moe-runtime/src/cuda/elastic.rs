@@ -276,6 +276,46 @@ pub struct PrepareReport {
     pub prewarmed_chunks: usize,
 }
 
+/// A configuration laid out beside the running one but not yet filled (no byte copied): what
+/// [`Blueprint::stage`] builds ahead of a request and [`Blueprint::fill`] completes.
+pub struct Staged {
+    snapshot: Snapshot,
+    target: Vec<DeviceId>,
+    joining: Vec<Rank>,
+    experts: Vec<Vec<ExpertBuf>>,
+    kv_alias: BTreeMap<DeviceId, DevBuf>,
+    needs: Vec<Need>,
+    keep_alive: Vec<DevBuf>,
+    report: PrepareReport,
+}
+
+impl Staged {
+    /// The target devices, sorted.
+    pub fn target(&self) -> &[DeviceId] {
+        &self.target
+    }
+
+    /// What staging did so far (plan, workers, map).
+    pub fn report(&self) -> &PrepareReport {
+        &self.report
+    }
+
+    /// The snapshot it was staged from.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("from", &self.snapshot.devices)
+            .field("to", &self.target)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The next configuration, built beside the running one; install it with
 /// [`CudaRunner::install`].
 pub struct Prepared {
@@ -436,7 +476,8 @@ impl Blueprint {
     }
 
     /// Builds the configuration for `target` beside the running one described by `snap`
-    /// (see the module docs). Runs while the engine serves.
+    /// (see the module docs). Runs while the engine serves. The same as [`Blueprint::stage`]
+    /// then [`Blueprint::fill`].
     pub fn prepare(
         &self,
         snap: Snapshot,
@@ -444,6 +485,21 @@ impl Blueprint {
         pool: &mut CudaWarmPool,
         transport: &Arc<CudaTransport>,
     ) -> Result<Prepared, CudaError> {
+        let staged = self.stage(snap, target, pool)?;
+        Self::fill(staged, transport)
+    }
+
+    /// The first half of [`Blueprint::prepare`], everything but the copies: joining ranks from
+    /// the pool, the new expert ranges reserved with kept experts mapped (zero-copy) and fresh
+    /// chunks mapped for moving ones, aliases, access. Touches no byte the runner reads, so it
+    /// can run ahead of a scale request (it holds the fresh chunks' memory until used or
+    /// dropped); valid while `snap` describes the runner (until its next switch).
+    pub fn stage(
+        &self,
+        snap: Snapshot,
+        target: &[DeviceId],
+        pool: &mut CudaWarmPool,
+    ) -> Result<Staged, CudaError> {
         let t0 = Instant::now();
         let mut target = target.to_vec();
         target.sort();
@@ -605,7 +661,31 @@ impl Blueprint {
             }
         }
         report.map_ms = ms(t.elapsed());
+        Ok(Staged {
+            snapshot: snap,
+            target,
+            joining,
+            experts,
+            kv_alias,
+            needs,
+            keep_alive,
+            report,
+        })
+    }
 
+    /// The second half of [`Blueprint::prepare`]: the copies of a [`Staged`] configuration,
+    /// planned over the holders and pushed on the transport's low-priority copy streams.
+    pub fn fill(staged: Staged, transport: &Arc<CudaTransport>) -> Result<Prepared, CudaError> {
+        let Staged {
+            snapshot: snap,
+            target,
+            joining,
+            experts,
+            kv_alias,
+            needs,
+            keep_alive,
+            mut report,
+        } = staged;
         // Copies: planned over the holders, pushed on the low-priority copy streams.
         let t = Instant::now();
         if !needs.is_empty() {
