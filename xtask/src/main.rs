@@ -110,6 +110,10 @@ fn ci(args: &[String]) -> Result<()> {
             .args(["--", "-D", "warnings"]))?;
     }
     run(cargo().args(["test", "--workspace"]))?;
+    // The docs build too, with every intra-doc link resolving.
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     // Unit tests of CUDA-only host logic (elastic scaling's planning and KV bookkeeping): they
     // need no GPU, only the feature to compile.
     run(cargo().args([

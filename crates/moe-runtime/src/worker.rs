@@ -13,7 +13,7 @@
 //! Every kernel is row-wise and the combine order is fixed, so a sequence's logits are bitwise the
 //! same whatever the placement, the number of devices and the rest of the batch.
 //!
-//! The exchange is an all-to-all over [`crate::engine::mesh`]: on the host backend the rows move
+//! The exchange is an all-to-all over the engine's `mesh` module: on the host backend the rows move
 //! between the worker threads as owned buffers (all device memory is host memory there). A worker
 //! that fails closes the iteration's mesh, so the others stop waiting and the iteration reports
 //! the error instead of hanging.
@@ -916,6 +916,12 @@ impl KvLedger for DeploymentRunner {
                 self.trim_to_budget(DeviceId(r.0), pool);
             }
         }
+    }
+
+    fn reduced(&self, rank: RankId) -> bool {
+        let device = DeviceId(rank.0);
+        self.pool(rank)
+            .is_some_and(|pool| self.chunk_limit(device, pool) < pool.max_chunks())
     }
 }
 

@@ -198,6 +198,45 @@ fn chunked_writes_match_whole_writes() {
     );
 }
 
+/// The bf16 fast path of `TensorSource` gives the same bytes as the f32 path rounded, from every
+/// stored dtype (for bf16 it copies the file's bytes).
+#[test]
+fn read_bf16_into_matches_the_rounded_f32_read() {
+    use moe_runtime::model::weights::TensorSource;
+    struct ViaF32<'a>(&'a Checkpoint);
+    impl TensorSource for ViaF32<'_> {
+        fn read_f32_into(
+            &self,
+            name: &str,
+            out: &mut [f32],
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            self.0.read_f32_into(name, out).map_err(Into::into)
+        }
+    }
+    for stored in DTYPES {
+        let dir = tempfile::tempdir().unwrap();
+        let vals = values(300, 9);
+        write_all(
+            dir.path(),
+            &[TensorEntry::new("w", vec![20, 15], stored)],
+            std::slice::from_ref(&vals),
+            u64::MAX,
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let mut fast = vec![0u8; 600];
+        TensorSource::read_bf16_into(&ck, "w", &mut fast).unwrap();
+        let mut slow = vec![0u8; 600];
+        ViaF32(&ck).read_bf16_into("w", &mut slow).unwrap();
+        assert_eq!(fast, slow, "stored {stored}");
+        let mut want = vec![0u8; 600];
+        encode_into(DType::BF16, &ck.read_f32("w").unwrap(), &mut want);
+        assert_eq!(fast, want, "stored {stored}");
+        let mut odd = vec![0u8; 599];
+        assert!(ViaF32(&ck).read_bf16_into("w", &mut odd).is_err());
+        assert!(TensorSource::read_bf16_into(&ck, "w", &mut odd).is_err());
+    }
+}
+
 #[test]
 fn read_into_converts_storage_dtypes() {
     let dir = tempfile::tempdir().unwrap();

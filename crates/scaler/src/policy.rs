@@ -119,7 +119,7 @@ pub trait Policy {
     fn decide(&mut self, now: Time, view: ClusterView) -> Decision;
 }
 
-/// [`SloPolicy`]'s knobs. See the [module docs](self) for how they act.
+/// [`SloPolicy`]'s knobs. See the `policy` module's docs for how they act.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub struct SloPolicyConfig {
     /// TTFT target.
@@ -213,7 +213,7 @@ pub enum PolicyConfigError {
     QueueThreshold(f64),
 }
 
-/// The SLO-aware autoscaler. See the [module docs](self).
+/// The SLO-aware autoscaler. See the `policy` module's docs.
 #[derive(Clone, Debug)]
 pub struct SloPolicy {
     config: SloPolicyConfig,

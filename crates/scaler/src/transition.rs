@@ -260,7 +260,7 @@ struct Pending {
     build: bool,
 }
 
-/// One transition from a running deployment to the next. See the [module docs](self).
+/// One transition from a running deployment to the next. See the `transition` module's docs.
 ///
 /// # Invariants
 ///

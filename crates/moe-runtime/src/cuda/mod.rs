@@ -1263,23 +1263,22 @@ impl CudaRunner {
                     name: spec.name.clone(),
                     msg: e.to_string(),
                 })?;
-                let mut f = vec![0.0f32; n];
-                src.read_f32_into(&spec.name, &mut f)
-                    .map_err(|e| CudaError::Tensor {
-                        name: spec.name.clone(),
-                        msg: e.to_string(),
-                    })?;
+                let tensor_err = |e: Box<dyn std::error::Error + Send + Sync>| CudaError::Tensor {
+                    name: spec.name.clone(),
+                    msg: e.to_string(),
+                };
                 if rank.dt == blas_sys::cudaDataType::CUDA_R_32F {
                     // Reference mode: the same bf16 values, stored as f32.
+                    let mut f = vec![0.0f32; n];
+                    src.read_f32_into(&spec.name, &mut f).map_err(tensor_err)?;
                     for v in &mut f {
                         *v = half::bf16::from_f32(*v).to_f32();
                     }
                     rank.htod(addr, &f)
                 } else {
-                    let b: Vec<u16> = f
-                        .iter()
-                        .map(|&v| half::bf16::from_f32(v).to_bits())
-                        .collect();
+                    // Straight from the file when it stores bf16 (the device's layout).
+                    let mut b = vec![0u8; 2 * n];
+                    src.read_bf16_into(&spec.name, &mut b).map_err(tensor_err)?;
                     rank.htod(addr, &b)
                 }
             }

@@ -53,7 +53,7 @@ pub mod sampling;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -421,6 +421,10 @@ struct Shared<R> {
     core: Mutex<Core<R>>,
     actions: Mutex<Vec<BoundaryAction<R>>>,
     metrics: Mutex<EngineMetrics>,
+    /// Callers of [`Engine::with_runner`] waiting for `core`. The run loop lets them in before it
+    /// takes the lock again: std's mutex is not fair, and a loop that retakes it at once would
+    /// starve them for as long as it stays busy.
+    core_waiters: AtomicUsize,
     next_id: AtomicU64,
     config: EngineConfig,
 }
@@ -469,6 +473,7 @@ impl<R: Runner> Engine<R> {
                 }),
                 actions: Mutex::new(Vec::new()),
                 metrics: Mutex::new(metrics),
+                core_waiters: AtomicUsize::new(0),
                 next_id: AtomicU64::new(0),
                 config,
             }),
@@ -529,9 +534,12 @@ impl<R: Runner> Engine<R> {
     }
 
     /// Runs `f` on the runner between iterations (for inspection; it waits for the iteration in
-    /// progress).
+    /// progress, and a busy run loop lets it in before its next iteration).
     pub fn with_runner<T>(&self, f: impl FnOnce(&R) -> T) -> T {
-        f(&lock(&self.shared.core).runner)
+        self.shared.core_waiters.fetch_add(1, Ordering::SeqCst);
+        let core = lock(&self.shared.core);
+        self.shared.core_waiters.fetch_sub(1, Ordering::SeqCst);
+        f(&core.runner)
     }
 
     /// Stops taking requests. Running ones continue while iterations run.
@@ -609,6 +617,10 @@ impl<R: Runner> Engine<R> {
 
     fn run_loop(&self, stop: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
+            // Hand the lock to `with_runner` callers first (they hold it only for their closure).
+            while self.shared.core_waiters.load(Ordering::SeqCst) > 0 {
+                std::thread::yield_now();
+            }
             // A runner error ends that batch's sequences and is kept in the metrics; serving goes on.
             let idle = self.step().is_ok_and(|r| r.is_idle());
             if idle {

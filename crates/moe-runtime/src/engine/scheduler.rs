@@ -60,6 +60,13 @@ pub trait KvLedger {
     fn grow(&mut self, rank: RankId, seq: RequestId, tokens: usize) -> bool;
     /// Frees all of `seq`'s KV on `rank`.
     fn release(&mut self, rank: RankId, seq: RequestId);
+    /// Whether `rank` holds fewer blocks than it will again (a temporary budget): a sequence that
+    /// does not fit there even alone then goes back to the queue to wait, instead of ending as
+    /// exhausted.
+    fn reduced(&self, rank: RankId) -> bool {
+        let _ = rank;
+        false
+    }
 }
 
 /// One sequence's work in an iteration: compute tokens `start..start + len` on `rank`.
@@ -352,11 +359,7 @@ impl Scheduler {
             .get(&seq)
             .ok_or(SchedulerError::UnknownSequence(seq))?;
         if let Some(rank) = s.rank {
-            kv.release(rank, seq);
-            if let Some(r) = self.ranks.get_mut(&rank) {
-                r.running.retain(|&x| x != seq);
-            }
-            self.back_to_queue(seq);
+            self.preempt(rank, seq, kv);
         }
         Ok(())
     }
@@ -522,6 +525,11 @@ impl Scheduler {
                     out.preempted.push(v);
                 }
                 None if running.len() > 1 => {
+                    self.preempt(rank, seq, kv);
+                    out.preempted.push(seq);
+                    return false;
+                }
+                None if kv.reduced(rank) => {
                     self.preempt(rank, seq, kv);
                     out.preempted.push(seq);
                     return false;
@@ -792,6 +800,59 @@ mod tests {
         let p = s.schedule(&mut kv);
         assert_eq!(p.exhausted, vec![RequestId(1)]);
         assert!(s.is_idle());
+        assert_eq!(kv.used(RankId(0)), 0);
+    }
+
+    /// The same lone sequence on a rank under a temporary budget waits in the queue instead.
+    #[test]
+    fn a_lone_sequence_on_a_reduced_rank_waits_instead_of_ending() {
+        struct Reduced(Counting);
+        impl KvLedger for Reduced {
+            fn can_admit(&self, rank: RankId, tokens: usize) -> bool {
+                self.0.can_admit(rank, tokens)
+            }
+            fn grow(&mut self, rank: RankId, seq: RequestId, tokens: usize) -> bool {
+                self.0.grow(rank, seq, tokens)
+            }
+            fn release(&mut self, rank: RankId, seq: RequestId) {
+                self.0.release(rank, seq);
+            }
+            fn reduced(&self, _: RankId) -> bool {
+                true
+            }
+        }
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_batch_tokens: 64,
+                max_running_per_rank: 8,
+            },
+            ranks(1),
+        );
+        let mut kv = Reduced(Counting::new(4, 2, 0));
+        s.add(RequestId(1), 8).unwrap();
+        s.schedule(&mut kv);
+        s.push_token(RequestId(1)).unwrap();
+        let p = s.schedule(&mut kv);
+        assert!(p.exhausted.is_empty(), "{p:?}");
+        assert_eq!(p.preempted, vec![RequestId(1)]);
+        assert!(!s.is_idle(), "it waits in the queue");
+        assert_eq!(s.stats().preemptions, 1);
+        assert_eq!(kv.0.used(RankId(0)), 0);
+        // Capacity comes back: it runs again from the start of its 9 tokens.
+        kv.0.blocks = 4;
+        let p = s.schedule(&mut kv);
+        assert_eq!(p.tokens(), 9, "{p:?}");
+    }
+
+    #[test]
+    fn a_requeued_sequence_counts_as_preempted() {
+        let mut s = Scheduler::new(SchedulerConfig::default(), ranks(1));
+        let mut kv = Counting::new(4, 64, 0);
+        s.add(RequestId(1), 8).unwrap();
+        s.schedule(&mut kv);
+        s.requeue(RequestId(1), &mut kv).unwrap();
+        assert_eq!(s.stats().preemptions, 1);
+        assert_eq!(s.preemptions_of(RequestId(1)), Some(1));
         assert_eq!(kv.used(RankId(0)), 0);
     }
 

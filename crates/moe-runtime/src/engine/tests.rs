@@ -731,3 +731,33 @@ fn metrics_split_iteration_time_into_runner_and_engine_time_and_count_computed_t
     assert!(m.runner_s > 0.0, "{m:?}");
     assert!(m.iteration_s - m.runner_s >= 0.03, "{m:?}");
 }
+
+#[test]
+fn with_runner_gets_in_while_the_run_loop_stays_busy() {
+    let e = engine(2, 1 << 16, SchedulerConfig::default());
+    let handles: Vec<_> = (0..3000)
+        .map(|i| e.submit(Request::greedy(prompt(i, 4), 40)).unwrap())
+        .collect();
+    let serving = e.start();
+    while e.metrics().iterations < 3 {
+        std::thread::yield_now();
+    }
+    for call in 0..50 {
+        let before = e.metrics().iterations;
+        let (inside, idle) = e.with_runner(|_| {
+            let m = e.metrics();
+            (m.iterations, m.running == 0 && m.queue_depth == 0)
+        });
+        assert!(
+            idle || inside - before <= 2,
+            "call {call}: with_runner waited {} iterations of a busy loop",
+            inside - before
+        );
+    }
+    serving.stop();
+    assert!(
+        e.metrics().running > 0 || e.metrics().queue_depth > 0,
+        "the loop ran out of work before the calls ended; the test did not test a busy loop"
+    );
+    drop(handles);
+}

@@ -41,6 +41,23 @@ pub trait TensorSource {
         let _ = spec;
         Ok(())
     }
+
+    /// Reads tensor `name` as little-endian bf16 into `out` (two bytes per element), rounding to
+    /// nearest even from wider values: what a device in bf16 stores. The default goes through
+    /// [`TensorSource::read_f32_into`]; a source that stores bf16 can copy its bytes instead.
+    fn read_bf16_into(
+        &self,
+        name: &str,
+        out: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if !out.len().is_multiple_of(2) {
+            return Err(format!("{name}: a bf16 buffer of odd length {}", out.len()).into());
+        }
+        let mut f = vec![0f32; out.len() / 2];
+        self.read_f32_into(name, &mut f)?;
+        crate::checkpoint::encode_into(crate::config::DType::BF16, &f, out);
+        Ok(())
+    }
 }
 
 impl TensorSource for crate::checkpoint::Checkpoint {
@@ -54,6 +71,16 @@ impl TensorSource for crate::checkpoint::Checkpoint {
 
     fn check(&self, spec: &TensorSpec) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.check_spec(spec).map(|_| ()).map_err(Into::into)
+    }
+
+    /// Copies the stored bytes when the checkpoint holds bf16 (no conversion at all).
+    fn read_bf16_into(
+        &self,
+        name: &str,
+        out: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.read_into(name, crate::config::DType::BF16, out)
+            .map_err(Into::into)
     }
 }
 
