@@ -139,21 +139,12 @@ impl Snapshot {
     /// transition from this configuration to `target` (experts that change device), by
     /// `(device, chunk bytes)`.
     fn moving_chunks(&self, target: &[DeviceId]) -> BTreeMap<(DeviceId, usize), usize> {
-        let mut target = target.to_vec();
-        target.sort();
-        target.dedup();
-        let mut out = BTreeMap::new();
-        for layer in &self.experts {
-            let Some(first) = layer.first() else { continue };
-            for (i, &d) in target.iter().enumerate() {
-                for ex in expert_range(i, target.len(), layer.len()) {
-                    if layer[ex].dev != d {
-                        *out.entry((d, first.len)).or_insert(0) += 1;
-                    }
-                }
-            }
-        }
-        out
+        let layers: Vec<Vec<(DeviceId, usize)>> = self
+            .experts
+            .iter()
+            .map(|l| l.iter().map(|b| (b.dev, b.len)).collect())
+            .collect();
+        moving_chunks(&layers, target)
     }
 }
 
@@ -390,6 +381,32 @@ impl Retired {
         drop(self);
         t.elapsed()
     }
+}
+
+/// For experts held as `layers[layer][expert] = (device, chunk bytes)`: how many fresh chunks
+/// (of which size: the layer's first expert's, as `Blueprint::stage` pads them) each device of
+/// `target` needs for the experts that change device under the target's placement.
+fn moving_chunks(
+    layers: &[Vec<(DeviceId, usize)>],
+    target: &[DeviceId],
+) -> BTreeMap<(DeviceId, usize), usize> {
+    let mut target = target.to_vec();
+    target.sort();
+    target.dedup();
+    let mut out = BTreeMap::new();
+    for layer in layers {
+        let Some(&(_, pad)) = layer.first() else {
+            continue;
+        };
+        for (i, &d) in target.iter().enumerate() {
+            for ex in expert_range(i, target.len(), layer.len()) {
+                if layer[ex].0 != d {
+                    *out.entry((d, pad)).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The contiguous range of expert ids device index `i` of `n` owns (the runner's placement).
@@ -1198,7 +1215,8 @@ pub fn peer_bandwidth(
 
 #[cfg(test)]
 mod tests {
-    use super::{block_runs, expert_range, place, Move};
+    use super::{block_runs, expert_range, moving_chunks, place, Move};
+    use crate::cuda::DeviceId;
     use crate::cuda::{Ledger, RankLedger};
     use crate::engine::{RankId, RequestId};
     use proptest::prelude::*;
@@ -1239,8 +1257,56 @@ mod tests {
         }
     }
 
+    /// Experts of `layers` layers of `experts` each, placed over `n` devices as the runner does.
+    fn placed(layers: usize, experts: usize, n: usize, len: usize) -> Vec<Vec<(DeviceId, usize)>> {
+        (0..layers)
+            .map(|_| {
+                (0..experts)
+                    .map(|e| (DeviceId((e * n / experts) as u32), len))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn moving_chunks_count_what_a_step_moves_onto_each_device() {
+        // 1→2 of 2 layers × 8 experts: the upper half of every layer moves to GPU 1.
+        let one = placed(2, 8, 1, 4096);
+        let up = moving_chunks(&one, &[DeviceId(0), DeviceId(1)]);
+        assert_eq!(up, BTreeMap::from([((DeviceId(1), 4096), 8)]));
+        // 2→1: GPU 1's experts come back to GPU 0.
+        let two = placed(2, 8, 2, 4096);
+        let down = moving_chunks(&two, &[DeviceId(0)]);
+        assert_eq!(down, BTreeMap::from([((DeviceId(0), 4096), 8)]));
+        // The running set: nothing moves.
+        assert!(moving_chunks(&two, &[DeviceId(1), DeviceId(0)]).is_empty());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every expert whose owner changes is counted once, on its new owner, and no other.
+        #[test]
+        fn moving_chunks_match_the_placement_change(
+            layers in 1usize..4,
+            experts in 1usize..40,
+            from in 1usize..5,
+            to in 1usize..5,
+        ) {
+            let cur = placed(layers, experts, from, 64);
+            let target: Vec<DeviceId> = (0..to as u32).map(DeviceId).collect();
+            let got = moving_chunks(&cur, &target);
+            let mut want: BTreeMap<(DeviceId, usize), usize> = BTreeMap::new();
+            for layer in &cur {
+                for (e, &(d, _)) in layer.iter().enumerate() {
+                    let new = DeviceId((e * to / experts) as u32);
+                    if new != d {
+                        *want.entry((new, 64)).or_insert(0) += 1;
+                    }
+                }
+            }
+            prop_assert_eq!(got, want);
+        }
 
         /// Runs expand back to exactly the pairs, in order, and are maximal.
         #[test]
