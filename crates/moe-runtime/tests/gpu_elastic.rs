@@ -43,6 +43,7 @@ fn config(devices: usize) -> CudaConfig {
         max_batch_tokens: 128,
         max_context: 256,
         precision: Precision::F32,
+        batch_invariant: false,
     }
 }
 

@@ -152,6 +152,7 @@ fn compare_layers(
             max_batch_tokens: 128,
             max_context: 256,
             precision,
+            batch_invariant: false,
         },
     )
     .unwrap();

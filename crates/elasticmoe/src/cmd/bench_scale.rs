@@ -109,6 +109,10 @@ pub struct Args {
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// CUDA: batch-invariant compute (`CudaConfig::batch_invariant`), so a request's greedy
+    /// tokens do not depend on what it is batched with or which GPU serves it.
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 /// What one transition measured, as a backend reports it.
@@ -1300,6 +1304,7 @@ mod gpu {
         scheduler: SchedulerConfig,
         card: String,
         peer: Option<f64>,
+        batch_invariant: bool,
     }
 
     impl CudaBench {
@@ -1321,6 +1326,7 @@ mod gpu {
                 scheduler: scheduler(args),
                 card: String::new(),
                 peer: None,
+                batch_invariant: args.batch_invariant,
             })
         }
 
@@ -1331,6 +1337,7 @@ mod gpu {
                 max_batch_tokens: self.scheduler.max_batch_tokens,
                 max_context: 1024,
                 precision: Precision::Bf16,
+                batch_invariant: self.batch_invariant,
                 ..CudaConfig::default()
             }
         }

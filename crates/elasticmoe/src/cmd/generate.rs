@@ -89,6 +89,11 @@ pub struct Args {
     /// Include each token's logprob (in JSON; in text mode, on stderr).
     #[arg(long)]
     pub logprobs: bool,
+    /// CUDA: batch-invariant compute (`CudaConfig::batch_invariant`): each request's output is
+    /// bitwise the same whatever it is batched with (slower at large batches). The host backend
+    /// is batch-invariant already; there the flag changes nothing.
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 /// Where to run, from `--devices`.
@@ -266,6 +271,7 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
                 &checkpoint,
                 CudaConfig {
                     devices: n,
+                    batch_invariant: args.batch_invariant,
                     ..CudaConfig::default()
                 },
             )
@@ -422,6 +428,26 @@ mod tests {
         let mut out = Vec::new();
         generate(a, &mut out).unwrap();
         serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn batch_invariant_flag_parses_and_leaves_host_output_unchanged() {
+        let dir = model(Preset::TinyQwen3);
+        let base = [
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "4",
+            "--json",
+            "--ignore-eos",
+        ];
+        let plain = args(dir.path(), &base);
+        assert!(!plain.batch_invariant);
+        let mut more = base.to_vec();
+        more.push("--batch-invariant");
+        let bi = args(dir.path(), &more);
+        assert!(bi.batch_invariant);
+        assert_eq!(untimed(&json(&bi)), untimed(&json(&plain)));
     }
 
     #[test]

@@ -210,55 +210,100 @@ extern "C" __global__ void linear_f32(const float* x, const bf16* w, float* out,
   if (threadIdx.x == 0) out[(size_t)r * outf + o] = acc;
 }
 
-// Softmax router with optional group limit; one thread per row. Choices ascending by expert id.
+// Softmax router with optional group limit; one warp per row (grid rows, block 32), the same
+// results as a sequential scan of the row: the softmax sum and the group scores run in ascending
+// expert order, each group pick is the first largest score, and each of the k expert picks is
+// the lowest allowed id among the largest probabilities, or the first allowed id when its
+// probability is NaN (NaN never replaces a pick). Choices ascending by expert id; id -1 and
+// weight 0 if fewer than k experts are allowed (the host validates the spec, so it does not
+// happen).
 extern "C" __global__ void route(const float* logits, int rows, int E, int k, int n_group,
     int topk_group, int normalize, float scale, int* ids, float* wts) {
-  int r = blockIdx.x * blockDim.x + threadIdx.x;
+  __shared__ float p[256];
+  __shared__ int allowed[256];
+  __shared__ float gs[64];
+  __shared__ int keep[64];
+  __shared__ int chosen[32];
+  __shared__ float tot_sum;
+  int r = blockIdx.x, lane = threadIdx.x;
   if (r >= rows) return;
-  float p[256];
-  bool allowed[256];
-  int chosen[32];
   const float* lr = logits + (size_t)r * E;
   float mx = -INFINITY;
-  for (int e = 0; e < E; e++) mx = fmaxf(mx, lr[e]);
-  float sum = 0.f;
-  for (int e = 0; e < E; e++) { p[e] = expf(lr[e] - mx); sum += p[e]; }
-  for (int e = 0; e < E; e++) { p[e] /= sum; allowed[e] = true; }
+  for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lr[e]);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  for (int e = lane; e < E; e += 32) p[e] = expf(lr[e] - mx);
+  __syncthreads();
+  if (lane == 0) {
+    float sum = 0.f;
+    for (int e = 0; e < E; e++) sum += p[e];
+    tot_sum = sum;
+  }
+  __syncthreads();
+  float sum = tot_sum;
+  for (int e = lane; e < E; e += 32) { p[e] /= sum; allowed[e] = 1; }
+  __syncthreads();
   if (n_group > 0) {
     int per = E / n_group;
-    float gs[64];
-    bool keep[64];
-    for (int g = 0; g < n_group; g++) {
+    for (int g = lane; g < n_group; g += 32) {
       float m = -INFINITY;
       for (int e = g * per; e < (g + 1) * per; e++) m = fmaxf(m, p[e]);
       gs[g] = m;
-      keep[g] = false;
+      keep[g] = 0;
     }
-    for (int j = 0; j < topk_group; j++) {
-      int best = -1;
-      for (int g = 0; g < n_group; g++)
-        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-      keep[best] = true;
+    __syncthreads();
+    if (lane == 0) {
+      for (int j = 0; j < topk_group; j++) {
+        int best = -1;
+        for (int g = 0; g < n_group; g++)
+          if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+        if (best >= 0) keep[best] = 1;
+      }
     }
-    for (int e = 0; e < E; e++) allowed[e] = keep[e / per];
+    __syncthreads();
+    for (int e = lane; e < E; e += 32) allowed[e] = keep[e / per];
+    __syncthreads();
   }
   for (int j = 0; j < k; j++) {
-    int best = -1;
-    for (int e = 0; e < E; e++)
-      if (allowed[e] && (best < 0 || p[e] > p[best])) best = e;
-    chosen[j] = best;
-    allowed[best] = false;
+    int first = E;
+    for (int e = lane; e < E; e += 32)
+      if (allowed[e]) { first = e; break; }
+    for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(0xffffffffu, first, o));
+    int best;
+    if (first >= E) {
+      best = -1;
+    } else if (p[first] != p[first]) {
+      best = first;
+    } else {
+      float bv = 0.f;
+      int bi = -1;
+      for (int e = lane; e < E; e += 32)
+        if (allowed[e] && p[e] == p[e] && (bi < 0 || p[e] > bv)) { bv = p[e]; bi = e; }
+      for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) { bv = ov; bi = oi; }
+      }
+      best = __shfl_sync(0xffffffffu, bi, 0);
+    }
+    if (lane == 0) {
+      chosen[j] = best;
+      if (best >= 0) allowed[best] = 0;
+    }
+    __syncthreads();
   }
+  if (lane != 0) return;
   float w[32];
   float tot = 0.f;
-  for (int j = 0; j < k; j++) { w[j] = p[chosen[j]]; tot += w[j]; }
+  for (int j = 0; j < k; j++) { w[j] = chosen[j] >= 0 ? p[chosen[j]] : 0.f; tot += w[j]; }
   for (int j = 0; j < k; j++) w[j] = normalize ? w[j] / tot : w[j] * scale;
+  int c[32];
+  for (int j = 0; j < k; j++) c[j] = chosen[j];
   for (int a = 1; a < k; a++) {
-    int ci = chosen[a]; float wi = w[a]; int b = a - 1;
-    while (b >= 0 && chosen[b] > ci) { chosen[b + 1] = chosen[b]; w[b + 1] = w[b]; b--; }
-    chosen[b + 1] = ci; w[b + 1] = wi;
+    int ci = c[a]; float wi = w[a]; int b = a - 1;
+    while (b >= 0 && c[b] > ci) { c[b + 1] = c[b]; w[b + 1] = w[b]; b--; }
+    c[b + 1] = ci; w[b + 1] = wi;
   }
-  for (int j = 0; j < k; j++) { ids[r * k + j] = chosen[j]; wts[r * k + j] = w[j]; }
+  for (int j = 0; j < k; j++) { ids[r * k + j] = c[j]; wts[r * k + j] = w[j]; }
 }
 
 // dst[g] = src[idx[g]] (zero row when idx[g] < 0). grid rows.
@@ -369,6 +414,68 @@ extern "C" __global__ void moe_dispatch_padded(const int* ids, int slots, int E,
   }
 }
 
+// Grouped dispatch for the tensor-core batched GEMMs over the active experts only, one block
+// of at least E threads (E <= 256). With n = the busiest expert's slot count and the active
+// experts (at least one slot) numbered a = 0, 1, ... in ascending id, the j-th slot (ascending
+// slot order) routed to expert e goes to row a * n + j: gidx[a * n + j] = its token row (-1 for
+// the rows past the expert's count, up to n), cidx[slot] = a * n + j. ptrs gets six arrays of
+// `act` addresses each (act = number of active experts): expert base (etable[e]), xg + a*n rows,
+// gu + a*n rows, expert base + down_off, eh + a*n rows, eo + a*n rows (row strides in bytes).
+// info = {act, n, bad}: bad = 1 if some id lies outside 0..E (nothing else written); when
+// act * n > cap nothing but info is written. active[0] = act.
+extern "C" __global__ void moe_dispatch_grouped(const int* ids, int slots, int E, int k, int cap,
+    const unsigned long long* etable, long long down_off, unsigned long long xg, long long xg_row,
+    unsigned long long gu, long long gu_row, unsigned long long eh, long long eh_row,
+    unsigned long long eo, long long eo_row, int* gidx, int* cidx, unsigned long long* ptrs,
+    int* info, int* active) {
+  __shared__ int cnt[256];
+  __shared__ int aidx[256];
+  __shared__ int bad, act_s, max_s;
+  int e = threadIdx.x;
+  if (e == 0) bad = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < slots; s += blockDim.x)
+    if (ids[s] < 0 || ids[s] >= E) bad = 1;
+  if (e < E) {
+    int c = 0;
+    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    cnt[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int act = 0, mx = 0;
+    for (int x = 0; x < E; x++) {
+      aidx[x] = act;
+      act += cnt[x] > 0;
+      mx = cnt[x] > mx ? cnt[x] : mx;
+    }
+    act_s = act;
+    max_s = mx;
+    info[0] = act;
+    info[1] = mx;
+    info[2] = bad;
+    active[0] = act;
+  }
+  __syncthreads();
+  int act = act_s, n = max_s;
+  if (bad || (long long)act * n > cap) return;
+  if (e < E && cnt[e] > 0) {
+    int a = aidx[e];
+    int row0 = a * n;
+    int j = 0;
+    for (int s = 0; s < slots; s++)
+      if (ids[s] == e) { gidx[row0 + j] = s / k; cidx[s] = row0 + j; j++; }
+    for (; j < n; j++) gidx[row0 + j] = -1;
+    unsigned long long base = etable[e];
+    ptrs[a] = base;
+    ptrs[act + a] = xg + (unsigned long long)row0 * xg_row;
+    ptrs[2 * act + a] = gu + (unsigned long long)row0 * gu_row;
+    ptrs[3 * act + a] = base + down_off;
+    ptrs[4 * act + a] = eh + (unsigned long long)row0 * eh_row;
+    ptrs[5 * act + a] = eo + (unsigned long long)row0 * eo_row;
+  }
+}
+
 #define MOE_ROWS 8
 #define MOE_WARPS 8
 #define MOE_COLS 4
@@ -447,6 +554,158 @@ extern "C" __global__ void moe_gemv(const int* counts, const int* offsets, const
   }
 }
 
+// Batch-invariant GEMM on CUDA cores (`batch_invariant` mode in the f32 reference precision;
+// bf16 uses `bi_mma`, MMA_SOURCE): for each batch b (grid.z),
+// out[m, n] (ldo, +b*so) = sum_k x[m, k] (ldx, +b*sx) * w[n, k] (ldw, +b*sw), plus beta * out
+// when beta != 0; out is bf16 when out_bf16, else f32. grid (ceil(N / (BI_WARPS*BI_COLS)),
+// ceil(M / BI_ROWS), batch), block 32*BI_WARPS.
+// The reduction order of one output element is fixed by K alone: lane l of the warp that owns
+// column n adds, for k's VEC-element groups c = l, l+32, l+64, ... in ascending order, the VEC
+// products of group c in ascending order (fmaf), and the 32 lane sums are then combined by a
+// fixed xor butterfly. Which rows share the block, how many rows the step has, the tiling of k
+// through shared memory (BI_KTV groups per tile, a multiple of 32) and whether the loads are
+// 128-bit (`aligned`) or scalar with zero padding past K never change that order, so a row's
+// result is bitwise the same in any batch. No split-K, no atomics.
+#define BI_ROWS 16
+#define BI_WARPS 8
+#define BI_COLS 4
+#define BI_KTV 128
+__device__ __forceinline__ void bi_store(void* out, size_t idx, float v, int out_bf16,
+    float beta) {
+  if (out_bf16) {
+    bf16* o = (bf16*)out;
+    if (beta != 0.f) v = v + beta * b2f(o[idx]);
+    o[idx] = f2b(v);
+  } else {
+    float* o = (float*)out;
+    if (beta != 0.f) v = v + beta * o[idx];
+    o[idx] = v;
+  }
+}
+__device__ __forceinline__ void bi_load_vec(const bf16* p, int k, int K, int aligned,
+    float* f) {
+  if (aligned) {
+    unpack(*(const uint4*)p, f);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; v++) f[v] = (k + v < K) ? b2f(p[v]) : 0.f;
+  }
+}
+extern "C" __global__ void bi_gemm(const bf16* x, int ldx, long long sx, const bf16* w,
+    int ldw, long long sw, void* out, int ldo, long long so, int out_bf16, float beta, int M,
+    int N, int K, int aligned) {
+  __shared__ uint4 xs[BI_ROWS * BI_KTV];
+  int b = blockIdx.z;
+  x += (size_t)b * sx;
+  w += (size_t)b * sw;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int col0 = (blockIdx.x * BI_WARPS + warp) * BI_COLS;
+  int row0 = blockIdx.y * BI_ROWS;
+  int nr = min(BI_ROWS, M - row0);
+  int kv = (K + VEC - 1) / VEC;
+  float acc[BI_COLS][BI_ROWS];
+#pragma unroll
+  for (int cc = 0; cc < BI_COLS; cc++)
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++) acc[cc][j] = 0.f;
+  for (int t0 = 0; t0 < kv; t0 += BI_KTV) {
+    int tv = min(BI_KTV, kv - t0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nr * tv; idx += blockDim.x) {
+      int j = idx / tv, c = idx - j * tv;
+      int k = (t0 + c) * VEC;
+      const bf16* src = x + (size_t)(row0 + j) * ldx + k;
+      if (aligned) {
+        xs[j * BI_KTV + c] = *(const uint4*)src;
+      } else {
+        bf16* d = (bf16*)&xs[j * BI_KTV + c];
+#pragma unroll
+        for (int v = 0; v < VEC; v++) d[v] = (k + v < K) ? src[v] : (bf16)0;
+      }
+    }
+    __syncthreads();
+    for (int c = lane; c < tv; c += 32) {
+      int k = (t0 + c) * VEC;
+      float wf[BI_COLS][VEC];
+#pragma unroll
+      for (int cc = 0; cc < BI_COLS; cc++) {
+        int col = col0 + cc;
+        if (col < N) {
+          bi_load_vec(w + (size_t)col * ldw + k, k, K, aligned, wf[cc]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; v++) wf[cc][v] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < BI_ROWS; j++) {
+        if (j < nr) {
+          float xf[VEC];
+          unpack(xs[j * BI_KTV + c], xf);
+#pragma unroll
+          for (int cc = 0; cc < BI_COLS; cc++)
+#pragma unroll
+            for (int v = 0; v < VEC; v++) acc[cc][j] = fmaf(wf[cc][v], xf[v], acc[cc][j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int cc = 0; cc < BI_COLS; cc++) {
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++) {
+      float a = acc[cc][j];
+      for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+      int col = col0 + cc;
+      if (lane == 0 && j < nr && col < N)
+        bi_store(out, (size_t)b * so + (size_t)(row0 + j) * ldo + col, a, out_bf16, beta);
+    }
+  }
+}
+
+// Batch-invariant GEMM with the weight's k along rows: out[m, n] = sum_k x[m, k] * w[k*ldw + n]
+// (batch strides as in bi_gemm; MLA's absorbed q_nope -> latent product). One thread per column
+// and row: a single fmaf chain over k = 0..K-1 in order, so again fixed by K alone. grid
+// (ceil(N / 128), ceil(M / BI_ROWS), batch), block 128.
+#define BI_KN_KT 256
+extern "C" __global__ void bi_gemm_kn(const bf16* x, int ldx, long long sx, const bf16* w,
+    int ldw, long long sw, void* out, int ldo, long long so, int out_bf16, float beta, int M,
+    int N, int K) {
+  __shared__ float xs[BI_ROWS * BI_KN_KT];
+  int b = blockIdx.z;
+  x += (size_t)b * sx;
+  w += (size_t)b * sw;
+  int n = blockIdx.x * blockDim.x + threadIdx.x;
+  int row0 = blockIdx.y * BI_ROWS;
+  int nr = min(BI_ROWS, M - row0);
+  float acc[BI_ROWS];
+#pragma unroll
+  for (int j = 0; j < BI_ROWS; j++) acc[j] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += BI_KN_KT) {
+    int kt = min(BI_KN_KT, K - k0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nr * kt; idx += blockDim.x) {
+      int j = idx / kt, kk = idx - j * kt;
+      xs[j * BI_KN_KT + kk] = b2f(x[(size_t)(row0 + j) * ldx + k0 + kk]);
+    }
+    __syncthreads();
+    if (n < N) {
+      for (int kk = 0; kk < kt; kk++) {
+        float wv = b2f(w[(size_t)(k0 + kk) * ldw + n]);
+#pragma unroll
+        for (int j = 0; j < BI_ROWS; j++)
+          if (j < nr) acc[j] = fmaf(xs[j * BI_KN_KT + kk], wv, acc[j]);
+      }
+    }
+  }
+  if (n < N) {
+#pragma unroll
+    for (int j = 0; j < BI_ROWS; j++)
+      if (j < nr)
+        bi_store(out, (size_t)b * so + (size_t)(row0 + j) * ldo + n, acc[j], out_bf16, beta);
+  }
+}
+
 // Greedy choice per row, as the host sampler makes it: the lowest id among the largest finite
 // logits; -1 when no logit is finite. grid rows, block 1024.
 extern "C" __global__ void argmax_rows(const float* logits, int vocab, int* out) {
@@ -506,6 +765,157 @@ extern "C" __global__ void fill_const(bf16* p, long long n, float v) {
 }
 "#;
 
+/// The tensor-core batch-invariant GEMM (bf16 storage only), compiled for `compute_80` and up
+/// in a module of its own, and only for runners in batch-invariant mode, so the other kernels'
+/// compilation is never touched.
+///
+/// `bi_mma`: `out[m, n] = sum_k x[m, k] * w[n, k]` (+ `beta * out`) with `mma.sync` m16n8k16
+/// (bf16 inputs, f32 accumulation). A block of 4 warps owns 32 rows x 16 columns; k runs in
+/// 32-element chunks, chunk c on warp c mod 4, each chunk two mma steps (the lane with
+/// `t = lane % 4` feeds k = 32c + 8t + 0..3 to the first and 8t + 4..7 to the second, on both
+/// operands, so every product is summed exactly once); the warps' partial sums are added in
+/// warp order. Every output element's arithmetic is thus fixed by K alone: which rows share
+/// its tile, M, the grid and the load width never change it, and a row's position inside the
+/// 16-row fragment does not either (an mma computes each output element from its own row and
+/// column only). Two modes: plain (`counts` null; batch `blockIdx.z` at strides sx, sw, so),
+/// and routed experts (as `moe_gemv`: expert `blockIdx.z` has `counts[e]` rows from
+/// `offsets[e]`, read through `row_idx` when not null, weights at `wptrs[e] + w_off`, output
+/// rows `offsets[e] + j`; blocks past an expert's rows return at once).
+pub(crate) const MMA_SOURCE: &str = r#"
+typedef unsigned short bf16;
+__device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ bf16 f2b(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16)(u >> 16);
+}
+#define MT 2
+#define NT 2
+#define KW 4
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2,
+    unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Elements k..k+7 of row p (zeros past K, or everywhere for a null row), packed two per word
+// (lower index in the lower half).
+__device__ __forceinline__ uint4 ld8(const bf16* p, int k, int K, int aligned) {
+  uint4 r;
+  if (p == 0 || k >= K) { r.x = 0u; r.y = 0u; r.z = 0u; r.w = 0u; return r; }
+  if (aligned) return *(const uint4*)(p + k);
+  unsigned h[8];
+#pragma unroll
+  for (int v = 0; v < 8; v++) h[v] = (k + v < K) ? (unsigned)p[k + v] : 0u;
+  r.x = h[0] | (h[1] << 16); r.y = h[2] | (h[3] << 16);
+  r.z = h[4] | (h[5] << 16); r.w = h[6] | (h[7] << 16);
+  return r;
+}
+extern "C" __global__ void bi_mma(const bf16* x, int ldx, long long sx, const bf16* w, int ldw,
+    long long sw, void* out, int ldo, long long so, int out_bf16, float beta, int M, int N,
+    int K, int aligned, const int* counts, const int* offsets, const int* row_idx,
+    const unsigned long long* wptrs, long long w_off) {
+  __shared__ float red[KW - 1][MT * NT * 4][32];
+  int b = blockIdx.z;
+  int base = 0, rows = M;
+  int m0 = blockIdx.y * 16 * MT, n0 = blockIdx.x * 8 * NT;
+  if (counts) {
+    rows = counts[b];
+    if (m0 >= rows) return;
+    base = offsets[b];
+    w = (const bf16*)wptrs[b] + w_off;
+  } else {
+    x += (size_t)b * sx;
+    w += (size_t)b * sw;
+  }
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bf16* xr[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      int r = m0 + mt * 16 + hf * 8 + g;
+      int src = counts ? (row_idx ? row_idx[base + r < base + rows ? base + r : base] : base + r)
+                       : r;
+      xr[mt][hf] = r < rows ? x + (size_t)src * ldx : (const bf16*)0;
+    }
+  const bf16* wr[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    int n = n0 + nt * 8 + g;
+    wr[nt] = n < N ? w + (size_t)n * ldw : (const bf16*)0;
+  }
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[mt][nt][i] = 0.f;
+  int chunks = (K + 31) / 32;
+#pragma unroll 2
+  for (int c = warp; c < chunks; c += KW) {
+    int k = c * 32 + t * 8;
+    uint4 a[MT][2], bw[NT];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+      a[mt][0] = ld8(xr[mt][0], k, K, aligned);
+      a[mt][1] = ld8(xr[mt][1], k, K, aligned);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) bw[nt] = ld8(wr[nt], k, K, aligned);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        mma16816(acc[mt][nt], a[mt][0].x, a[mt][1].x, a[mt][0].y, a[mt][1].y, bw[nt].x,
+                 bw[nt].y);
+        mma16816(acc[mt][nt], a[mt][0].z, a[mt][1].z, a[mt][0].w, a[mt][1].w, bw[nt].z,
+                 bw[nt].w);
+      }
+  }
+  if (warp > 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[warp - 1][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          float v = acc[mt][nt][i];
+#pragma unroll
+          for (int q = 0; q < KW - 1; q++) v += red[q][(mt * NT + nt) * 4 + i][lane];
+          int row = m0 + mt * 16 + g + (i >= 2 ? 8 : 0);
+          int col = n0 + nt * 8 + t * 2 + (i & 1);
+          if (row < rows && col < N) {
+            size_t idx = counts ? (size_t)(base + row) * ldo + col
+                                : (size_t)b * so + (size_t)row * ldo + col;
+            if (out_bf16) {
+              bf16* o = (bf16*)out;
+              if (beta != 0.f) v = v + beta * b2f(o[idx]);
+              o[idx] = f2b(v);
+            } else {
+              float* o = (float*)out;
+              if (beta != 0.f) v = v + beta * o[idx];
+              o[idx] = v;
+            }
+          }
+        }
+  }
+}
+"#;
+
 /// The compiled kernels of one device.
 #[derive(Debug)]
 pub(crate) struct Kernels {
@@ -524,8 +934,14 @@ pub(crate) struct Kernels {
     pub cast_bf16: CudaFunction,
     pub moe_dispatch: CudaFunction,
     pub moe_dispatch_padded: CudaFunction,
+    pub moe_dispatch_grouped: CudaFunction,
     pub moe_gemv: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub bi_gemm: CudaFunction,
+    pub bi_gemm_kn: CudaFunction,
+    /// `bi_mma` from [`MMA_SOURCE`] (only in batch-invariant bf16 runners).
+    pub bi_mma: Option<CudaFunction>,
+    _mma_module: Option<Arc<CudaModule>>,
     pub fill_random: CudaFunction,
     pub fill_const: CudaFunction,
 }
@@ -533,7 +949,12 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// Compiles [`SOURCE`] with NVRTC and loads it into `ctx`.
     /// With `f32_storage`, the `bf16` type of the source is `float` (see [`super::Precision`]).
-    pub(crate) fn compile(ctx: &Arc<CudaContext>, f32_storage: bool) -> Result<Self, CudaError> {
+    /// With `mma`, also [`MMA_SOURCE`] (for `compute_80`), in a module of its own.
+    pub(crate) fn compile(
+        ctx: &Arc<CudaContext>,
+        f32_storage: bool,
+        mma: bool,
+    ) -> Result<Self, CudaError> {
         let src = if f32_storage {
             format!("#define ACT_F32\n{SOURCE}")
         } else {
@@ -548,6 +969,23 @@ impl Kernels {
             module
                 .load_function(name)
                 .map_err(CudaError::driver("load_function"))
+        };
+        let (bi_mma, mma_module) = if mma {
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch: Some("compute_80"),
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(MMA_SOURCE, opts)
+                .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+            let m = ctx
+                .load_module(ptx)
+                .map_err(CudaError::driver("load_module"))?;
+            let func = m
+                .load_function("bi_mma")
+                .map_err(CudaError::driver("load_function"))?;
+            (Some(func), Some(m))
+        } else {
+            (None, None)
         };
         Ok(Self {
             embed: f("embed")?,
@@ -564,8 +1002,13 @@ impl Kernels {
             cast_bf16: f("cast_bf16")?,
             moe_dispatch: f("moe_dispatch")?,
             moe_dispatch_padded: f("moe_dispatch_padded")?,
+            moe_dispatch_grouped: f("moe_dispatch_grouped")?,
             moe_gemv: f("moe_gemv")?,
             argmax_rows: f("argmax_rows")?,
+            bi_gemm: f("bi_gemm")?,
+            bi_gemm_kn: f("bi_gemm_kn")?,
+            bi_mma,
+            _mma_module: mma_module,
             fill_random: f("fill_random")?,
             fill_const: f("fill_const")?,
             _module: module,

@@ -18,9 +18,10 @@
 //!   on CUDA cores) runs every expert's `[gate|up]` and `down` products reading the counts on
 //!   the device; an expert with no rows returns at once, so batch 1 reads only the experts it
 //!   routed to. Expert addresses come from a per-step upload of the `[layer][expert]` address
-//!   table derived from `experts`. Larger steps copy the routes to the host and run two
-//!   pointer-array batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to the
-//!   busiest expert's count). A third path, off by default
+//!   table derived from `experts`. Larger steps lay the rows out per active expert on the device
+//!   (`moe_dispatch_grouped`), read the layout's size on the host and run two pointer-array
+//!   batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to the busiest
+//!   expert's count). A third path, off by default
 //!   ([`CudaRunner::set_padded_dispatch_max_rows`]), keeps larger steps on the device too:
 //!   `moe_dispatch_padded` lays the rows out at a fixed capacity per expert, one batched GEMM
 //!   runs over every expert, and rows past an expert's capacity go through `moe_gemv`.
@@ -39,14 +40,52 @@
 //!     [`CudaRunner::last_step_expert_bytes`]): the engine needs the tokens before it can plan
 //!     the next step;
 //!   - on the host-dispatch path only (by default, steps of more than
-//!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: the routes are copied
-//!     to the host to size and address the tensor-core GEMMs over the routed experts only
-//!     (cuBLAS takes its shapes from the host). The two device paths avoid it but are not faster
-//!     at those sizes (see the constants' docs);
+//!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: `moe_dispatch_grouped`
+//!     lays the routed rows out per active expert and writes the batched GEMMs' pointer arrays
+//!     on the device, and the host reads back only the layout's size (active experts, busiest
+//!     expert's rows) through a page-locked buffer and an event, because cuBLAS takes its
+//!     shapes from the host. The shared experts (which do not need the routes) are queued
+//!     before the host waits, so the GPU works on them while the host wakes up and launches the
+//!     routed GEMMs. The two device paths avoid the wait but are not faster at those sizes (see
+//!     the constants' docs);
 //!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
 //!   Ranks run one after the other on the calling thread.
+//! - **Batch invariance** ([`CudaConfig::batch_invariant`], off by default). By default a row's
+//!   logits depend on the rest of its step: cuBLAS picks its kernel (tile shape, split-K) from
+//!   the GEMM's shape, so the same row is summed in another order in a step of 5 rows than in
+//!   one of 64; the routed experts switch between `moe_gemv` and cuBLAS batched GEMMs (padded to
+//!   the busiest expert) by row count; a prompt prefilled in one chunk and the same tokens
+//!   decoded one at a time go through different M. Greedy argmax then flips on near-ties. In
+//!   batch-invariant mode every row's logits are bitwise independent of the other rows, of the
+//!   step's row count, of the rank (GPU) serving it and of prefill chunking:
+//!   - in bf16, every projection, the dense and shared-expert MLPs, the LM head, MLA's expand
+//!     and the routed experts run on `bi_mma` (in `kernels.rs`): tensor-core
+//!     `mma.sync` m16n8k16 with one fixed tiling (32 rows x 16 columns per block), k in
+//!     32-element chunks dealt to the block's 4 warps by chunk index and the warps' partial
+//!     sums added in warp order. An output element's arithmetic is fixed by `k` alone; an mma
+//!     computes each output from its own row and column, so neither M nor a row's place in the
+//!     tile changes it. No split-K across blocks, no atomics, no choice of kernel by shape.
+//!     The routed experts use its expert mode, which reads the device dispatch's counts and
+//!     offsets like `moe_gemv` (so every step routes on the device, with no host sync);
+//!   - MLA's absorb (weights `[k, n]`) runs on `bi_gemm_kn` (one ascending `fmaf` chain per
+//!     output, CUDA cores; k is 128), and in the f32 reference precision the GEMMs run on
+//!     `bi_gemm` (CUDA cores, lane-strided groups then a fixed xor butterfly) and the experts on
+//!     `moe_gemv`, whose per-row order depends only on `k` too; [`check_config`] refuses a
+//!     model whose expert or hidden size the expert path cannot take;
+//!   - the other kernels were already row-local with a fixed order: embedding, RMS norm (one
+//!     block per row, fixed block size), rope, the KV write, attention (one block per head and
+//!     row; the scores, softmax and weighted sum depend only on the row's position and the KV
+//!     cache, whose entries are themselves invariant, so a position computed in a prefill
+//!     chunk and in a decode step reads the same values), the router's logits and top-k (one
+//!     block or thread per row), SiLU-mul, the combine (ascending expert id, then the shared
+//!     expert) and the greedy argmax (ties to the lowest id).
+//!
+//!   Cost, measured on H200 (8-layer shapes, decode, `examples/hil_batch_invariant.rs`): Qwen3
+//!   0.96-1.19x the default path's step time at batch 1-256, DeepSeek-V2-Lite 1.19-1.67x
+//!   (probably its MLA absorb on CUDA cores and the 32-row tile's waste at small batches).
+//!   Details: `docs/benchmarks/cuda-runtime.md` ("Batch-invariant mode").
 //!
 //! Architecture invariant: it never panics on a machine without a GPU or driver; every entry
 //! point checks the CUDA libraries first and returns [`CudaError::NoGpu`].
@@ -77,7 +116,9 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 use hbm_vmm::cuda::CudaBackend;
 use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
 
@@ -101,6 +142,55 @@ const MOE_ROWS: usize = 8;
 const MOE_WARPS: usize = 8;
 const MOE_COLS: usize = 4;
 const MOE_SMEM: usize = 40 * 1024;
+
+/// `bi_gemm`'s shape, as in [`kernels::SOURCE`]: rows per block, warps per block, output columns
+/// per warp.
+const BI_ROWS: usize = 16;
+const BI_WARPS: usize = 8;
+const BI_COLS: usize = 4;
+
+/// `bi_mma`'s block tile, as in [`kernels::MMA_SOURCE`]: rows and columns (4 warps, 128 threads).
+const MMA_ROWS: usize = 32;
+const MMA_COLS: usize = 16;
+
+/// Whether `bi_gemm` may use 128-bit loads: `k` a multiple of the vector width (`16 / es`
+/// elements) and every address and element stride a multiple of 16 bytes. Either way the
+/// kernel sums in the same order (the scalar loads pad with zeros past `k`), so this changes
+/// only speed, never results.
+fn bi_vectorizable(es: usize, k: usize, addrs: &[u64], strides: &[usize]) -> bool {
+    let vec = 16 / es;
+    k.is_multiple_of(vec)
+        && addrs.iter().all(|a| a.is_multiple_of(16))
+        && strides.iter().all(|s| (s * es).is_multiple_of(16))
+}
+
+/// Whether `moe_gemv` can run a model's routed experts: its vector width (`16 / es` elements)
+/// divides the hidden and expert sizes and one row of either fits its shared memory.
+fn moe_gemv_fits(hidden: usize, inter_e: usize, es: usize) -> bool {
+    let vec = 16 / es;
+    let fits = |k: usize| k.is_multiple_of(vec) && k * es <= MOE_SMEM;
+    fits(hidden) && fits(inter_e)
+}
+
+/// Checks that `config` can run `cfg`: in batch-invariant mode the routed experts need
+/// `moe_gemv` (the only expert path whose results do not depend on the batch).
+pub fn check_config(cfg: &ModelConfig, config: &CudaConfig) -> Result<(), CudaError> {
+    let es = config.precision.elem_bytes();
+    if config.batch_invariant
+        && cfg.num_moe_layers() > 0
+        && !moe_gemv_fits(cfg.hidden_size, cfg.moe.expert_intermediate_size, es)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "batch-invariant mode runs routed experts through moe_gemv, which needs the hidden \
+             size ({}) and expert size ({}) to be multiples of {} and at most {} elements",
+            cfg.hidden_size,
+            cfg.moe.expert_intermediate_size,
+            16 / es,
+            MOE_SMEM / es
+        )));
+    }
+    Ok(())
+}
 
 /// What went wrong in the CUDA backend.
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +339,13 @@ pub struct CudaConfig {
     pub max_context: usize,
     /// Storage of weights and GEMM inputs.
     pub precision: Precision,
+    /// Batch-invariant compute (see the module docs): every row's logits are bitwise the same
+    /// whatever else shares its step, however many rows the step has, on whichever rank (GPU)
+    /// it runs, and whether its positions were computed in a prefill chunk or one decode step at
+    /// a time. The GEMMs run on fixed-order kernels instead of cuBLAS (tensor-core `bi_mma` in
+    /// bf16) and the routed experts always on the device dispatch. Up to about 1.7x slower a
+    /// decode step (measured; module docs); off by default.
+    pub batch_invariant: bool,
 }
 
 impl Default for CudaConfig {
@@ -260,6 +357,7 @@ impl Default for CudaConfig {
             max_batch_tokens: 256,
             max_context: 2048,
             precision: Precision::Bf16,
+            batch_invariant: false,
         }
     }
 }
@@ -314,7 +412,8 @@ struct PinnedHost {
 }
 
 // SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
-// written only by copies that `Rank::read_back` issues and waits for, and read only there.
+// written only by copies that `Rank::read_back` (or, for `pinned_info`, `Rank::fetch_info`)
+// issues and waits for, and read only there (or in `Rank::wait_info`).
 unsafe impl Send for PinnedHost {}
 // SAFETY: as above; a shared reference gives no way to touch the memory outside `read_back`,
 // whose caller holds the runner mutably.
@@ -407,6 +506,8 @@ struct Scratch {
     ov_counts: u64,
     ov_offsets: u64,
     ov_gidx: u64,
+    /// `{active experts, busiest expert's rows, bad id}` of the host path's grouped dispatch.
+    dinfo: u64,
 }
 
 /// Sizes the scratch of a rank needs.
@@ -451,10 +552,16 @@ struct Rank {
     /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
     /// count per layer (32-bit integers).
     pinned_small: PinnedHost,
+    /// Page-locked staging for the host-dispatch layout's size (`s.dinfo`, 3 integers), and the
+    /// event that says it has arrived (see [`Rank::fetch_info`]).
+    pinned_info: PinnedHost,
+    info_ready: CudaEvent,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
     dt: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
     ct: blas_sys::cublasComputeType_t,
+    /// [`CudaConfig::batch_invariant`]: GEMMs go through `bi_gemm` / `bi_gemm_kn`.
+    bi: bool,
 }
 
 impl std::fmt::Debug for Rank {
@@ -599,6 +706,40 @@ impl Rank {
         Ok((out, ints[n..].to_vec()))
     }
 
+    /// Queues the copy of the host-dispatch layout's size (`s.dinfo`) into `pinned_info` and
+    /// records `info_ready` behind it; [`Rank::wait_info`] reads it. The stream goes on with
+    /// whatever is queued after this (work that does not need the routes), so the host's wait
+    /// and its next launches overlap with it.
+    fn fetch_info(&self) -> Result<(), CudaError> {
+        // SAFETY: `pinned_info` holds 4 i32 slots of page-locked memory owned by this rank and
+        // `s.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
+        // `wait_info` reads it after the event behind this copy completed. The next copy is
+        // queued only after that read (both run on the thread driving the rank, in order).
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.pinned_info.ptr.cast::<c_void>(),
+                self.s.dinfo,
+                3 * std::mem::size_of::<i32>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.info_ready
+            .record(&self.stream)
+            .map_err(CudaError::driver("cuEventRecord"))
+    }
+
+    /// Waits for the copy [`Rank::fetch_info`] queued; returns `{active experts, busiest
+    /// expert's rows, bad id}`.
+    fn wait_info(&self) -> Result<[i32; 3], CudaError> {
+        self.info_ready
+            .synchronize()
+            .map_err(CudaError::driver("cuEventSynchronize"))?;
+        // SAFETY: the copy into these 3 slots completed (its event completed above) and nothing
+        // else writes them (see `fetch_info`).
+        let v = unsafe { std::slice::from_raw_parts(self.pinned_info.ptr.cast::<i32>(), 3) };
+        Ok([v[0], v[1], v[2]])
+    }
+
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
         let mut out = vec![T::default(); n];
         if n == 0 {
@@ -637,6 +778,19 @@ impl Rank {
     ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
+        }
+        if self.bi {
+            let x_ = (x, ldx, 0);
+            let w_ = (w, inf, 0);
+            return self.bi_gemm(
+                false,
+                x_,
+                w_,
+                (y, ldy, 0, y_bf16),
+                beta,
+                (rows, outf, inf),
+                1,
+            );
         }
         let alpha = 1.0f32;
         let ct = if y_bf16 {
@@ -740,6 +894,20 @@ impl Rank {
         if n == 0 {
             return Ok(());
         }
+        if self.bi {
+            // Column-major C(i, j) = op(A)(i, p) B(p, j) is row-major out[j, i] = x[j, p] w(i, p)
+            // with x = B, out = C, and w = A read as [m, k] rows (`trans_a`) or as [k, m] rows.
+            let (x_, w_) = ((b, ldb, sb), (a, lda, sa));
+            return self.bi_gemm(
+                !trans_a,
+                x_,
+                w_,
+                (c, ldc, sc, c_bf16),
+                0.0,
+                (n, m, k),
+                count,
+            );
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ta = if trans_a {
             blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -780,6 +948,119 @@ impl Rank {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
+    }
+
+    /// The batch-invariant GEMM (see `bi_gemm` in [`kernels::SOURCE`]): for each of `count`
+    /// batches, `out[m, n] = sum_k x[m, k] * w(n, k) (+ beta * out)` with `(rows, cols, k)` =
+    /// `(m, n, k)`. `x`, `w` and `out` are `(address, leading dimension, batch stride)` in
+    /// elements (`out` also says whether it is bf16); `w(n, k)` is `w[n * ld + k]`, or with
+    /// `k_major` `w[k * ld + n]`. Every output element's summation order depends on `k` alone.
+    #[allow(clippy::too_many_arguments)]
+    fn bi_gemm(
+        &self,
+        k_major: bool,
+        (x, ldx, sx): (u64, usize, usize),
+        (w, ldw, sw): (u64, usize, usize),
+        (out, ldo, so, out_bf16): (u64, usize, usize, bool),
+        beta: f32,
+        (rows, cols, k): (usize, usize, usize),
+        count: usize,
+    ) -> Result<(), CudaError> {
+        if rows == 0 || cols == 0 || count == 0 {
+            return Ok(());
+        }
+        let es = if self.dt == blas_sys::cudaDataType::CUDA_R_32F {
+            4
+        } else {
+            2
+        };
+        let mut args = vec![
+            Arg::P(x),
+            Arg::I(ldx as i32),
+            Arg::L(sx as i64),
+            Arg::P(w),
+            Arg::I(ldw as i32),
+            Arg::L(sw as i64),
+            Arg::P(out),
+            Arg::I(ldo as i32),
+            Arg::L(so as i64),
+            Arg::I(i32::from(out_bf16)),
+            Arg::F(beta),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::I(k as i32),
+        ];
+        let row_tiles = rows.div_ceil(BI_ROWS) as u32;
+        if k_major {
+            return self.launch3(
+                &self.k.bi_gemm_kn,
+                (cols.div_ceil(128) as u32, row_tiles, count as u32),
+                128,
+                &args,
+            );
+        }
+        args.push(Arg::I(i32::from(bi_vectorizable(
+            es,
+            k,
+            &[x, w],
+            &[ldx, ldw, sx, sw],
+        ))));
+        if let Some(mma) = &self.k.bi_mma {
+            // Tensor cores (bf16): plain mode, no expert arrays.
+            args.extend([Arg::P(0), Arg::P(0), Arg::P(0), Arg::P(0), Arg::L(0)]);
+            return self.launch3(
+                mma,
+                (
+                    cols.div_ceil(MMA_COLS) as u32,
+                    rows.div_ceil(MMA_ROWS) as u32,
+                    count as u32,
+                ),
+                128,
+                &args,
+            );
+        }
+        self.launch3(
+            &self.k.bi_gemm,
+            (
+                cols.div_ceil(BI_WARPS * BI_COLS) as u32,
+                row_tiles,
+                count as u32,
+            ),
+            (32 * BI_WARPS) as u32,
+            &args,
+        )
+    }
+
+    /// [`Rank::launch`] on a three-dimensional grid, without dynamic shared memory.
+    fn launch3(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as in `launch`: the arguments match the kernel's parameter list in
+        // `kernels::SOURCE`, and every address points into a live chunk this device can access,
+        // sized by the caller for the whole grid.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1060,7 +1341,8 @@ impl CudaRunner {
     }
 
     /// Random bf16 weights generated on the device (uniform in `±1/sqrt(fan_in)`, norms 1), for
-    /// benchmarks of shapes too large to write to disk.
+    /// benchmarks of shapes too large to write to disk. The same `cfg` and `seed` give the same
+    /// weights on any number of devices (every rank's replicated copy is identical).
     pub fn synthetic(cfg: &ModelConfig, seed: u64, config: CudaConfig) -> Result<Self, CudaError> {
         Self::build(cfg, config, Fill::Random(seed), None)
     }
@@ -1086,6 +1368,7 @@ impl CudaRunner {
                 "block_tokens, kv_blocks_per_rank and max_batch_tokens must be positive".into(),
             ));
         }
+        check_config(cfg, &config)?;
         let model = Model::new(cfg, CpuCompute::new())?;
         let spec = model.router_spec();
         if cfg.num_moe_layers() > 0 && (spec.experts > 256 || spec.top_k > 32) {
@@ -1165,8 +1448,12 @@ impl CudaRunner {
         let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
         let layout = model.layout().clone();
         let mut ranks = Vec::with_capacity(devs.len());
+        // Random weights: every rank's replicated tensors restart the seed counter, so every
+        // rank holds the same model, and the experts continue after them whatever the device
+        // count (a synthetic model is the same on 1 GPU and on 2).
         let mut seed_ctr = 0u64;
         for &dev in &devs {
+            let mut rank_ctr = 0u64;
             ranks.push(Self::make_rank(
                 &vmm,
                 dev,
@@ -1177,8 +1464,9 @@ impl CudaRunner {
                 &config,
                 &layout,
                 &fill,
-                &mut seed_ctr,
+                &mut rank_ctr,
             )?);
+            seed_ctr = rank_ctr;
         }
         // Routed experts: contiguous id ranges per device, readable by every device.
         let mut experts = Vec::with_capacity(cfg.num_layers);
@@ -1318,7 +1606,7 @@ impl CudaRunner {
             status: e.0 as i32,
         })?;
         let f32_storage = config.precision == Precision::F32;
-        let k = Kernels::compile(&ctx, f32_storage)?;
+        let k = Kernels::compile(&ctx, f32_storage, config.batch_invariant && !f32_storage)?;
         let es = d.es;
         let global = DevBuf::new(vmm, dev, layout.global().floats() * es, &[])?;
         let layers = (0..cfg.num_layers)
@@ -1381,6 +1669,7 @@ impl CudaRunner {
             ("ov_offsets", 4 * d.experts),
             ("ov_gidx", 4 * r * d.top_k),
             ("argmax", 4 * r),
+            ("dinfo", 4 * 4),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
         let scratch = DevBuf::new(vmm, dev, total, &[])?;
@@ -1388,6 +1677,10 @@ impl CudaRunner {
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
         let pinned_small = PinnedHost::new(&ctx, r + d.layers)?;
+        let pinned_info = PinnedHost::new(&ctx, 4)?;
+        let info_ready = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
         let mut at = scratch.addr();
         let mut addr = BTreeMap::new();
         for (name, b) in &sizes {
@@ -1439,6 +1732,7 @@ impl CudaRunner {
             ov_offsets: a("ov_offsets"),
             ov_gidx: a("ov_gidx"),
             argmax: a("argmax"),
+            dinfo: a("dinfo"),
         };
         let rank = Rank {
             dev,
@@ -1453,6 +1747,8 @@ impl CudaRunner {
             s,
             pinned,
             pinned_small,
+            pinned_info,
+            info_ready,
             dt: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
@@ -1463,6 +1759,7 @@ impl CudaRunner {
             } else {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
             },
+            bi: config.batch_invariant,
         };
         rank.bind()?;
         // Rope tables, computed on the host exactly as the CPU reference computes them.
@@ -1583,6 +1880,68 @@ impl CudaRunner {
         Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
     }
 
+    /// The routes the runner's router kernel (`route`, one warp per row) chooses for each row of
+    /// `logits` (router logits, the model's expert count per row), on rank 0: per row, the
+    /// chosen experts ascending by id with their weights. For checks against the CPU router.
+    pub fn device_route(&self, logits: &[f32]) -> Result<Vec<Vec<(u32, f32)>>, CudaError> {
+        let spec = self.model.router_spec();
+        let (e, k) = (spec.experts, spec.top_k);
+        if e == 0 || self.cfg.num_moe_layers() == 0 {
+            return Err(CudaError::Input("the model has no routed experts".into()));
+        }
+        if !logits.len().is_multiple_of(e) {
+            return Err(CudaError::Input(format!(
+                "{} values are not rows of the expert count {e}",
+                logits.len()
+            )));
+        }
+        let n = logits.len() / e;
+        if n > self.dims.rows {
+            return Err(CudaError::Input(format!(
+                "{n} rows; the runner was sized for {}",
+                self.dims.rows
+            )));
+        }
+        let rank = &self.ranks[0];
+        rank.bind()?;
+        let s = rank.s;
+        rank.htod(s.rlogits, logits)?;
+        let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+        rank.launch(
+            &rank.k.route,
+            (n as u32, 1),
+            32,
+            0,
+            &[
+                Arg::P(s.rlogits),
+                Arg::I(n as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::I(ng as i32),
+                Arg::I(tg as i32),
+                Arg::I(i32::from(spec.normalize)),
+                Arg::F(spec.scale),
+                Arg::P(s.ids),
+                Arg::P(s.wts),
+            ],
+        )?;
+        let ids: Vec<i32> = rank.dtoh(s.ids, n * k)?;
+        let wts: Vec<f32> = rank.dtoh(s.wts, n * k)?;
+        ids.chunks(k.max(1))
+            .zip(wts.chunks(k.max(1)))
+            .map(|(i, w)| {
+                i.iter()
+                    .zip(w)
+                    .map(|(&x, &wt)| {
+                        u32::try_from(x)
+                            .map(|x| (x, wt))
+                            .map_err(|_| CudaError::Input(format!("router produced id {x}")))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Steps with at most `rows` tokens on a rank route their experts on the device (no host
     /// synchronisation; `moe_gemv` on CUDA cores, which skips experts with no rows); larger steps
     /// (prefill) copy the routes to the host and run cuBLAS batched GEMMs on tensor cores. 0
@@ -1662,12 +2021,11 @@ impl CudaRunner {
     /// divide the hidden and expert sizes and one row of either to fit its shared memory.
     fn dispatch_path(&self, rows: usize) -> DispatchPath {
         let d = &self.dims;
-        let vec = 16 / d.es;
-        let fits = |k: usize| k.is_multiple_of(vec) && k * d.es <= MOE_SMEM;
-        if self.cfg.num_moe_layers() == 0 || !fits(d.h) || !fits(d.inter_e) {
+        if self.cfg.num_moe_layers() == 0 || !moe_gemv_fits(d.h, d.inter_e, d.es) {
             return DispatchPath::Host;
         }
-        if rows <= self.device_dispatch_max_rows {
+        // Batch-invariant: `moe_gemv` at every size (`check_config` made sure it fits).
+        if self.config.batch_invariant || rows <= self.device_dispatch_max_rows {
             return DispatchPath::Gemv;
         }
         let cap = self
@@ -1739,6 +2097,61 @@ impl CudaRunner {
         )
     }
 
+    /// The routed experts' products of the device dispatch: `moe_gemv`, or in batch-invariant
+    /// bf16 mode `bi_mma` in its expert mode (tensor cores; a row's result independent of the
+    /// other rows, as `moe_gemv`'s is). Same arguments as [`CudaRunner::moe_gemv`], plus `rows`,
+    /// the step's token count (no expert has more).
+    #[allow(clippy::too_many_arguments)]
+    fn expert_products(
+        &self,
+        rank: &Rank,
+        co: (u64, u64),
+        table: u64,
+        row_idx: u64,
+        (x, ldx): (u64, usize),
+        w_off: usize,
+        (n, k): (usize, usize),
+        (out, ldo): (u64, usize),
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let Some(mma) = &rank.k.bi_mma else {
+            return self.moe_gemv(rank, co, table, row_idx, x, ldx, w_off, n, k, out, ldo);
+        };
+        let es = self.dims.es;
+        let aligned = bi_vectorizable(es, k, &[x, (es * w_off) as u64], &[ldx, k]);
+        rank.launch3(
+            mma,
+            (
+                n.div_ceil(MMA_COLS) as u32,
+                rows.div_ceil(MMA_ROWS) as u32,
+                self.dims.experts as u32,
+            ),
+            128,
+            &[
+                Arg::P(x),
+                Arg::I(ldx as i32),
+                Arg::L(0),
+                Arg::P(0),
+                Arg::I(k as i32),
+                Arg::L(0),
+                Arg::P(out),
+                Arg::I(ldo as i32),
+                Arg::L(0),
+                Arg::I(0),
+                Arg::F(0.0),
+                Arg::I(rows as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(i32::from(aligned)),
+                Arg::P(co.0),
+                Arg::P(co.1),
+                Arg::P(row_idx),
+                Arg::P(table),
+                Arg::L(w_off as i64),
+            ],
+        )
+    }
+
     /// Runs one batch on rank `ri`; returns what each sampled item needs, in order.
     fn forward(&mut self, ri: usize, items: &[Item]) -> Result<Vec<RowOutput>, CudaError> {
         let d = self.dims;
@@ -1790,15 +2203,16 @@ impl CudaRunner {
         let geo = self.geo;
         let path = self.dispatch_path(rows);
         let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
-        let (etable, etable_down) = if path == DispatchPath::Host {
-            (Vec::new(), Vec::new())
-        } else {
-            let t = self.expert_table();
-            let down = t
+        // Every path reads the expert addresses on the device (the host path's grouped
+        // dispatch builds its GEMM pointer arrays there).
+        let etable = self.expert_table();
+        let etable_down: Vec<u64> = if matches!(path, DispatchPath::Padded(_)) {
+            etable
                 .iter()
                 .map(|&a| if a == 0 { 0 } else { a + es_ie })
-                .collect();
-            (t, down)
+                .collect()
+        } else {
+            Vec::new()
         };
         let rank = &self.ranks[ri];
         rank.bind()?;
@@ -1883,7 +2297,6 @@ impl CudaRunner {
                 )),
             ]
         };
-        let mut expert_bytes = 0u64;
         let per_expert_bytes = (3 * h * d.inter_e * d.es) as u64;
         for l in 0..self.cfg.num_layers {
             let lay = layout
@@ -2312,8 +2725,8 @@ impl CudaRunner {
             let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
             rank.launch(
                 &rank.k.route,
-                (rows.div_ceil(64) as u32, 1),
-                64,
+                (rows as u32, 1),
+                32,
                 0,
                 &[
                     Arg::P(s.rlogits),
@@ -2329,6 +2742,7 @@ impl CudaRunner {
                 ],
             )?;
             let ie = d.inter_e;
+            let mut shared_done = false;
             if path == DispatchPath::Gemv {
                 // Counts, offsets and the gather computed on the device; the expert products
                 // read the counts there, so the host never waits for the routes.
@@ -2352,7 +2766,9 @@ impl CudaRunner {
                 clock.mark(&rank.stream, 2)?;
                 let table = s.etable + (8 * l * d.experts) as u64;
                 let co = (s.counts, s.offsets);
-                self.moe_gemv(rank, co, table, s.gidx, s.xb, h, 0, 2 * ie, h, s.gu, 2 * ie)?;
+                let xb = (s.xb, h);
+                let gu = (s.gu, 2 * ie);
+                self.expert_products(rank, co, table, s.gidx, xb, 0, (2 * ie, h), gu, rows)?;
                 rank.launch(
                     &rank.k.silu_mul,
                     ((rows * k) as u32, 1),
@@ -2367,7 +2783,8 @@ impl CudaRunner {
                         Arg::I(ie as i32),
                     ],
                 )?;
-                self.moe_gemv(rank, co, table, 0, s.eh, ie, 2 * h * ie, h, ie, s.eo, h)?;
+                let (eh, eo) = ((s.eh, ie), (s.eo, h));
+                self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, rows)?;
             } else if let DispatchPath::Padded(cap) = path {
                 // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
                 // the rows past an expert's capacity through `moe_gemv`; no host sync.
@@ -2438,43 +2855,57 @@ impl CudaRunner {
                 let eo_ov = s.eo + ov * 4 * h as u64;
                 self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
             } else {
-                // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
-                let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
-                let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-                for (slot, &ex) in ids.iter().enumerate() {
-                    if ex < 0 || ex as usize >= e {
-                        return Err(CudaError::Input(format!("router produced expert id {ex}")));
-                    }
-                    per.entry(ex as usize).or_default().push(slot);
+                // The grouped layout (gather list, compact rows, the GEMMs' pointer arrays) is
+                // built on the device; the one host synchronisation of the layer reads back only
+                // its size, because cuBLAS takes the GEMM shapes from the host.
+                let table = s.etable + (8 * l * d.experts) as u64;
+                rank.launch(
+                    &rank.k.moe_dispatch_grouped,
+                    (1, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.ids),
+                        Arg::I((rows * k) as i32),
+                        Arg::I(e as i32),
+                        Arg::I(k as i32),
+                        Arg::I(d.gather_cap as i32),
+                        Arg::P(table),
+                        Arg::L(es_ie as i64),
+                        Arg::U(s.xg),
+                        Arg::L((d.es * h) as i64),
+                        Arg::U(s.gu),
+                        Arg::L((4 * 2 * ie) as i64),
+                        Arg::U(s.eh),
+                        Arg::L((d.es * ie) as i64),
+                        Arg::U(s.eo),
+                        Arg::L((4 * h) as i64),
+                        Arg::P(s.gidx),
+                        Arg::P(s.cidx),
+                        Arg::P(s.ptrs),
+                        Arg::P(s.dinfo),
+                        Arg::P(s.active + 4 * l as u64),
+                    ],
+                )?;
+                rank.fetch_info()?;
+                // The shared experts do not need the routes: queued before the host waits, they
+                // run while it wakes up and launches the routed experts' GEMMs.
+                if self.cfg.moe.n_shared_experts > 0 {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                    shared_done = true;
                 }
-                let max_n = per.values().map(Vec::len).max().unwrap_or(0);
-                let active = per.len();
+                let info = rank.wait_info()?;
+                if info[2] != 0 {
+                    return Err(CudaError::Input(format!(
+                        "router produced an expert id outside 0..{e}"
+                    )));
+                }
+                let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
                 if active * max_n > d.gather_cap {
                     return Err(CudaError::Input(
                         "expert dispatch exceeds the gather buffer".into(),
                     ));
                 }
-                let mut gidx = vec![-1i32; active * max_n];
-                let mut cidx = vec![0i32; rows * k];
-                let mut ptrs = vec![0u64; 6 * active];
-                for (a, (&ex, slots)) in per.iter().enumerate() {
-                    for (j, &slot) in slots.iter().enumerate() {
-                        gidx[a * max_n + j] = (slot / k) as i32;
-                        cidx[slot] = (a * max_n + j) as i32;
-                    }
-                    let eb = self.experts[l][ex].buf.addr();
-                    let g = (a * max_n) as u64;
-                    ptrs[a] = eb;
-                    ptrs[active + a] = s.xg + g * (d.es * h) as u64;
-                    ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
-                    ptrs[3 * active + a] = eb + (d.es * 2 * h * ie) as u64;
-                    ptrs[4 * active + a] = s.eh + g * (d.es * ie) as u64;
-                    ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
-                }
-                expert_bytes += active as u64 * per_expert_bytes;
-                rank.htod(s.gidx, &gidx)?;
-                rank.htod(s.cidx, &cidx)?;
-                rank.htod(s.ptrs, &ptrs)?;
                 clock.mark(&rank.stream, 2)?;
                 let gr = (active * max_n) as u32;
                 rank.launch(
@@ -2503,7 +2934,9 @@ impl CudaRunner {
                 rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
             }
             let shared = if self.cfg.moe.n_shared_experts > 0 {
-                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                if !shared_done {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                }
                 s.y
             } else {
                 0
@@ -2531,7 +2964,7 @@ impl CudaRunner {
         if n == 0 {
             let (_, active) = rank.read_back(&[], d.vocab, d.layers)?;
             let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-            self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
+            self.last_expert_bytes = routed * per_expert_bytes;
             for (a, c) in self.phases.iter_mut().zip(clock.acc) {
                 *a += c;
             }
@@ -2564,7 +2997,7 @@ impl CudaRunner {
         }
         let (out, active) = rank.read_back(&needs, d.vocab, d.layers)?;
         let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-        self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
+        self.last_expert_bytes = routed * per_expert_bytes;
         clock.mark(&rank.stream, 4)?;
         for (a, c) in self.phases.iter_mut().zip(clock.acc) {
             *a += c;
@@ -2692,5 +3125,89 @@ impl Runner for CudaRunner {
                     .ok_or_else(|| RunError("missing output row".into()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod bi_tests {
+    use super::*;
+    use crate::presets::Preset;
+
+    #[test]
+    fn batch_invariant_config_defaults_off() {
+        assert!(!CudaConfig::default().batch_invariant);
+    }
+
+    #[test]
+    fn batch_invariant_mode_accepts_every_preset_it_can_run_on_moe_gemv() {
+        for p in Preset::ALL {
+            let cfg = p.config();
+            for precision in [Precision::Bf16, Precision::F32] {
+                let config = CudaConfig {
+                    batch_invariant: true,
+                    precision,
+                    ..CudaConfig::default()
+                };
+                let fits = moe_gemv_fits(
+                    cfg.hidden_size,
+                    cfg.moe.expert_intermediate_size,
+                    precision.elem_bytes(),
+                );
+                assert_eq!(
+                    check_config(&cfg, &config).is_ok(),
+                    fits || cfg.num_moe_layers() == 0,
+                    "{p} {precision:?}"
+                );
+                // The default mode never refuses a model here.
+                let plain = CudaConfig {
+                    precision,
+                    ..CudaConfig::default()
+                };
+                assert!(check_config(&cfg, &plain).is_ok());
+            }
+        }
+        // Every shipped MoE preset fits in bf16.
+        for p in [
+            Preset::DeepseekV2Lite,
+            Preset::Qwen3_30bA3b,
+            Preset::TinyDeepseek,
+        ] {
+            let config = CudaConfig {
+                batch_invariant: true,
+                ..CudaConfig::default()
+            };
+            assert!(check_config(&p.config(), &config).is_ok(), "{p}");
+        }
+    }
+
+    #[test]
+    fn batch_invariant_mode_refuses_experts_moe_gemv_cannot_take() {
+        let mut cfg = Preset::TinyQwen3.config();
+        cfg.moe.expert_intermediate_size = 36; // not a multiple of 8 bf16 elements
+        let config = CudaConfig {
+            batch_invariant: true,
+            ..CudaConfig::default()
+        };
+        let e = check_config(&cfg, &config).unwrap_err();
+        assert!(matches!(e, CudaError::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("expert size (36)"), "{e}");
+        // Too wide for one shared-memory row (40 KiB / 2 bytes).
+        let mut wide = Preset::TinyQwen3.config();
+        wide.hidden_size = MOE_SMEM / 2 + 8;
+        assert!(check_config(&wide, &config).is_err());
+        let plain = CudaConfig::default();
+        assert!(check_config(&cfg, &plain).is_ok());
+    }
+
+    #[test]
+    fn bi_gemm_vectorises_only_aligned_whole_vectors() {
+        // bf16: 8 elements per 16 bytes.
+        assert!(bi_vectorizable(2, 2048, &[0x1000, 0x2000], &[2048, 16, 0]));
+        assert!(!bi_vectorizable(2, 2044, &[0x1000, 0x2000], &[2048]));
+        assert!(!bi_vectorizable(2, 2048, &[0x1008, 0x2000], &[2048]));
+        assert!(!bi_vectorizable(2, 2048, &[0x1000, 0x2000], &[2052]));
+        // f32: 4 elements per 16 bytes.
+        assert!(bi_vectorizable(4, 36, &[0x1000], &[36]));
+        assert!(!bi_vectorizable(4, 34, &[0x1000], &[36]));
     }
 }
