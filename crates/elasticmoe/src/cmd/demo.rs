@@ -284,6 +284,7 @@ mod gpu {
             max_batch_tokens: SchedulerConfig::default().max_batch_tokens,
             max_context: 1024,
             precision: Precision::F32,
+            batch_invariant: false,
         }
     }
 
