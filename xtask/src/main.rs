@@ -300,11 +300,14 @@ const HIL_SCALE: &str = r#"#!/usr/bin/env bash
 #      SCALE_STEPS (default 1-2,2-1), SCALE_STRATEGIES (default elastic,cold-restart,colocated),
 #      SCALE_ARGS (more bench flags), MODEL_DIR (default /tmp/elasticmoe-models, local disk),
 #      KEEP_MODELS (set: keep the checkpoints). Progress lines carry times (ELASTICMOE_TRACE).
-# Writes $OUT/scale/PRESET/{scaling.json,scaling.svg}, PRESET.log, and $OUT/scale/scaling.json
-# (one entry per model: the format of docs/benchmarks/data/scaling.json).
+# Writes scale/PRESET/{scaling.json,scaling.svg}, PRESET.log, and scale/scaling.json (one entry
+# per model: the format of docs/benchmarks/data/scaling.json) under target/hil/results, or, with
+# $OUT set (the device tool, which brings back only a few files), under /tmp/elasticmoe-scale
+# and then as ONE tarball $OUT/scale.tgz plus a copy of the combined $OUT/scaling.json.
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out="${OUT:-$here/results}/scale"
+final="${OUT:-}"
+if [ -n "$final" ]; then out=/tmp/elasticmoe-scale; else out="$here/results/scale"; fi
 models="${MODEL_DIR:-/tmp/elasticmoe-models}"
 export ELASTICMOE_TRACE="${ELASTICMOE_TRACE:-1}"
 mkdir -p "$out" "$models"
@@ -330,6 +333,11 @@ for spec in ${SCALE_MODELS:-deepseek-v2-lite:8 qwen3-30b-a3b:8}; do
   [ -n "${KEEP_MODELS:-}" ] || rm -rf "$dir"
 done
 echo "== scale done: $failed failure(s)"
+if [ -n "$final" ]; then
+  mkdir -p "$final"
+  tar -czf "$final/scale.tgz" -C "$out" . && echo "== results in $final/scale.tgz"
+  cp "$out/scaling.json" "$final/scaling.json" 2>/dev/null
+fi
 exit $((failed > 0))
 "#;
 

@@ -82,6 +82,15 @@ fn bench_scale_on_host_reports_every_step_and_strategy() {
     );
     assert!(m["peer_gbps"].as_f64().unwrap() > 0.0);
     assert!(m["card"].is_string());
+    // The control: the reference repeated with other batches. The host backend is
+    // batch-invariant, so no request differs.
+    let rr = &m["reference_repeat"];
+    assert!(rr["compared"].as_u64().unwrap() > 0, "{rr}");
+    assert_eq!(rr["mismatched"], 0, "{rr}");
+    assert_ne!(
+        rr["repeat_concurrency"], rr["reference_concurrency"],
+        "{rr}"
+    );
     let steps = m["steps"].as_array().unwrap();
     let got: Vec<(u64, u64, &str)> = steps
         .iter()
@@ -127,6 +136,25 @@ fn bench_scale_on_host_reports_every_step_and_strategy() {
         assert!(s["completed_requests"].as_u64().unwrap() > 0);
         assert_eq!(s["outputs_match"], true, "{s}");
         assert!(s["phases_ms"].as_object().is_some_and(|p| !p.is_empty()));
+        assert!(
+            s["throughput_request_to_switch"]
+                .as_f64()
+                .is_some_and(|v| v >= 0.0),
+            "{s}"
+        );
+        // The engine's iterations in the before window, split into runner and engine time.
+        let sb = &s["serving_before"];
+        assert!(sb["iterations"].as_u64().unwrap() > 0, "{s}");
+        assert!(sb["tokens_per_iteration"].as_f64().unwrap() >= 1.0, "{s}");
+        assert!(sb["runner_ms_per_iteration"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(
+            sb["engine_ms_per_iteration"].as_f64().unwrap() >= 0.0,
+            "{s}"
+        );
+        assert!(
+            s["serving_after"]["iterations"].as_u64().unwrap() > 0,
+            "{s}"
+        );
         if s["strategy"] == "elastic" {
             assert_eq!(s["downtime_ms"], 0.0, "{s}");
             assert_eq!(s["intake_paused_ms"], 0.0, "{s}");

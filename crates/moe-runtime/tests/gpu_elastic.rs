@@ -14,6 +14,11 @@
 //! - colocated 1→1 and 2→1: a second runner loaded beside the first; running sequences' KV
 //!   moves into it at the switch.
 //! - cold restart 1→1: everything released and reloaded; running sequences recompute.
+//! - elastic 1→2→1 from kept snapshots: the second step prepares from the snapshot the first
+//!   switch took inside its boundary action (as `CudaScaler` does, no boundary wait), the 1→2
+//!   with its expert chunks created ahead in the warm pool, the 2→1 staged (ranges mapped)
+//!   before an iteration and filled after it; a configuration prepared from a snapshot taken
+//!   before both switches is refused at install and changes nothing.
 //!
 //! Precision is [`Precision::F32`] (pedantic f32 GEMMs), so a changed batch composition after a
 //! switch cannot flip a greedy token through bf16 rounding.
@@ -23,7 +28,7 @@
 use std::sync::Arc;
 
 use moe_runtime::config::ModelConfig;
-use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaWarmPool, Precision};
+use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaWarmPool, Precision, Snapshot};
 use moe_runtime::engine::{Engine, EngineConfig, Request, RequestHandle, SchedulerConfig};
 use moe_runtime::model::weights::MemTensors;
 use moe_runtime::presets::Preset;
@@ -114,22 +119,35 @@ fn elastic(
     to: usize,
     pool: &mut CudaWarmPool,
 ) -> (cuda::PrepareReport, cuda::SwitchReport) {
+    let (p, sw, _) = elastic_from(e, to, pool, None);
+    (p, sw)
+}
+
+/// An elastic step from `snap` (or a snapshot taken now); returns the snapshot taken inside
+/// the switch's boundary action, right after the install.
+fn elastic_from(
+    e: &Engine<CudaRunner>,
+    to: usize,
+    pool: &mut CudaWarmPool,
+    snap: Option<Snapshot>,
+) -> (cuda::PrepareReport, cuda::SwitchReport, Snapshot) {
     let bp = e.with_runner(CudaRunner::blueprint);
     let transport = bp.transport().unwrap();
-    let snap = e.with_runner(CudaRunner::snapshot);
+    let snap = snap.unwrap_or_else(|| e.with_runner(CudaRunner::snapshot));
     let prepared = bp
         .prepare(snap, &cuda::first_devices(to), pool, &transport)
         .expect("prepare");
     let report = prepared.report.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     e.at_boundary(move |r, s| {
-        let _ = tx.send(r.install(prepared, s));
+        let _ = tx.send(r.install(prepared, s).map(|x| (x, r.snapshot())));
     });
     e.step().expect("the switch iteration");
-    let (sw, retired) = rx.recv().unwrap().expect("install");
+    let ((sw, retired), kept) = rx.recv().unwrap().expect("install");
     retired.release();
     assert_eq!(e.with_runner(|r| r.rank_count()), to);
-    (report, sw)
+    assert!(e.with_runner(|r| kept.describes(r)));
+    (report, sw, kept)
 }
 
 #[test]
@@ -204,6 +222,63 @@ fn gpu_elastic_scaling_keeps_outputs_identical() {
         assert_eq!(
             e.with_runner(|r| r.expert_device(l, cfg.moe.num_experts - 1)),
             Some(cuda::first_devices(2)[1])
+        );
+
+        // Elastic 1→2→1 from kept snapshots, then a stale snapshot refused.
+        let e = engine(&cfg, &src, 1);
+        let mut pool = CudaWarmPool::new();
+        let got = serve(&e, &first, &second, 6, |e| {
+            let before = e.with_runner(CudaRunner::snapshot);
+            let bp = e.with_runner(CudaRunner::blueprint);
+            let transport = bp.transport().unwrap();
+            // Prepared now (its source addresses are mapped), installed after two switches.
+            let stale = bp
+                .prepare(
+                    before.clone(),
+                    &cuda::first_devices(2),
+                    &mut CudaWarmPool::new(),
+                    &transport,
+                )
+                .expect("prepare");
+            pool.prewarm_experts(&bp, &before, &cuda::first_devices(2))
+                .unwrap();
+            let ahead = pool.expert_chunks();
+            assert!(ahead > 0, "a 1->2 step moves experts to GPU 1");
+            let (p, _, kept) = elastic_from(e, 2, &mut pool, None);
+            assert_eq!(p.prewarmed_chunks, ahead);
+            assert_eq!(pool.expert_chunks(), 0);
+            e.step().expect("serving between the steps");
+            assert!(e.with_runner(|r| kept.describes(r)), "no switch since");
+            // 2→1 staged ahead from the kept snapshot, serving between staging and filling.
+            let staged = bp
+                .stage(kept, &cuda::first_devices(1), &mut pool)
+                .expect("stage");
+            e.step().expect("serving while staged");
+            let prepared = cuda::Blueprint::fill(staged, &transport).expect("fill");
+            assert!(prepared.report.bytes_moved > 0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install(prepared, s));
+            });
+            e.step().expect("the switch iteration");
+            let (sw, retired) = rx.recv().unwrap().expect("install");
+            retired.release();
+            assert_eq!(sw.requeued, 0);
+            assert_eq!(e.with_runner(|r| r.rank_count()), 1);
+            assert!(!e.with_runner(|r| before.describes(r)));
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install(stale, s).map(|_| ()));
+            });
+            e.step().unwrap();
+            let err = rx.recv().unwrap().expect_err("a stale snapshot is refused");
+            assert!(err.to_string().contains("stale"), "{err}");
+            assert_eq!(e.with_runner(|r| r.rank_count()), 1);
+        });
+        check(
+            &format!("{name} elastic 1->2->1 kept snapshots"),
+            &got,
+            &reference,
         );
 
         let e = engine(&cfg, &src, 2);

@@ -10,12 +10,15 @@
 //! For every step and strategy it starts a fresh engine on the step's `from` devices, keeps
 //! `--concurrency` greedy requests in flight (resubmitting as they finish), lets throughput
 //! settle for `--before-s`, runs the transition on its own thread while the load goes on,
-//! keeps serving for `--after-s`, then drains. Throughput windows: *before* is the `--before-s`
-//! before the decision; *during* runs from the decision to the switch (stretched back to at
-//! least one second before the switch, so a 50 ms transition is not judged on one iteration);
-//! *after* is the `--after-s` after the switch. TPOT p99 *during* is over the inter-token gaps
-//! that end in the during window. Outputs of completed requests are compared with a run of the
-//! same prompts on a fixed deployment of one device.
+//! keeps serving for `--after-s`, then drains. Throughput windows: *before* is the second half
+//! of the `--before-s` before the request; *during* runs from the request to one second after
+//! the switch (`throughput_request_to_switch` gives the request-to-switch window alone); *after*
+//! is the `--after-s` after the switch. TPOT p99 *during* is over the inter-token gaps that end
+//! in the during window. `serving_before` splits the engine's iterations of the *before* window
+//! into runner time and the engine's own time. Outputs of completed requests are compared with a
+//! run of the same prompts on a fixed deployment of one device; as a control, that reference is
+//! computed a second time with another concurrency (`reference_repeat`): requests that differ
+//! there differ without any scaling, from batch composition alone.
 //!
 //! Writes `OUT/scaling.json` (a list with one entry per machine and model) and
 //! `OUT/scaling.svg` (throughput and active devices over time, one panel per step and strategy).
@@ -92,6 +95,14 @@ pub struct Args {
     /// Compare the outputs of the first N requests of every run with the reference.
     #[arg(long, default_value_t = 256)]
     pub compare: u64,
+    /// Most tokens one iteration computes on one rank (prefill chunking).
+    #[arg(long, default_value_t = 256)]
+    pub max_batch_tokens: usize,
+    /// Requests the control run keeps in flight: the reference is computed a second time on the
+    /// same fixed deployment with this concurrency (other batches), and the requests whose
+    /// outputs differ between the two are counted (`reference_repeat`); 0 skips it.
+    #[arg(long, default_value_t = 7)]
+    pub reference_repeat_concurrency: usize,
     /// Also append this run's entry to the list in this JSON file (created if missing).
     #[arg(long)]
     pub append: Option<PathBuf>,
@@ -118,6 +129,9 @@ struct Measured {
     kv_migrated: u64,
     requeued: u64,
     devices_after: usize,
+    prewarmed_chunks: u64,
+    kept_snapshot: bool,
+    staged_ahead: bool,
 }
 
 type Submit = Arc<dyn Fn(Request) -> Result<RequestHandle, RequestError> + Send + Sync>;
@@ -127,8 +141,13 @@ type Metrics = Arc<dyn Fn() -> EngineMetrics + Send + Sync>;
 trait Session: Send {
     fn submitter(&self) -> Submit;
     fn metrics(&self) -> Metrics;
+    /// Readies a transition to `to` devices ahead of the request (warm ranks, expert chunks);
+    /// runs before the load starts, off the measured path.
+    fn ready(&mut self, to: usize) -> Result<()>;
     /// Runs the transition to `to` devices while the engine serves; returns when it is done.
     fn scale(&mut self, to: usize) -> Result<Measured>;
+    /// The runner's per-phase time since the last call (empty where not measured).
+    fn runner_phases(&mut self) -> Vec<(String, f64)>;
     fn stop(self: Box<Self>);
 }
 
@@ -142,11 +161,13 @@ trait Backend {
     /// Why `strategy` cannot run `from`→`to` here, if it cannot.
     fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String>;
     fn start(&mut self, from: usize, strategy: StrategyArg) -> Result<Box<dyn Session>>;
-    /// Greedy tokens of `prompts` on a fixed deployment of one device.
+    /// Greedy tokens of `prompts` on a fixed deployment of one device, with at most
+    /// `max_running` of them in flight at a time.
     fn reference(
         &mut self,
         prompts: &[Vec<TokenId>],
         max_tokens: usize,
+        max_running: usize,
     ) -> Result<Vec<Vec<TokenId>>>;
 }
 
@@ -169,6 +190,20 @@ struct StepReport {
     tpot_p99_during_ms: f64,
     peak_bytes_per_device: Vec<u64>,
     failed_requests: u64,
+    /// Tokens per second from the request to the switch only (no padding; noisy for short
+    /// transitions). `throughput_during` runs from the request to one second after the switch.
+    throughput_request_to_switch: f64,
+    /// The engine's iterations in the second half of the *before* window.
+    serving_before: ServingStats,
+    /// The engine's iterations in the second half of the *after* window.
+    serving_after: ServingStats,
+    /// Expert chunks created ahead of the request (warm pool) and used by the step.
+    prewarmed_chunks: u64,
+    /// Whether the step used the snapshot kept from the last switch (no boundary wait).
+    kept_snapshot: bool,
+    /// Whether the step's new layout (ranges, mappings, warm ranks) was staged before the
+    /// request; its time is then the `staged_ahead_map` phase, outside the latency.
+    staged_ahead: bool,
     completed_requests: u64,
     outputs_match: bool,
     outputs_compared: u64,
@@ -176,6 +211,56 @@ struct StepReport {
     kv_sequences_migrated: u64,
     sequences_requeued: u64,
     phases_ms: BTreeMap<String, f64>,
+}
+
+/// Where an engine's iterations spent their time over a window (from its metrics).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct ServingStats {
+    iterations: u64,
+    /// Tokens computed per iteration (prefill plus decode).
+    tokens_per_iteration: f64,
+    /// Wall time per iteration (the window over the iterations run in it).
+    wall_ms_per_iteration: f64,
+    /// Time inside the runner per iteration.
+    runner_ms_per_iteration: f64,
+    /// The engine's own host time per iteration (scheduling, sampling, streaming, actions).
+    engine_ms_per_iteration: f64,
+    /// Time outside iterations per iteration (the loop idle or waiting for its lock).
+    outside_ms_per_iteration: f64,
+}
+
+impl ServingStats {
+    fn between(a: &EngineMetrics, b: &EngineMetrics, wall_s: f64) -> Self {
+        let n = b.iterations.saturating_sub(a.iterations);
+        if n == 0 {
+            return Self::default();
+        }
+        let per = |x: f64| x * 1e3 / n as f64;
+        let run = b.runner_s - a.runner_s;
+        let it = b.iteration_s - a.iteration_s;
+        Self {
+            iterations: n,
+            tokens_per_iteration: b.computed_tokens.saturating_sub(a.computed_tokens) as f64
+                / n as f64,
+            wall_ms_per_iteration: per(wall_s),
+            runner_ms_per_iteration: per(run),
+            engine_ms_per_iteration: per(it - run),
+            outside_ms_per_iteration: per(wall_s - it),
+        }
+    }
+}
+
+/// The control for output identity: the reference computed twice on the same fixed deployment
+/// of one device with different concurrency (so different batches), no scaling involved.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct ReferenceRepeat {
+    /// Requests in flight in the reference run.
+    reference_concurrency: usize,
+    /// Requests in flight in the repeat.
+    repeat_concurrency: usize,
+    compared: u64,
+    /// Requests whose tokens differ between the two runs.
+    mismatched: u64,
 }
 
 /// A strategy that did not run, and why.
@@ -202,6 +287,9 @@ struct MachineReport {
     command: String,
     steps: Vec<StepReport>,
     skipped: Vec<Skipped>,
+    /// The output-identity control (absent when no outputs were compared or it was skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference_repeat: Option<ReferenceRepeat>,
 }
 
 /// The time series of one run, for the picture.
@@ -432,6 +520,9 @@ fn run_one(
 ) -> Result<(StepReport, Series, Vec<Done>)> {
     let submit = session.submitter();
     let metrics = session.metrics();
+    session
+        .ready(to)
+        .with_context(|| format!("readying {from}->{to} with {strategy:?}"))?;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(LoadLog::default()));
@@ -483,7 +574,17 @@ fn run_one(
         })
     };
     trace("load running");
-    std::thread::sleep(Duration::from_secs_f64(args.before_s));
+    std::thread::sleep(Duration::from_secs_f64(args.before_s / 2.0));
+    let _ = session.runner_phases();
+    let (m0, w0) = (metrics(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(args.before_s / 2.0));
+    let (m1, w1) = (metrics(), w0.elapsed().as_secs_f64());
+    let serving_before = ServingStats::between(&m0, &m1, w1);
+    trace(&format!("serving before: {serving_before:?}"));
+    let phases = session.runner_phases();
+    if !phases.is_empty() {
+        trace(&format!("runner phases (s) before: {phases:?}"));
+    }
     let t_start = start.elapsed().as_secs_f64();
     trace(&format!(
         "scaling {from}->{to}; {} tokens so far",
@@ -498,7 +599,17 @@ fn run_one(
     if let Ok(m) = &measured {
         devices_now.store(m.devices_after, Ordering::Release);
     }
-    std::thread::sleep(Duration::from_secs_f64(args.after_s));
+    // The after window's serving split, over its second half (the new configuration settled).
+    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
+    let _ = session.runner_phases();
+    let (m2, w2) = (metrics(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
+    let serving_after = ServingStats::between(&m2, &metrics(), w2.elapsed().as_secs_f64());
+    trace(&format!("serving after: {serving_after:?}"));
+    let phases = session.runner_phases();
+    if !phases.is_empty() {
+        trace(&format!("runner phases (s) after: {phases:?}"));
+    }
     let t_after = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
     trace(&format!(
@@ -520,11 +631,12 @@ fn run_one(
             0.0
         }
     };
-    let during_from = t_start.min(t_end - 1.0).max(0.0);
+    // During: from the request to one second after the switch.
+    let during_to = (t_end + 1.0).min(t_after);
     let mut gaps: Vec<f64> = log
         .tokens
         .iter()
-        .filter(|(t, g)| *t >= during_from && *t <= t_end && g.is_some())
+        .filter(|(t, g)| *t >= t_start && *t <= during_to && g.is_some())
         .filter_map(|(_, g)| *g)
         .collect();
     let failed = log.done.iter().filter(|d| !d.ok).count() as u64 + log.submit_failures;
@@ -561,8 +673,14 @@ fn run_one(
         bytes_zero_copy: measured.bytes_zero_copy,
         max_bytes_into_device: measured.max_bytes_into_device,
         throughput_before: rate((t_start - args.before_s / 2.0).max(0.0), t_start),
-        throughput_during: rate(during_from, t_end),
+        throughput_during: rate(t_start, during_to),
         throughput_after: rate(t_end, t_after),
+        throughput_request_to_switch: rate(t_start, t_end),
+        serving_before,
+        serving_after,
+        prewarmed_chunks: measured.prewarmed_chunks,
+        kept_snapshot: measured.kept_snapshot,
+        staged_ahead: measured.staged_ahead,
         tpot_p99_during_ms: percentile(&mut gaps, 0.99),
         peak_bytes_per_device: measured.peak_bytes_per_device.clone(),
         failed_requests: failed,
@@ -681,8 +799,8 @@ fn xml(s: &str) -> String {
 pub fn run(args: &Args) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
     let (kind, n) = parse_devices(&args.devices)?;
-    if args.concurrency == 0 || args.max_tokens == 0 {
-        bail!("--concurrency and --max-tokens must be at least 1");
+    if args.concurrency == 0 || args.max_tokens == 0 || args.max_batch_tokens == 0 {
+        bail!("--concurrency, --max-tokens and --max-batch-tokens must be at least 1");
     }
     if !(args.before_s >= 0.0 && args.after_s >= 0.0) {
         bail!("--before-s and --after-s must be non-negative");
@@ -726,6 +844,7 @@ pub fn run(args: &Args) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         steps: Vec::new(),
         skipped: Vec::new(),
+        reference_repeat: None,
     };
     let mut series = Vec::new();
     let mut outputs: Vec<(usize, Vec<Done>)> = Vec::new();
@@ -836,7 +955,31 @@ pub fn run(args: &Args) -> Result<()> {
         let prompts: Vec<Vec<TokenId>> = (0..=max_index)
             .map(|i| prompt(cfg.vocab_size, args.prompt_len, i))
             .collect();
-        let reference = backend.reference(&prompts, args.max_tokens)?;
+        let reference = backend.reference(&prompts, args.max_tokens, args.concurrency)?;
+        if args.reference_repeat_concurrency > 0 {
+            let repeat =
+                backend.reference(&prompts, args.max_tokens, args.reference_repeat_concurrency)?;
+            let mismatched = reference
+                .iter()
+                .zip(&repeat)
+                .filter(|(a, b)| a != b)
+                .count() as u64;
+            if !args.quiet {
+                eprintln!(
+                    "reference repeated with {} in flight (not {}): {mismatched} of {} requests \
+                     differ",
+                    args.reference_repeat_concurrency,
+                    args.concurrency,
+                    reference.len()
+                );
+            }
+            report.reference_repeat = Some(ReferenceRepeat {
+                reference_concurrency: args.concurrency,
+                repeat_concurrency: args.reference_repeat_concurrency,
+                compared: reference.len() as u64,
+                mismatched,
+            });
+        }
         for (i, done) in &outputs {
             let r = &mut report.steps[*i];
             for d in done.iter().filter(|d| d.ok && d.index < args.compare) {
@@ -925,7 +1068,7 @@ fn cuda_backend(
 
 fn scheduler(args: &Args) -> SchedulerConfig {
     SchedulerConfig {
-        max_batch_tokens: 256,
+        max_batch_tokens: args.max_batch_tokens,
         max_running_per_rank: args.concurrency,
     }
 }
@@ -957,7 +1100,11 @@ mod host {
             }
         }
 
-        fn engine(&self, devices: usize) -> Result<Engine<DeploymentRunner>> {
+        fn engine(
+            &self,
+            devices: usize,
+            scheduler: SchedulerConfig,
+        ) -> Result<Engine<DeploymentRunner>> {
             let (engine, _store) = DeploymentRunner::host_engine(
                 &self.cfg,
                 self.ckpt.as_ref(),
@@ -967,7 +1114,7 @@ mod host {
                     placement: PlacementKind::Balanced,
                     deployment: DeploymentConfig::default(),
                     engine: EngineConfig {
-                        scheduler: self.scheduler,
+                        scheduler,
                         idle_wait: Duration::from_millis(5),
                         ..EngineConfig::default()
                     },
@@ -1042,7 +1189,16 @@ mod host {
                 kv_migrated: r.sequences_migrated,
                 requeued: r.sequences_requeued,
                 devices_after: ev.devices_after.len(),
+                prewarmed_chunks: 0,
+                kept_snapshot: false,
+                staged_ahead: false,
             })
+        }
+        fn ready(&mut self, _to: usize) -> Result<()> {
+            Ok(())
+        }
+        fn runner_phases(&mut self) -> Vec<(String, f64)> {
+            Vec::new()
         }
         fn stop(mut self: Box<Self>) {
             if let Some(s) = self.serving.take() {
@@ -1087,7 +1243,7 @@ mod host {
             }
         }
         fn start(&mut self, from: usize, strategy: StrategyArg) -> Result<Box<dyn Session>> {
-            let engine = self.engine(from)?;
+            let engine = self.engine(from, self.scheduler)?;
             let exec = HostExecutor::new(
                 engine.clone(),
                 Arc::clone(&self.ckpt) as scaler::executor::Checkpoint,
@@ -1110,8 +1266,15 @@ mod host {
             &mut self,
             prompts: &[Vec<TokenId>],
             max_tokens: usize,
+            max_running: usize,
         ) -> Result<Vec<Vec<TokenId>>> {
-            let engine = self.engine(1)?;
+            let engine = self.engine(
+                1,
+                SchedulerConfig {
+                    max_running_per_rank: max_running.max(1),
+                    ..self.scheduler
+                },
+            )?;
             let handles = prompts
                 .iter()
                 .map(|p| engine.submit(Request::greedy(p.clone(), max_tokens)))
@@ -1187,6 +1350,8 @@ mod gpu {
         strategy: StrategyArg,
         kv: usize,
         serving: Option<RunLoop>,
+        /// The runner times its phases (`ELASTICMOE_RUNNER_PHASES`; slows every step).
+        phases: bool,
     }
 
     impl Session for CudaSession {
@@ -1228,7 +1393,39 @@ mod gpu {
                 kv_migrated: o.kv_migrated,
                 requeued: o.requeued,
                 devices_after: o.devices_after,
+                prewarmed_chunks: o.prewarmed_chunks,
+                kept_snapshot: o.kept_snapshot,
+                staged_ahead: o.staged_ahead,
             })
+        }
+        fn ready(&mut self, to: usize) -> Result<()> {
+            if self.strategy != StrategyArg::Elastic {
+                return Ok(());
+            }
+            let from = self.engine.metrics().kv.len();
+            if to > from {
+                self.scaler.prewarm(from, to)?;
+            }
+            let (chunks, t) = self.scaler.prewarm_experts(to)?;
+            let staged = self.scaler.stage_ahead(to)?;
+            trace(&format!(
+                "warm pool: {chunks} expert chunks for {to} GPU(s) ({:.1} ms); staged ahead: \
+                 {staged:?}",
+                t.as_secs_f64() * 1e3
+            ));
+            Ok(())
+        }
+        fn runner_phases(&mut self) -> Vec<(String, f64)> {
+            if !self.phases {
+                return Vec::new();
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.engine.at_boundary(move |r, _| {
+                let _ = tx.send(r.take_phase_times());
+            });
+            rx.recv_timeout(Duration::from_secs(10))
+                .map(|v| v.into_iter().map(|(k, x)| (k.to_string(), x)).collect())
+                .unwrap_or_default()
         }
         fn stop(mut self: Box<Self>) {
             if let Some(s) = self.serving.take() {
@@ -1273,9 +1470,14 @@ mod gpu {
                 self.args_kv
             };
             trace(&format!("loading the checkpoint on {from} GPU(s)"));
-            let runner = CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
+            let mut runner =
+                CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
             trace("loaded");
+            let phases = std::env::var_os("ELASTICMOE_RUNNER_PHASES").is_some();
+            runner.set_phase_timing(phases);
             let bp = runner.blueprint();
+            // Valid until the first switch (only a switch changes the runner's buffers).
+            let snapshot = runner.snapshot();
             if self.card.is_empty() {
                 self.card = runner.device_name()?;
             }
@@ -1288,6 +1490,7 @@ mod gpu {
                 },
             );
             let mut scaler = CudaScaler::new(engine.clone(), bp)?;
+            scaler.adopt_snapshot(snapshot);
             if self.peer.is_none() && self.n >= 2 {
                 let d = cuda::first_devices(2);
                 self.peer = Some(cuda::peer_bandwidth(
@@ -1303,10 +1506,6 @@ mod gpu {
                     self.peer.unwrap_or(0.0)
                 ));
             }
-            if strategy == StrategyArg::Elastic {
-                scaler.prewarm(from, self.n)?;
-                trace("warm pool ready");
-            }
             let serving = engine.start();
             Ok(Box::new(CudaSession {
                 engine,
@@ -1315,19 +1514,24 @@ mod gpu {
                 strategy,
                 kv,
                 serving: Some(serving),
+                phases,
             }))
         }
         fn reference(
             &mut self,
             prompts: &[Vec<TokenId>],
             max_tokens: usize,
+            max_running: usize,
         ) -> Result<Vec<Vec<TokenId>>> {
             let runner =
                 CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(1, self.args_kv))?;
             let engine = Engine::new(
                 runner,
                 EngineConfig {
-                    scheduler: self.scheduler,
+                    scheduler: SchedulerConfig {
+                        max_running_per_rank: max_running.max(1),
+                        ..self.scheduler
+                    },
                     ..EngineConfig::default()
                 },
             );

@@ -111,6 +111,41 @@ impl Snapshot {
     pub fn devices(&self) -> &[DeviceId] {
         &self.devices
     }
+
+    /// Whether it still describes what `runner` serves from: the same devices and every buffer
+    /// at the same address. A runner's buffers change only at a switch, so a snapshot taken right
+    /// after one (or before the runner started serving) stays valid until the next; a stale one
+    /// is refused by [`CudaRunner::install`].
+    pub fn describes(&self, runner: &CudaRunner) -> bool {
+        fn same(a: &[BufRef], b: &[DevBuf]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.addr == y.addr())
+        }
+        self.devices == runner.devices()
+            && self.global.len() == runner.ranks.len()
+            && self.kv.len() == runner.ranks.len()
+            && self.layers.len() == runner.ranks.len()
+            && runner.ranks.iter().enumerate().all(|(i, r)| {
+                self.global[i].addr == r.global.addr()
+                    && self.kv[i].addr == r.kv.addr()
+                    && same(&self.layers[i], &r.layers)
+            })
+            && self.experts.len() == runner.experts.len()
+            && self.experts.iter().zip(&runner.experts).all(|(a, b)| {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.addr == y.buf.addr())
+            })
+    }
+
+    /// How many fresh expert chunks (of which size) each device of `target` needs for a
+    /// transition from this configuration to `target` (experts that change device), by
+    /// `(device, chunk bytes)`.
+    fn moving_chunks(&self, target: &[DeviceId]) -> BTreeMap<(DeviceId, usize), usize> {
+        let layers: Vec<Vec<(DeviceId, usize)>> = self
+            .experts
+            .iter()
+            .map(|l| l.iter().map(|b| (b.dev, b.len)).collect())
+            .collect();
+        moving_chunks(&layers, target)
+    }
 }
 
 /// Everything needed to make ranks and runners of the same model and settings on the same
@@ -138,6 +173,8 @@ impl std::fmt::Debug for Blueprint {
 #[derive(Debug, Default)]
 pub struct CudaWarmPool {
     ranks: BTreeMap<DeviceId, Rank>,
+    /// Fresh (unmapped) physical chunks for experts about to arrive, by `(device, bytes)`.
+    chunks: BTreeMap<(DeviceId, usize), Vec<PhysChunk<CudaBackend>>>,
 }
 
 impl CudaWarmPool {
@@ -165,6 +202,40 @@ impl CudaWarmPool {
     fn take(&mut self, d: DeviceId) -> Option<Rank> {
         self.ranks.remove(&d)
     }
+
+    /// Creates, ahead of the request, the physical chunks a transition from the configuration
+    /// `snap` describes to `target` would create for the experts that change device (chunks
+    /// already in the pool count); returns the time taken. [`Blueprint::prepare`] takes them
+    /// instead of creating chunks on the spot.
+    pub fn prewarm_experts(
+        &mut self,
+        bp: &Blueprint,
+        snap: &Snapshot,
+        target: &[DeviceId],
+    ) -> Result<Duration, CudaError> {
+        let t = Instant::now();
+        for ((d, len), n) in snap.moving_chunks(target) {
+            let have = self.chunks.entry((d, len)).or_default();
+            while have.len() < n {
+                have.push(bp.vmm.create_chunk(d, len, false)?);
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Expert chunks waiting in the pool.
+    pub fn expert_chunks(&self) -> usize {
+        self.chunks.values().map(Vec::len).sum()
+    }
+
+    /// Gives back the pool's expert chunks (their memory returns to the device).
+    pub fn release_expert_chunks(&mut self) {
+        self.chunks.clear();
+    }
+
+    fn take_chunk(&mut self, d: DeviceId, len: usize) -> Option<PhysChunk<CudaBackend>> {
+        self.chunks.get_mut(&(d, len)).and_then(Vec::pop)
+    }
 }
 
 /// Where the time of a prepare went, and what it moved.
@@ -191,6 +262,49 @@ pub struct PrepareReport {
     pub warm_hits: usize,
     /// Joining ranks initialised on the spot.
     pub cold_workers: usize,
+    /// Expert chunks taken from the warm pool (created ahead by
+    /// [`CudaWarmPool::prewarm_experts`]) rather than on the spot.
+    pub prewarmed_chunks: usize,
+}
+
+/// A configuration laid out beside the running one but not yet filled (no byte copied): what
+/// [`Blueprint::stage`] builds ahead of a request and [`Blueprint::fill`] completes.
+pub struct Staged {
+    snapshot: Snapshot,
+    target: Vec<DeviceId>,
+    joining: Vec<Rank>,
+    experts: Vec<Vec<ExpertBuf>>,
+    kv_alias: BTreeMap<DeviceId, DevBuf>,
+    needs: Vec<Need>,
+    keep_alive: Vec<DevBuf>,
+    report: PrepareReport,
+}
+
+impl Staged {
+    /// The target devices, sorted.
+    pub fn target(&self) -> &[DeviceId] {
+        &self.target
+    }
+
+    /// What staging did so far (plan, workers, map).
+    pub fn report(&self) -> &PrepareReport {
+        &self.report
+    }
+
+    /// The snapshot it was staged from.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("from", &self.snapshot.devices)
+            .field("to", &self.target)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The next configuration, built beside the running one; install it with
@@ -267,6 +381,32 @@ impl Retired {
         drop(self);
         t.elapsed()
     }
+}
+
+/// For experts held as `layers[layer][expert] = (device, chunk bytes)`: how many fresh chunks
+/// (of which size: the layer's first expert's, as `Blueprint::stage` pads them) each device of
+/// `target` needs for the experts that change device under the target's placement.
+fn moving_chunks(
+    layers: &[Vec<(DeviceId, usize)>],
+    target: &[DeviceId],
+) -> BTreeMap<(DeviceId, usize), usize> {
+    let mut target = target.to_vec();
+    target.sort();
+    target.dedup();
+    let mut out = BTreeMap::new();
+    for layer in layers {
+        let Some(&(_, pad)) = layer.first() else {
+            continue;
+        };
+        for (i, &d) in target.iter().enumerate() {
+            for ex in expert_range(i, target.len(), layer.len()) {
+                if layer[ex].0 != d {
+                    *out.entry((d, pad)).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The contiguous range of expert ids device index `i` of `n` owns (the runner's placement).
@@ -353,7 +493,8 @@ impl Blueprint {
     }
 
     /// Builds the configuration for `target` beside the running one described by `snap`
-    /// (see the module docs). Runs while the engine serves.
+    /// (see the module docs). Runs while the engine serves. The same as [`Blueprint::stage`]
+    /// then [`Blueprint::fill`].
     pub fn prepare(
         &self,
         snap: Snapshot,
@@ -361,6 +502,21 @@ impl Blueprint {
         pool: &mut CudaWarmPool,
         transport: &Arc<CudaTransport>,
     ) -> Result<Prepared, CudaError> {
+        let staged = self.stage(snap, target, pool)?;
+        Self::fill(staged, transport)
+    }
+
+    /// The first half of [`Blueprint::prepare`], everything but the copies: joining ranks from
+    /// the pool, the new expert ranges reserved with kept experts mapped (zero-copy) and fresh
+    /// chunks mapped for moving ones, aliases, access. Touches no byte the runner reads, so it
+    /// can run ahead of a scale request (it holds the fresh chunks' memory until used or
+    /// dropped); valid while `snap` describes the runner (until its next switch).
+    pub fn stage(
+        &self,
+        snap: Snapshot,
+        target: &[DeviceId],
+        pool: &mut CudaWarmPool,
+    ) -> Result<Staged, CudaError> {
         let t0 = Instant::now();
         let mut target = target.to_vec();
         target.sort();
@@ -482,7 +638,13 @@ impl Blueprint {
                             report.bytes_zero_copy += ebytes;
                             res.map(k * pad, &cur.chunk, cur.chunk_offset, pad)?
                         } else {
-                            let chunk = self.vmm.create_chunk(d, pad, false)?;
+                            let chunk = match pool.take_chunk(d, pad) {
+                                Some(c) => {
+                                    report.prewarmed_chunks += 1;
+                                    c
+                                }
+                                None => self.vmm.create_chunk(d, pad, false)?,
+                            };
                             let map = res.map(k * pad, &chunk, 0, pad)?;
                             needs.push(Need::new(
                                 Location::new(d, map.addr()),
@@ -516,7 +678,31 @@ impl Blueprint {
             }
         }
         report.map_ms = ms(t.elapsed());
+        Ok(Staged {
+            snapshot: snap,
+            target,
+            joining,
+            experts,
+            kv_alias,
+            needs,
+            keep_alive,
+            report,
+        })
+    }
 
+    /// The second half of [`Blueprint::prepare`]: the copies of a [`Staged`] configuration,
+    /// planned over the holders and pushed on the transport's low-priority copy streams.
+    pub fn fill(staged: Staged, transport: &Arc<CudaTransport>) -> Result<Prepared, CudaError> {
+        let Staged {
+            snapshot: snap,
+            target,
+            joining,
+            experts,
+            kv_alias,
+            needs,
+            keep_alive,
+            mut report,
+        } = staged;
         // Copies: planned over the holders, pushed on the low-priority copy streams.
         let t = Instant::now();
         if !needs.is_empty() {
@@ -719,6 +905,12 @@ impl CudaRunner {
                 next.snapshot.devices,
                 self.devices()
             )));
+        }
+        if !next.snapshot.describes(self) {
+            return Err(CudaError::Scale(
+                "prepared from a stale snapshot: the runner's buffers changed since it was taken"
+                    .into(),
+            ));
         }
         let target: BTreeSet<DeviceId> = next.target.iter().copied().collect();
         let leaving: Vec<RankId> = self
@@ -1023,7 +1215,8 @@ pub fn peer_bandwidth(
 
 #[cfg(test)]
 mod tests {
-    use super::{block_runs, expert_range, place, Move};
+    use super::{block_runs, expert_range, moving_chunks, place, Move};
+    use crate::cuda::DeviceId;
     use crate::cuda::{Ledger, RankLedger};
     use crate::engine::{RankId, RequestId};
     use proptest::prelude::*;
@@ -1064,8 +1257,56 @@ mod tests {
         }
     }
 
+    /// Experts of `layers` layers of `experts` each, placed over `n` devices as the runner does.
+    fn placed(layers: usize, experts: usize, n: usize, len: usize) -> Vec<Vec<(DeviceId, usize)>> {
+        (0..layers)
+            .map(|_| {
+                (0..experts)
+                    .map(|e| (DeviceId((e * n / experts) as u32), len))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn moving_chunks_count_what_a_step_moves_onto_each_device() {
+        // 1→2 of 2 layers × 8 experts: the upper half of every layer moves to GPU 1.
+        let one = placed(2, 8, 1, 4096);
+        let up = moving_chunks(&one, &[DeviceId(0), DeviceId(1)]);
+        assert_eq!(up, BTreeMap::from([((DeviceId(1), 4096), 8)]));
+        // 2→1: GPU 1's experts come back to GPU 0.
+        let two = placed(2, 8, 2, 4096);
+        let down = moving_chunks(&two, &[DeviceId(0)]);
+        assert_eq!(down, BTreeMap::from([((DeviceId(0), 4096), 8)]));
+        // The running set: nothing moves.
+        assert!(moving_chunks(&two, &[DeviceId(1), DeviceId(0)]).is_empty());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every expert whose owner changes is counted once, on its new owner, and no other.
+        #[test]
+        fn moving_chunks_match_the_placement_change(
+            layers in 1usize..4,
+            experts in 1usize..40,
+            from in 1usize..5,
+            to in 1usize..5,
+        ) {
+            let cur = placed(layers, experts, from, 64);
+            let target: Vec<DeviceId> = (0..to as u32).map(DeviceId).collect();
+            let got = moving_chunks(&cur, &target);
+            let mut want: BTreeMap<(DeviceId, usize), usize> = BTreeMap::new();
+            for layer in &cur {
+                for (e, &(d, _)) in layer.iter().enumerate() {
+                    let new = DeviceId((e * to / experts) as u32);
+                    if new != d {
+                        *want.entry((new, 64)).or_insert(0) += 1;
+                    }
+                }
+            }
+            prop_assert_eq!(got, want);
+        }
 
         /// Runs expand back to exactly the pairs, in order, and are maximal.
         #[test]

@@ -107,7 +107,7 @@ mod scaler;
 
 pub use elastic::{
     first_devices, peer_bandwidth, Blueprint, CudaTransport, CudaWarmPool, PrepareReport, Prepared,
-    Retired, Snapshot, SwitchReport,
+    Retired, Snapshot, Staged, SwitchReport,
 };
 pub use scaler::{CudaScaler, ScaleOutcome};
 

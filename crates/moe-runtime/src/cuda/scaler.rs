@@ -8,14 +8,19 @@
 //!
 //! | strategy | what the serving loop sees |
 //! |---|---|
-//! | [`CudaScaler::elastic`] | a snapshot between two iterations (µs), then the switch: a pointer swap plus the KV of sequences on leaving GPUs |
+//! | [`CudaScaler::elastic`] | only the switch: a pointer swap plus the KV of sequences on leaving GPUs (the snapshot is the one kept from the last switch, taken inside its boundary action; only without one does it wait for a boundary to take one) |
 //! | [`CudaScaler::colocated`] | a second runner loaded beside the first (KV budget halved by the caller in advance), then a switch that moves every running sequence's KV into it |
 //! | [`CudaScaler::cold_restart`] | the loop is held while every chunk is released and the model reloads from disk; running sequences recompute |
+//!
+//! Ahead of a request, [`CudaScaler::prewarm`] readies ranks for joining GPUs and
+//! [`CudaScaler::stage_ahead`] lays the next elastic step out from the kept snapshot (new expert
+//! ranges reserved and mapped, fresh chunks for moving experts, aliases), so that the request
+//! itself only copies bytes and switches.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool};
+use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot, Staged};
 use super::{CudaError, CudaRunner, DeviceId};
 use crate::engine::{Engine, Scheduler};
 use crate::model::weights::TensorSource;
@@ -44,6 +49,13 @@ pub struct ScaleOutcome {
     pub devices_after: usize,
     /// Peak bytes per GPU of the machine during the transition.
     pub peak_bytes_per_device: Vec<u64>,
+    /// Expert chunks the elastic step took from the warm pool instead of creating them.
+    pub prewarmed_chunks: u64,
+    /// Whether the elastic step used a snapshot kept from the last switch (no boundary wait).
+    pub kept_snapshot: bool,
+    /// Whether the elastic step was laid out ahead of the request ([`CudaScaler::stage_ahead`]);
+    /// its map time is then reported as `staged_ahead_map`, off the path.
+    pub staged_ahead: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -57,6 +69,13 @@ pub struct CudaScaler {
     transport: Arc<CudaTransport>,
     pool: CudaWarmPool,
     timeout: Duration,
+    /// What the runner serves from, as of the last switch (or [`CudaScaler::adopt_snapshot`]):
+    /// still valid because a runner's buffers change only at a switch, and every switch made
+    /// here refreshes it inside its boundary action. `None`: the next elastic step takes one at
+    /// a boundary.
+    snapshot: Option<Snapshot>,
+    /// The next elastic step laid out ahead of its request ([`CudaScaler::stage_ahead`]).
+    staged: Option<Staged>,
 }
 
 impl std::fmt::Debug for CudaScaler {
@@ -79,7 +98,22 @@ impl CudaScaler {
             transport,
             pool: CudaWarmPool::new(),
             timeout: Duration::from_secs(120),
+            snapshot: None,
+            staged: None,
         })
+    }
+
+    /// Keeps `snap`, a snapshot of the engine's runner taken before it started serving (or at any
+    /// time the runner was not being switched), so that the next elastic step need not wait for
+    /// an iteration boundary to take one. A snapshot that no longer describes the runner makes
+    /// that step fail at its switch, changing nothing.
+    pub fn adopt_snapshot(&mut self, snap: Snapshot) {
+        self.snapshot = Some(snap);
+    }
+
+    /// Whether a snapshot is kept for the next elastic step.
+    pub fn has_snapshot(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     /// The longest wait for an iteration boundary (120 s by default).
@@ -101,6 +135,37 @@ impl CudaScaler {
     pub fn prewarm(&mut self, from: usize, to: usize) -> Result<Duration, CudaError> {
         let spare: Vec<DeviceId> = first_devices(to).into_iter().skip(from).collect();
         self.pool.prewarm(&self.bp, &spare)
+    }
+
+    /// Creates ahead the expert chunks an elastic step to GPUs `0..to` would create (needs the
+    /// kept snapshot; without one it does nothing and returns 0 chunks). Returns the chunks now
+    /// waiting in the pool and the time taken.
+    pub fn prewarm_experts(&mut self, to: usize) -> Result<(usize, Duration), CudaError> {
+        let Some(snap) = &self.snapshot else {
+            return Ok((self.pool.expert_chunks(), Duration::ZERO));
+        };
+        let t = self
+            .pool
+            .prewarm_experts(&self.bp, snap, &first_devices(to))?;
+        Ok((self.pool.expert_chunks(), t))
+    }
+
+    /// Lays out the elastic step to GPUs `0..to` ahead of its request ([`Blueprint::stage`]
+    /// from the kept snapshot: warm ranks, new expert ranges mapped, aliases), so that the
+    /// request only copies and switches. Needs the kept snapshot (returns `None` without one);
+    /// returns the time taken. A later switch makes it stale: the next elastic step then
+    /// stages again.
+    pub fn stage_ahead(&mut self, to: usize) -> Result<Option<Duration>, CudaError> {
+        let Some(snap) = &self.snapshot else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        self.staged = None;
+        self.staged = Some(
+            self.bp
+                .stage(snap.clone(), &first_devices(to), &mut self.pool)?,
+        );
+        Ok(Some(t.elapsed()))
     }
 
     /// Runs `f` at the next iteration boundary; returns its answer and how long it held the loop.
@@ -138,33 +203,55 @@ impl CudaScaler {
     pub fn elastic(&mut self, to: usize) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
         let t0 = Instant::now();
-        let (snap, _) = self.at_boundary(|r, _| r.snapshot())?;
-        let snap_ms = ms(t0.elapsed());
-        let prepared =
-            self.bp
-                .prepare(snap, &first_devices(to), &mut self.pool, &self.transport)?;
+        // The kept snapshot needs no boundary; without one, wait for a boundary to take it.
+        let target = first_devices(to);
+        let ahead = self
+            .staged
+            .take()
+            .filter(|s| s.target() == target.as_slice());
+        let staged_ahead = ahead.is_some();
+        let kept_snapshot = staged_ahead || self.snapshot.is_some();
+        let (staged, snap_ms) = match ahead {
+            Some(s) => (s, 0.0),
+            None => {
+                let snap = match self.snapshot.take() {
+                    Some(s) => s,
+                    None => self.at_boundary(|r, _| r.snapshot())?.0,
+                };
+                let snap_ms = ms(t0.elapsed());
+                (self.bp.stage(snap, &target, &mut self.pool)?, snap_ms)
+            }
+        };
+        self.snapshot = None;
+        let prepared = Blueprint::fill(staged, &self.transport)?;
         let p = prepared.report.clone();
         let t_sw = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
             r.install(prepared, s)
-                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
         let switch_ms = ms(t_sw.elapsed());
-        let (sw, retired, ranks) = out?;
+        let (sw, retired, ranks, snap) = out?;
+        self.snapshot = Some(snap);
         let latency_ms = ms(t0.elapsed());
         let retire = retired.release();
         Ok(self.finish(ScaleOutcome {
             latency_ms,
             phases_ms: vec![
                 ("snapshot", snap_ms),
-                ("plan", p.plan_ms),
-                ("workers", p.workers_ms),
-                ("map", p.map_ms),
+                ("plan", if staged_ahead { 0.0 } else { p.plan_ms }),
+                ("workers", if staged_ahead { 0.0 } else { p.workers_ms }),
+                ("map", if staged_ahead { 0.0 } else { p.map_ms }),
                 ("copy", p.copy_ms),
                 ("switch", switch_ms),
                 ("switch_boundary", ms(held)),
                 ("kv_copy", sw.kv_copy_ms),
                 ("retire", ms(retire)),
+                // Off the path: done before the request (0 when nothing was staged ahead).
+                (
+                    "staged_ahead_map",
+                    if staged_ahead { p.map_ms } else { 0.0 },
+                ),
             ],
             downtime_ms: 0.0,
             bytes_moved: p.bytes_moved + sw.kv_bytes,
@@ -174,6 +261,9 @@ impl CudaScaler {
             requeued: sw.requeued as u64,
             devices_after: ranks,
             peak_bytes_per_device: Vec::new(),
+            prewarmed_chunks: p.prewarmed_chunks as u64,
+            kept_snapshot,
+            staged_ahead,
         }))
     }
 
@@ -185,12 +275,18 @@ impl CudaScaler {
         to: usize,
     ) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
+        // The kept snapshot would keep the old chunks alive through the reload.
+        self.snapshot = None;
+        self.staged = None;
+        self.pool.release_expert_chunks();
         let t0 = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
-            r.restart_from(src.as_ref(), to, s)
-                .map(|n| (n, r.rank_count()))
+            let out = r.restart_from(src.as_ref(), to, s);
+            (out.map(|n| (n, r.rank_count())), r.snapshot())
         })?;
         let latency_ms = ms(t0.elapsed());
+        let (out, snap) = out;
+        self.snapshot = Some(snap);
         let (requeued, ranks) = out?;
         let largest_share = self
             .bp
@@ -219,6 +315,9 @@ impl CudaScaler {
         kv_blocks_per_rank: usize,
     ) -> Result<ScaleOutcome, CudaError> {
         self.bp.reset_peaks();
+        self.snapshot = None;
+        self.staged = None;
+        self.pool.release_expert_chunks();
         let t0 = Instant::now();
         let next = self.bp.load_runner(src, to, kv_blocks_per_rank)?;
         let load_ms = ms(t0.elapsed());
@@ -226,10 +325,11 @@ impl CudaScaler {
         let t_sw = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
             r.install_runner(next, &transport, s)
-                .map(|(sw, ret)| (sw, ret, r.rank_count()))
+                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
         let switch_ms = ms(t_sw.elapsed());
-        let (sw, retired, ranks) = out?;
+        let (sw, retired, ranks, snap) = out?;
+        self.snapshot = Some(snap);
         let latency_ms = ms(t0.elapsed());
         let retire = retired.release();
         Ok(self.finish(ScaleOutcome {

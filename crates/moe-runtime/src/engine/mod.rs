@@ -223,6 +223,13 @@ pub struct EngineMetrics {
     pub finished: u64,
     /// The last runner error, if any.
     pub last_error: Option<String>,
+    /// Tokens computed (prefill plus decode rows given to the runner) since the start.
+    pub computed_tokens: u64,
+    /// Seconds spent inside the runner (`Runner::run_sampled`) since the start.
+    pub runner_s: f64,
+    /// Seconds spent in iterations (boundary actions, intake, scheduling, runner, sampling and
+    /// streaming) since the start; `iteration_s - runner_s` is the engine's own host time.
+    pub iteration_s: f64,
 }
 
 impl EngineMetrics {
@@ -546,6 +553,7 @@ impl<R: Runner> Engine<R> {
     /// Runs one iteration.
     pub fn step(&self) -> Result<StepReport, EngineError> {
         let mut core = self.shared.core.lock_after_others();
+        let t_step = Instant::now();
         let mut report = StepReport::default();
         let actions = std::mem::take(&mut *lock(&self.shared.actions));
         report.boundary_actions = actions.len();
@@ -569,6 +577,7 @@ impl<R: Runner> Engine<R> {
             &mut report,
             self.shared.config.throughput_window,
         );
+        core.metrics.iteration_s += t_step.elapsed().as_secs_f64();
         *lock(&self.shared.metrics) = core.metrics.clone();
         result.map(|()| report)
     }
@@ -725,7 +734,10 @@ impl<R: Runner> Core<R> {
                 })
                 .collect();
             let needs: Vec<Need> = samples.iter().map(|s| s.1).collect();
-            match self.runner.run_sampled(&work, &needs) {
+            let t_run = Instant::now();
+            let ran = self.runner.run_sampled(&work, &needs);
+            self.metrics.runner_s += t_run.elapsed().as_secs_f64();
+            match ran {
                 Ok(rows) => {
                     if rows.len() == samples.len() {
                         for ((id, need), row) in samples.into_iter().zip(rows) {
@@ -765,6 +777,7 @@ impl<R: Runner> Core<R> {
         m.iterations += 1;
         m.prefill_tokens += prefill as u64;
         m.generated_tokens += report.generated as u64;
+        m.computed_tokens += report.tokens as u64;
         let stats = self.scheduler.stats();
         m.queue_depth = stats.waiting;
         m.running = stats.running;

@@ -713,6 +713,26 @@ fn bad_runner_answers_end_only_the_affected_request() {
 }
 
 #[test]
+fn metrics_split_iteration_time_into_runner_and_engine_time_and_count_computed_tokens() {
+    let e = engine(1, 64, SchedulerConfig::default());
+    let handles: Vec<_> = (0..3)
+        .map(|i| e.submit(Request::greedy(prompt(i, 5), 4)).unwrap())
+        .collect();
+    // A boundary action is engine time, not runner time.
+    e.at_boundary(|_, _| std::thread::sleep(Duration::from_millis(30)));
+    e.run_until_idle(100).unwrap();
+    for h in handles {
+        assert_eq!(h.wait().tokens.len(), 4);
+    }
+    let m = e.metrics();
+    // Every prompt token once, then every generated token but the last is fed back.
+    assert_eq!(m.computed_tokens, 3 * 5 + 3 * 3);
+    assert_eq!(m.preemptions, 0);
+    assert!(m.runner_s > 0.0, "{m:?}");
+    assert!(m.iteration_s - m.runner_s >= 0.03, "{m:?}");
+}
+
+#[test]
 fn with_runner_gets_in_while_the_run_loop_stays_busy() {
     let e = engine(2, 1 << 16, SchedulerConfig::default());
     let handles: Vec<_> = (0..3000)
