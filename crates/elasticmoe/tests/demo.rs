@@ -181,3 +181,55 @@ fn compare_runs_all_four_strategies_on_the_same_trace() {
     let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
     assert!(svg.contains("colocated"), "the picture names every run");
 }
+
+/// `--devices cuda:...` on a binary without the `cuda` feature, or on a machine without a GPU or
+/// driver (CI), stops with a clear error before doing any work: no panic, no report. Malformed
+/// device lists are refused the same way.
+#[test]
+fn demo_on_cuda_devices_without_a_gpu_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |devices: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_elasticmoe"))
+            .args(["demo", "--quiet", "--devices", devices])
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .arg("--cache")
+            .arg(dir.path().join("cache"))
+            .output()
+            .expect("running elasticmoe");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, err) = run("cuda:0,1");
+    if status.success() {
+        // Only a CUDA build on a machine with 2 GPUs gets here: the report is the GPU one.
+        let text = std::fs::read_to_string(dir.path().join("out").join("report.json")).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        check_schema(&r);
+        assert_eq!(r["backend"], "cuda");
+    } else {
+        assert!(
+            err.contains("not built with CUDA") || err.contains("no usable GPU"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!dir.path().join("out").join("report.json").exists());
+        assert!(
+            !dir.path().join("cache").exists(),
+            "nothing generated before the device check"
+        );
+    }
+    for (bad, why) in [
+        ("cuda:1", "from 0 up"),
+        ("cuda:0,x", "integers"),
+        ("host:0", "positive integer"),
+        ("tpu:0", "unknown device kind"),
+    ] {
+        let (status, err) = run(bad);
+        assert!(!status.success(), "{bad} was accepted");
+        assert!(err.contains(why), "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

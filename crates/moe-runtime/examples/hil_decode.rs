@@ -3,12 +3,15 @@
 //! Shapes: `qwen3-30b-a3b` reduced to 24 of its 48 layers (the full model's bf16 weights, about
 //! 61 GB, leave too little room on an 80 GB card next to the scratch and KV), and `deepseek-v2-lite`
 //! with all 27 layers. Weights are random bf16 generated on the device (never written to disk).
-//! For batch B, B sequences each get a one-token prompt, then 3 warm-up and 10 timed decode steps.
+//! For batch B, B sequences each get a one-token prompt, then warm-up decode steps (at least 3
+//! and at least 0.3 s, at positions 0..3 over and over) and 10 timed decode steps (positions
+//! 3..13).
 //!
 //! Floor: bytes read per step (every replicated weight except the embedding table, plus each
 //! routed expert that the step's routes touched, once per layer) divided by the device copy
 //! bandwidth measured in the same run (`cuMemcpyDtoDAsync` of 1 GiB, counting bytes read plus
-//! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`.
+//! written). Results go to `$HIL_RESULTS/cuda-runtime-decode.json`. `HIL_DECODE_ONLY=Preset:batch:path`
+//! (e.g. `DeepseekV2Lite:64:auto`) runs that one measurement only (for a profiler).
 //!
 //! Each batch runs on five paths of the same runner, in the same process:
 //! - `auto` (the serving path, the runner's defaults): greedy tokens chosen on the device
@@ -19,8 +22,9 @@
 //! - `padded`: greedy on the device; `moe_gemv` up to `DEVICE_DISPATCH_MAX_ROWS` rows, above it
 //!   the padded device dispatch (tensor-core batched GEMMs over every expert, overflow rows
 //!   through `moe_gemv`; no host sync inside a step);
-//! - `host-dispatch`: greedy on the device, routes always copied to the host once per MoE layer
-//!   for cuBLAS batched GEMMs;
+//! - `host-dispatch`: greedy on the device, experts always through cuBLAS batched GEMMs over
+//!   the active experts (their layout built on the device, its size read by the host once per
+//!   MoE layer);
 //! - `before` (the path before this work, the baseline): host dispatch, and every row's f32
 //!   logits returned by `run`, with this benchmark's host argmax.
 //!
@@ -35,6 +39,7 @@ use moe_runtime::engine::{Chunk, Need, RankId, RequestId, RowOutput, Runner, Wor
 use moe_runtime::presets::{with_layers, Preset};
 
 const WARMUP: usize = 3;
+const WARMUP_MIN_S: f64 = 0.3;
 const STEPS: usize = 10;
 
 fn main() {
@@ -48,6 +53,13 @@ fn main() {
         (Preset::Qwen3_30bA3b, 24usize),
         (Preset::DeepseekV2Lite, 27),
     ] {
+        let only = std::env::var("HIL_DECODE_ONLY").unwrap_or_default();
+        let wanted = |batch: usize, path: &str| {
+            only.is_empty() || only == format!("{preset:?}:{batch}:{path}")
+        };
+        if !only.is_empty() && !only.starts_with(&format!("{preset:?}:")) {
+            continue;
+        }
         let cfg = with_layers(&preset.config(), layers).expect("layer count");
         let t = Instant::now();
         let mut r = match CudaRunner::synthetic(
@@ -89,6 +101,9 @@ fn main() {
             ]
             .map(|p| (b, p))
         }) {
+            if !wanted(batch, path) {
+                continue;
+            }
             let device = path != "before";
             r.set_device_dispatch_max_rows(match path {
                 "auto" | "padded" => cuda::DEVICE_DISPATCH_MAX_ROWS,
@@ -109,7 +124,7 @@ fn main() {
             let mut tokens: Vec<u32> = (0..batch)
                 .map(|i| (i * 7919 % cfg.vocab_size) as u32)
                 .collect();
-            let mut pos = 0usize;
+            let mut pos = WARMUP;
             let step = |r: &mut CudaRunner, tokens: &mut Vec<u32>, pos: usize| -> f64 {
                 for &s in &seqs {
                     assert!(r.ledger().grow(RankId(0), s, pos + 1), "KV full");
@@ -156,9 +171,14 @@ fn main() {
                 }
                 run_s
             };
-            for _ in 0..WARMUP {
-                step(&mut r, &mut tokens, pos);
-                pos += 1;
+            // Warm-up: at least WARMUP steps and WARMUP_MIN_S seconds (after a host-bound path
+            // the GPU's clocks need a moment), at positions 0..WARMUP cycling, so the timed
+            // steps start at position WARMUP with the same context whatever the warm-up took.
+            let warm = Instant::now();
+            let mut n = 0usize;
+            while n < WARMUP || warm.elapsed().as_secs_f64() < WARMUP_MIN_S {
+                step(&mut r, &mut tokens, n % WARMUP);
+                n += 1;
             }
             let t = Instant::now();
             let mut bytes = 0u64;

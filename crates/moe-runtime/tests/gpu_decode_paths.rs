@@ -5,12 +5,15 @@
 //!   experts as the host-synchronised cuBLAS dispatch;
 //! - greedy tokens chosen on the device ([`Need::GreedyToken`]) are exactly what the host sampler
 //!   picks from the same logits, ties and non-finite values included;
-//! - rows that need logits still get them, bit for bit, in a mixed batch.
+//! - rows that need logits still get them, bit for bit, in a mixed batch;
+//! - the router kernel picks exactly the CPU router's experts, ties and group limit included.
 //!
 //! Without a GPU it prints a line and returns.
 
 #![cfg(feature = "cuda")]
 
+use moe_runtime::compute::cpu::CpuCompute;
+use moe_runtime::compute::Compute;
 use moe_runtime::config::ModelConfig;
 use moe_runtime::cuda::{self, CudaConfig, CudaRunner, Precision};
 use moe_runtime::engine::sampling::{sample, SamplingError};
@@ -18,6 +21,7 @@ use moe_runtime::engine::{
     Chunk, Need, RankId, RequestId, RowOutput, Runner, SamplingParams, Work,
 };
 use moe_runtime::model::weights::MemTensors;
+use moe_runtime::model::Model;
 use moe_runtime::presets::Preset;
 
 /// How the runner under test routes its experts.
@@ -257,4 +261,97 @@ fn gpu_greedy_breaks_ties_like_the_host_sampler() {
         gpu.device_argmax(&flat[1..], v).is_err(),
         "ragged rows are refused"
     );
+}
+
+/// The router kernel (one warp per row) picks exactly the CPU router's experts (ties: the lowest
+/// id, at the top and at the k-th place, within one lane's stride and across lanes; DeepSeek's
+/// group limit; underflowed probabilities that tie at 0) with the same weights up to `exp`'s
+/// last bits.
+#[test]
+fn gpu_router_matches_the_cpu_router() {
+    if let Err(e) = cuda::device_count() {
+        println!("no GPU ({e}): skipping");
+        return;
+    }
+    for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
+        let cfg = preset.config();
+        let gpu = runner(&cfg, 1, Precision::F32, Path::Host);
+        let model = Model::new(&cfg, CpuCompute::new()).unwrap();
+        let spec = model.router_spec();
+        let (e, k) = (spec.experts, spec.top_k);
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        // Values on a coarse grid: distinct values never round to the same probability, and
+        // equal values (there are many) are exact ties.
+        for r in 0..24usize {
+            rows.push(
+                (0..e)
+                    .map(|i| ((i * 7919 + r * 131) % 23) as f32 / 4.0 - 3.0)
+                    .collect(),
+            );
+        }
+        rows.push(vec![0.5; e]);
+        // k - 1 clear winners, then a tie for the k-th place spread over the row.
+        let mut r = vec![-2.0f32; e];
+        for (j, x) in r.iter_mut().enumerate().take(k - 1) {
+            *x = 4.0 + j as f32;
+        }
+        for j in (k - 1..e).step_by(3) {
+            r[j] = 1.0;
+        }
+        rows.push(r.clone());
+        r.reverse();
+        rows.push(r);
+        // One expert takes everything; the rest underflow to probability 0 and tie.
+        let mut r = vec![-160.0f32; e];
+        r[e / 2] = 80.0;
+        rows.push(r);
+        // Masked experts (-inf) are never preferred to finite ones.
+        rows.push(
+            (0..e)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (i % 5) as f32
+                    }
+                })
+                .collect(),
+        );
+        let flat = rows.concat();
+        let got = gpu.device_route(&flat).unwrap();
+        let want = model.compute().route(&flat, &spec).unwrap();
+        assert_eq!(got.len(), rows.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let gi: Vec<u32> = g.iter().map(|c| c.0).collect();
+            let wi: Vec<u32> = w.iter().map(|c| c.expert).collect();
+            assert_eq!(gi, wi, "{preset} row {i}: experts");
+            for (a, b) in g.iter().zip(w.iter()) {
+                let d = (a.1 - b.weight).abs();
+                assert!(
+                    d <= 1e-5 * b.weight.abs().max(1e-30),
+                    "{preset} row {i} expert {}: weight {} vs {}",
+                    a.0,
+                    a.1,
+                    b.weight
+                );
+            }
+        }
+        if let Some(g) = spec.groups {
+            // Every pick lies in one of the topk_group kept groups.
+            let per = e / g.n_group;
+            for route in &got {
+                let mut groups: Vec<usize> = route.iter().map(|c| c.0 as usize / per).collect();
+                groups.dedup();
+                assert!(groups.len() <= g.topk_group, "{preset}: {route:?}");
+            }
+        }
+        println!(
+            "{preset}: router kernel = CPU router on {} rows",
+            rows.len()
+        );
+        assert!(
+            gpu.device_route(&flat[1..]).is_err(),
+            "ragged rows are refused"
+        );
+    }
 }

@@ -1,14 +1,25 @@
-//! `elasticmoe demo`: elastic scaling end to end on 4 host devices.
+//! `elasticmoe demo`: elastic scaling end to end on 4 host devices, or on GPUs.
 //!
 //! ```text
 //! elasticmoe demo --out target/demo
 //! elasticmoe demo --out target/demo --compare
+//! elasticmoe demo --out target/demo-gpu --devices cuda:0,1   # binary built with --features cuda
 //! ```
 //!
 //! A tiny model is generated into the cache directory on the first run and reused. A trace with
 //! a step, a ramp and a burst drives the SLO policy, which scales the deployment up and down by
 //! itself while requests keep arriving. Writes `OUT/report.json` (issue 8's schema; with
 //! `--compare`, `{"runs": [...]}`) and `OUT/timeline.svg`.
+//!
+//! `--devices host:N` (default `host:4`) runs the host executor on N host devices.
+//! `--devices cuda:0,1,...` runs the same trace and policy on that many GPUs: an
+//! `Engine<CudaRunner>` serves on its own thread and `moe_runtime::cuda::CudaScaler` carries out
+//! the policy's decisions (elastic, cold restart or colocated; the extravagant baseline is not
+//! implemented on CUDA). The report has the same keys, with `backend: "cuda"`. On GPUs the model
+//! runs in f32 (`Precision::F32`) and every step takes the same expert-dispatch path, so a
+//! request's tokens do not depend on the batch it ran in and the outputs can be compared with a
+//! fixed one-GPU deployment token by token. Without the `cuda` feature, or without a GPU or
+//! driver, `cuda:` devices are a clear error.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +30,7 @@ use moe_runtime::checkpoint::Checkpoint;
 use moe_runtime::config::ModelConfig;
 use moe_runtime::presets::Preset;
 use moe_runtime::synth::{write_model, SynthOptions};
-use scaler::demo::{self, DemoConfig, DemoRun, Trace};
+use scaler::demo::{self, DemoConfig, DemoRun, Report, Trace};
 use scaler::Strategy;
 
 /// A strategy on the command line.
@@ -70,9 +81,47 @@ pub struct Args {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// `host:N` (the host executor on N devices) or `cuda:0,1,...` (GPUs 0..n, binary built with
+    /// the `cuda` feature).
+    #[arg(long, default_value = "host:4")]
+    pub devices: String,
 }
 
-const DEVICES: u32 = 4;
+/// Where the demo runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Host(u32),
+    Cuda(u32),
+}
+
+/// `host:N` → `Host(N)`; `cuda:0,1` → `Cuda(2)` (GPUs must be listed from 0 up).
+fn parse_devices(s: &str) -> Result<Backend> {
+    let (kind, rest) = s
+        .split_once(':')
+        .with_context(|| format!("--devices {s:?}: use host:N or cuda:0,1,..."))?;
+    match kind {
+        "host" => {
+            let n: u32 = rest
+                .parse()
+                .ok()
+                .filter(|&n| n >= 1)
+                .with_context(|| format!("--devices {s:?}: N must be a positive integer"))?;
+            Ok(Backend::Host(n))
+        }
+        "cuda" => {
+            let ids: Vec<u32> = rest
+                .split(',')
+                .map(|x| x.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--devices {s:?}: GPU ids must be integers"))?;
+            if ids.is_empty() || ids.iter().enumerate().any(|(i, &d)| d as usize != i) {
+                bail!("--devices {s:?}: list the GPUs from 0 up, without gaps (cuda:0,1)");
+            }
+            Ok(Backend::Cuda(ids.len() as u32))
+        }
+        _ => bail!("--devices {s:?}: unknown device kind {kind:?}; use host:N or cuda:0,1,..."),
+    }
+}
 const PRESET: Preset = Preset::TinyQwen3;
 const SEED: u64 = 8;
 
@@ -111,13 +160,17 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         vec![args.strategy.into()]
     };
+    let devices = match parse_devices(&args.devices)? {
+        Backend::Host(n) => n,
+        Backend::Cuda(n) => return cuda_demo(args, &strategies, n),
+    };
     let dir = model_dir(&args.cache, args.quiet)?;
     let cfg = ModelConfig::from_dir(&dir)
         .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
     let checkpoint: scaler::executor::Checkpoint =
         Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
     let trace = Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
-    let base = DemoConfig::new(Strategy::Elastic, DEVICES, PRESET.name());
+    let base = DemoConfig::new(Strategy::Elastic, devices, PRESET.name());
     if !args.quiet {
         eprintln!(
             "{} requests over {:.0} s; computing the fixed-deployment reference",
@@ -129,7 +182,7 @@ pub fn run(args: &Args) -> Result<()> {
         .context("running the reference on a fixed deployment")?;
     let mut runs: Vec<DemoRun> = Vec::new();
     for strategy in strategies {
-        let config = DemoConfig::new(strategy, DEVICES, PRESET.name());
+        let config = DemoConfig::new(strategy, devices, PRESET.name());
         let quiet = args.quiet;
         let run = demo::run(&cfg, &checkpoint, &config, &trace, &reference, |p| {
             if !quiet {
@@ -146,22 +199,29 @@ pub fn run(args: &Args) -> Result<()> {
         }
         runs.push(run);
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let json = if args.compare {
-        serde_json::json!({ "runs": runs.iter().map(|r| &r.report).collect::<Vec<_>>() })
-    } else {
-        serde_json::to_value(&runs[0].report)?
+    let refs: Vec<&DemoRun> = runs.iter().collect();
+    let reports: Vec<&Report> = runs.iter().map(|r| &r.report).collect();
+    write_outputs(
+        &args.out,
+        args.compare,
+        &reports,
+        &crate::report::timeline_svg(&refs),
+    )
+}
+
+/// Writes report.json and timeline.svg and prints one summary line per run.
+fn write_outputs(out: &Path, compare: bool, reports: &[&Report], svg: &str) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = match reports {
+        [one] if !compare => serde_json::to_value(one)?,
+        _ => serde_json::json!({ "runs": reports }),
     };
-    let report_path = args.out.join("report.json");
+    let report_path = out.join("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", report_path.display()))?;
-    let svg_path = args.out.join("timeline.svg");
-    let refs: Vec<&DemoRun> = runs.iter().collect();
-    std::fs::write(&svg_path, crate::report::timeline_svg(&refs))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    for r in &runs {
-        let rep = &r.report;
+    let svg_path = out.join("timeline.svg");
+    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    for rep in reports {
         println!(
             "{}: {} requests, {} completed, {} failed; {} scale events ({}); identical outputs: {}",
             rep.strategy,
@@ -179,4 +239,519 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("wrote {} and {}", report_path.display(), svg_path.display());
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_demo(_args: &Args, _strategies: &[Strategy], _gpus: u32) -> Result<()> {
+    bail!("this binary was not built with CUDA (build with --features cuda); use --devices host:N")
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_demo(args: &Args, strategies: &[Strategy], gpus: u32) -> Result<()> {
+    gpu::run(args, strategies, gpus)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! The demo on GPUs: the host demo's trace, policy and report over an `Engine<CudaRunner>`
+    //! scaled by `CudaScaler`.
+
+    use std::collections::VecDeque;
+    use std::time::{Duration, Instant};
+
+    use crossbeam_channel::{unbounded, TryRecvError};
+    use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
+    use moe_runtime::engine::{
+        Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig, TokenId,
+    };
+    use moe_runtime::model::weights::TensorSource;
+    use scaler::demo::{Latency, PhasesMs, RequestCounts, Sample, ScaleEventReport, Throughput};
+    use scaler::{
+        millis, ClusterView, Decision, LoadObservation, Observation, Policy, RequestObservation,
+        SloPolicy, Time,
+    };
+
+    use super::*;
+
+    /// KV blocks per GPU: the demo's requests are short (prompts up to 13 tokens, 64 generated).
+    const KV_BLOCKS: usize = 1024;
+
+    fn config(devices: usize, kv_blocks: usize) -> CudaConfig {
+        CudaConfig {
+            devices,
+            block_tokens: 16,
+            kv_blocks_per_rank: kv_blocks,
+            max_batch_tokens: SchedulerConfig::default().max_batch_tokens,
+            max_context: 1024,
+            precision: Precision::F32,
+        }
+    }
+
+    /// A runner on GPUs `0..devices` on which every step takes the host-dispatch path, so that
+    /// a row's result does not depend on how many rows share its step.
+    fn runner(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        devices: usize,
+        kv: usize,
+    ) -> Result<CudaRunner> {
+        let mut r = CudaRunner::load(cfg, ckpt, config(devices, kv))
+            .with_context(|| format!("loading the demo model on {devices} GPU(s)"))?;
+        r.set_device_dispatch_max_rows(0);
+        r.set_padded_dispatch_max_rows(0);
+        Ok(r)
+    }
+
+    fn engine_config(scheduler: SchedulerConfig) -> EngineConfig {
+        EngineConfig {
+            scheduler,
+            idle_wait: Duration::from_millis(2),
+            ..EngineConfig::default()
+        }
+    }
+
+    struct Live {
+        index: usize,
+        handle: RequestHandle,
+        submitted: Instant,
+        first: Option<Duration>,
+        last: Option<Duration>,
+        tokens: Vec<TokenId>,
+    }
+
+    fn percentile(v: &mut [f64], p: f64) -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f64::total_cmp);
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i.min(v.len() - 1)]
+    }
+
+    /// The report entry of a finished CUDA transition. Phases map onto issue 8's four: plan
+    /// (snapshot and placement plan), prepare (workers, mapping, peer copies; the colocated
+    /// baseline's load beside), switch (the cold restart's held reload too) and retire.
+    fn event_report(
+        kind: &str,
+        from: usize,
+        strategy: Strategy,
+        o: &ScaleOutcome,
+    ) -> ScaleEventReport {
+        let phase = |names: &[&str]| -> f64 {
+            o.phases_ms
+                .iter()
+                .filter(|(n, _)| names.contains(n))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        ScaleEventReport {
+            kind: kind.to_string(),
+            from_devices: from as u64,
+            to_devices: o.devices_after as u64,
+            strategy: strategy.as_str().to_string(),
+            latency_ms: o.latency_ms,
+            downtime_ms: o.downtime_ms,
+            // Only the cold restart holds the loop; requests wait in the queue meanwhile.
+            intake_paused_ms: o.downtime_ms,
+            bytes_moved: o.bytes_moved,
+            bytes_zero_copy: o.bytes_zero_copy,
+            peak_bytes_per_device: o.peak_bytes_per_device.clone(),
+            phases_ms: PhasesMs {
+                plan: phase(&["snapshot", "plan"]),
+                prepare: phase(&["workers", "map", "copy", "load_beside"]),
+                switch: phase(&["switch", "stopped_reload"]),
+                retire: phase(&["retire"]),
+            },
+            switch_boundary_ms: phase(&["switch_boundary", "stopped_reload"]),
+            // The CUDA scaler copies a leaving GPU's KV inside the switch (counted in
+            // bytes_moved) and has no pre-copy.
+            kv_bytes_precopied: 0,
+            kv_bytes_at_switch: 0,
+            sequences_preempted: o.requeued,
+            kv_budget_chunks: Vec::new(),
+        }
+    }
+
+    /// Every trace request on a fixed one-GPU deployment.
+    fn reference(cfg: &ModelConfig, ckpt: &Checkpoint, trace: &Trace) -> Result<Vec<Vec<TokenId>>> {
+        let engine = Engine::new(
+            runner(cfg, ckpt, 1, KV_BLOCKS)?,
+            engine_config(SchedulerConfig::default()),
+        );
+        let handles = trace
+            .requests
+            .iter()
+            .map(|r| engine.submit(Request::greedy(r.prompt.clone(), r.max_tokens)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let run = engine.start();
+        let out = handles.into_iter().map(|h| h.wait().tokens).collect();
+        run.stop();
+        Ok(out)
+    }
+
+    struct GpuRun {
+        report: Report,
+        timeline: Vec<Sample>,
+        marks: Vec<(f64, String)>,
+    }
+
+    pub(super) fn run(args: &Args, strategies: &[Strategy], gpus: u32) -> Result<()> {
+        let have = cuda::device_count().context("--devices cuda: needs a GPU")?;
+        if have < gpus as usize {
+            bail!("--devices asks for {gpus} GPUs; {have} present");
+        }
+        if let Some(s) = strategies.iter().find(|&&s| s == Strategy::Extravagant) {
+            bail!("the {s} baseline is not implemented on CUDA; use elastic, cold-restart or colocated");
+        }
+        let dir = model_dir(&args.cache, args.quiet)?;
+        let cfg = ModelConfig::from_dir(&dir)
+            .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
+        let ckpt: Arc<Checkpoint> =
+            Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
+        let trace =
+            Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
+        if !args.quiet {
+            eprintln!(
+                "{} requests over {:.0} s on {gpus} GPU(s); computing the fixed-deployment reference",
+                trace.requests.len(),
+                args.trace_seconds
+            );
+        }
+        let reference = reference(&cfg, &ckpt, &trace)
+            .context("running the reference on a fixed one-GPU deployment")?;
+        let mut runs = Vec::new();
+        for &strategy in strategies {
+            let r = run_one(args, &cfg, &ckpt, &trace, &reference, strategy, gpus)
+                .with_context(|| format!("running the {strategy} demo on {gpus} GPU(s)"))?;
+            runs.push(r);
+        }
+        let lines: Vec<crate::report::Line<'_>> = runs
+            .iter()
+            .map(|r| crate::report::Line {
+                name: &r.report.strategy,
+                timeline: &r.timeline,
+                marks: r.marks.clone(),
+            })
+            .collect();
+        let reports: Vec<&Report> = runs.iter().map(|r| &r.report).collect();
+        write_outputs(
+            &args.out,
+            args.compare,
+            &reports,
+            &crate::report::lines_svg(&lines),
+        )
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn run_one(
+        args: &Args,
+        cfg: &ModelConfig,
+        ckpt: &Arc<Checkpoint>,
+        trace: &Trace,
+        reference: &[Vec<TokenId>],
+        strategy: Strategy,
+        gpus: u32,
+    ) -> Result<GpuRun> {
+        let config = DemoConfig::new(strategy, gpus, PRESET.name());
+        let mut policy = SloPolicy::new(config.policy)?;
+        // The colocated baseline keeps two instances on the staying GPUs: each gets half the KV.
+        let kv = if strategy == Strategy::Colocated {
+            KV_BLOCKS / 2
+        } else {
+            KV_BLOCKS
+        };
+        let first = runner(cfg, ckpt, config.initial as usize, kv)?;
+        let bp = first.blueprint();
+        let card = first.device_name()?;
+        let engine = Engine::new(first, engine_config(config.scheduler));
+        let mut scaler = CudaScaler::new(engine.clone(), bp)?;
+        if strategy == Strategy::Elastic {
+            scaler.prewarm(config.initial as usize, gpus as usize)?;
+        }
+        if !args.quiet {
+            eprintln!("[{strategy}] serving on {} x {card}", config.initial);
+        }
+        let start = Instant::now();
+        let serving = engine.start();
+
+        // The submitter: requests arrive on the trace's clock.
+        let (sub_tx, sub_rx) = unbounded::<(usize, Instant, Result<RequestHandle, String>)>();
+        let submitter = {
+            let engine = engine.clone();
+            let requests = trace.requests.clone();
+            std::thread::spawn(move || {
+                for (i, r) in requests.iter().enumerate() {
+                    let due = start + r.at;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    let h = engine
+                        .submit(Request::greedy(r.prompt.clone(), r.max_tokens))
+                        .map_err(|e| e.to_string());
+                    if sub_tx.send((i, due, h)).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+
+        // The scaler: one transition at a time, on its own thread.
+        let (cmd_tx, cmd_rx) = unbounded::<(String, usize, usize)>();
+        let (ev_tx, ev_rx) = unbounded::<(f64, Result<ScaleEventReport, String>)>();
+        let source = Arc::clone(ckpt);
+        let scaler_thread = std::thread::spawn(move || {
+            while let Ok((kind, from, to)) = cmd_rx.recv() {
+                let out = match strategy {
+                    Strategy::Elastic => scaler.elastic(to),
+                    Strategy::ColdRestart => scaler.cold_restart(
+                        Arc::clone(&source) as Arc<dyn TensorSource + Send + Sync>,
+                        to,
+                    ),
+                    _ => scaler.colocated(source.as_ref(), to, kv),
+                };
+                let out = out
+                    .map(|o| event_report(&kind, from, strategy, &o))
+                    .map_err(|e| e.to_string());
+                if ev_tx.send((start.elapsed().as_secs_f64(), out)).is_err() {
+                    return;
+                }
+            }
+        });
+
+        let total = trace.requests.len();
+        let mut live: Vec<Live> = Vec::new();
+        let mut tokens: Vec<Option<Vec<TokenId>>> = vec![None; total];
+        let mut counts = RequestCounts::default();
+        let mut ttfts: Vec<(f64, f64)> = Vec::new();
+        let mut tpots: Vec<(f64, f64)> = Vec::new();
+        let mut timeline = Vec::new();
+        let mut events: Vec<(f64, f64, ScaleEventReport)> = Vec::new();
+        let mut devices = config.initial as usize;
+        let mut pending: Option<f64> = None;
+        let mut finished = 0usize;
+        let mut submitted_all = false;
+        let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut failure: Option<String> = None;
+        loop {
+            std::thread::sleep(config.tick);
+            let t_s = start.elapsed().as_secs_f64();
+            loop {
+                match sub_rx.try_recv() {
+                    Ok((index, at, Ok(handle))) => {
+                        counts.submitted += 1;
+                        live.push(Live {
+                            index,
+                            handle,
+                            submitted: at,
+                            first: None,
+                            last: None,
+                            tokens: Vec::new(),
+                        });
+                    }
+                    Ok((_, _, Err(_))) => {
+                        counts.submitted += 1;
+                        counts.failed += 1;
+                        finished += 1;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        submitted_all = true;
+                        break;
+                    }
+                }
+            }
+            let mut i = 0;
+            while i < live.len() {
+                let mut done = None;
+                while let Some(ev) = live[i].handle.try_recv() {
+                    match ev {
+                        Event::Token(tok) => {
+                            let l = &mut live[i];
+                            let at = l.submitted.elapsed();
+                            l.first.get_or_insert(at);
+                            l.last = Some(at);
+                            l.tokens.push(tok.token);
+                        }
+                        Event::Finished { reason, timings } => {
+                            done = Some((reason, timings.preemptions));
+                            break;
+                        }
+                    }
+                }
+                let Some((reason, preemptions)) = done else {
+                    i += 1;
+                    continue;
+                };
+                let l = live.swap_remove(i);
+                finished += 1;
+                counts.preempted += u64::from(preemptions > 0);
+                if matches!(reason, FinishReason::Length | FinishReason::Stop(_)) {
+                    counts.completed += 1;
+                    let ttft = l.first.unwrap_or_default();
+                    let n = l.tokens.len().max(1);
+                    let tpot = if n > 1 {
+                        (l.last.unwrap_or_default().saturating_sub(ttft)) / (n as u32 - 1)
+                    } else {
+                        Duration::ZERO
+                    };
+                    ttfts.push((t_s, millis(ttft)));
+                    tpots.push((t_s, millis(tpot)));
+                    policy.observe(Observation::RequestFinished(RequestObservation {
+                        at: Time::from_duration(start.elapsed()),
+                        ttft,
+                        tpot,
+                    }));
+                    tokens[l.index] = Some(l.tokens);
+                } else {
+                    counts.failed += 1;
+                }
+            }
+            while let Ok((end_s, out)) = ev_rx.try_recv() {
+                let start_s = pending.take().unwrap_or(end_s);
+                match out {
+                    Ok(e) => {
+                        devices = e.to_devices as usize;
+                        events.push((start_s, end_s, e));
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if let Some(e) = failure.take() {
+                drop(cmd_tx);
+                serving.stop();
+                let _ = scaler_thread.join();
+                let _ = submitter.join();
+                bail!("a transition failed: {e}");
+            }
+            let m = engine.metrics();
+            if let Some(err) = &m.last_error {
+                drop(cmd_tx);
+                serving.stop();
+                let _ = scaler_thread.join();
+                let _ = submitter.join();
+                bail!("the engine failed: {err}");
+            }
+            recent.push_back((Instant::now(), m.generated_tokens));
+            while recent.len() > 2 && recent[0].0.elapsed() > Duration::from_millis(500) {
+                recent.pop_front();
+            }
+            let (t0, g0) = recent[0];
+            let tps = (m.generated_tokens.saturating_sub(g0)) as f64
+                / t0.elapsed().as_secs_f64().max(1e-3);
+            let now = Time::from_duration(start.elapsed());
+            policy.observe(Observation::Load(LoadObservation {
+                at: now,
+                queue_depth: m.queue_depth,
+                running: m.running,
+                kv_usage: m.kv_utilisation(),
+                tokens_per_s: tps,
+            }));
+            let window = config.policy.window.as_secs_f64();
+            let recent_p99 = |v: &[(f64, f64)]| -> f64 {
+                let mut r: Vec<f64> = v
+                    .iter()
+                    .filter(|(t, _)| *t >= t_s - window)
+                    .map(|x| x.1)
+                    .collect();
+                percentile(&mut r, 0.99)
+            };
+            timeline.push(Sample {
+                t_s,
+                tokens_per_s: tps,
+                devices,
+                ttft_p99_ms: recent_p99(&ttfts),
+                tpot_p99_ms: recent_p99(&tpots),
+                queue: m.queue_depth,
+            });
+            let view = ClusterView {
+                devices,
+                transition_running: pending.is_some(),
+            };
+            if let Decision::ScaleTo { devices: n, .. } = policy.decide(now, view) {
+                let n = n.clamp(1, gpus as usize);
+                if n != devices {
+                    let kind = if n > devices { "up" } else { "down" };
+                    if cmd_tx.send((kind.to_string(), devices, n)).is_ok() {
+                        pending = Some(t_s);
+                    }
+                }
+            }
+            if !args.quiet {
+                eprint!(
+                    "\r[{strategy}] t={t_s:5.1}s  done {finished}/{total}  GPUs {devices}  {tps:7.0} tok/s  transitions {}   ",
+                    events.len()
+                );
+                let _ = std::io::stderr().flush();
+            }
+            if submitted_all && live.is_empty() && finished >= total && pending.is_none() {
+                break;
+            }
+        }
+        if !args.quiet {
+            eprintln!();
+        }
+        drop(cmd_tx);
+        serving.stop();
+        let _ = scaler_thread.join();
+        let _ = submitter.join();
+
+        let identical = reference.len() == tokens.len()
+            && tokens
+                .iter()
+                .zip(reference)
+                .all(|(got, want)| got.as_ref().is_none_or(|g| g == want));
+        let first = events.first().map(|e| e.0);
+        let last = events.last().map(|e| e.1);
+        let mean = |f: &dyn Fn(f64) -> bool| -> f64 {
+            let v: Vec<f64> = timeline
+                .iter()
+                .filter(|s| f(s.t_s))
+                .map(|s| s.tokens_per_s)
+                .collect();
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
+        let during = |t: f64| events.iter().any(|e| t >= e.0 && t <= e.1 + 1e-9);
+        let throughput = Throughput {
+            before: mean(&|t| first.is_none_or(|f| t < f)),
+            during: mean(&during),
+            after: mean(&|t| last.is_some_and(|l| t > l)),
+        };
+        let mut tt: Vec<f64> = ttfts.iter().map(|x| x.1).collect();
+        let mut tp: Vec<f64> = tpots.iter().map(|x| x.1).collect();
+        let report = Report {
+            backend: "cuda".into(),
+            model: config.model.clone(),
+            devices_max: u64::from(gpus),
+            strategy: strategy.as_str().into(),
+            requests: counts,
+            outputs_identical_to_reference: identical,
+            scale_events: events.iter().map(|e| e.2.clone()).collect(),
+            throughput_tokens_per_s: throughput,
+            latency_ms: Latency {
+                ttft_p50: percentile(&mut tt, 0.5),
+                ttft_p99: percentile(&mut tt, 0.99),
+                tpot_p50: percentile(&mut tp, 0.5),
+                tpot_p99: percentile(&mut tp, 0.99),
+            },
+        };
+        let marks = events
+            .iter()
+            .map(|(s, _, e)| {
+                (
+                    *s,
+                    format!("{} {}→{}", e.kind, e.from_devices, e.to_devices),
+                )
+            })
+            .collect();
+        Ok(GpuRun {
+            report,
+            timeline,
+            marks,
+        })
+    }
 }

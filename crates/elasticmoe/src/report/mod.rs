@@ -43,9 +43,44 @@ const PANELS: [Panel<'static>; 4] = [
 
 const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
+/// One run as the picture draws it: its name, its samples and its scale events (start time in
+/// seconds and a label such as `up 1→2`).
+pub struct Line<'a> {
+    /// The legend (the strategy).
+    pub name: &'a str,
+    /// One sample per tick.
+    pub timeline: &'a [scaler::demo::Sample],
+    /// Completed scale events.
+    pub marks: Vec<(f64, String)>,
+}
+
 /// One SVG with a panel per metric; each run is one coloured line, scale events are dashed
 /// vertical marks in the run's colour (labelled up/down on the first panel).
 pub fn timeline_svg(runs: &[&DemoRun]) -> String {
+    let lines: Vec<Line<'_>> = runs
+        .iter()
+        .map(|r| Line {
+            name: &r.report.strategy,
+            timeline: &r.timeline,
+            marks: r
+                .events
+                .iter()
+                .filter(|e| e.event.completed())
+                .map(|e| {
+                    let rep = &e.event.report;
+                    (
+                        e.start_s,
+                        format!("{} {}→{}", rep.kind.as_str(), rep.from.len(), rep.to.len()),
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    lines_svg(&lines)
+}
+
+/// [`timeline_svg`] for runs of any backend.
+pub fn lines_svg(runs: &[Line<'_>]) -> String {
     let t_max = runs
         .iter()
         .flat_map(|r| r.timeline.iter().map(|s| s.t_s))
@@ -63,7 +98,7 @@ pub fn timeline_svg(runs: &[&DemoRun]) -> String {
             r#"<text x="{}" y="16" fill="{}">{}</text>"#,
             LEFT + i as f64 * 150.0,
             COLOURS[i % COLOURS.len()],
-            escape(&r.report.strategy)
+            escape(r.name)
         );
     }
     let x_of = |t: f64| LEFT + (t / t_max) * (W - LEFT - RIGHT);
@@ -102,23 +137,20 @@ pub fn timeline_svg(runs: &[&DemoRun]) -> String {
                 r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
                 points.join(" ")
             );
-            for e in r.events.iter().filter(|e| e.event.completed()) {
-                let x = x_of(e.start_s);
+            for (start_s, label) in &r.marks {
+                let x = x_of(*start_s);
                 let _ = writeln!(
                     out,
                     r#"<line x1="{x:.1}" x2="{x:.1}" y1="{y0}" y2="{}" stroke="{colour}" stroke-dasharray="4 3"/>"#,
                     y0 + PANEL_H
                 );
                 if p == 0 {
-                    let r = &e.event.report;
                     let _ = writeln!(
                         out,
-                        r#"<text x="{:.1}" y="{}" fill="{colour}">{} {}→{}</text>"#,
+                        r#"<text x="{:.1}" y="{}" fill="{colour}">{}</text>"#,
                         x + 2.0,
                         y0 + 12.0 + 12.0 * i as f64,
-                        r.kind.as_str(),
-                        r.from.len(),
-                        r.to.len()
+                        escape(label)
                     );
                 }
             }

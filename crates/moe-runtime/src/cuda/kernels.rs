@@ -210,55 +210,100 @@ extern "C" __global__ void linear_f32(const float* x, const bf16* w, float* out,
   if (threadIdx.x == 0) out[(size_t)r * outf + o] = acc;
 }
 
-// Softmax router with optional group limit; one thread per row. Choices ascending by expert id.
+// Softmax router with optional group limit; one warp per row (grid rows, block 32), the same
+// results as a sequential scan of the row: the softmax sum and the group scores run in ascending
+// expert order, each group pick is the first largest score, and each of the k expert picks is
+// the lowest allowed id among the largest probabilities, or the first allowed id when its
+// probability is NaN (NaN never replaces a pick). Choices ascending by expert id; id -1 and
+// weight 0 if fewer than k experts are allowed (the host validates the spec, so it does not
+// happen).
 extern "C" __global__ void route(const float* logits, int rows, int E, int k, int n_group,
     int topk_group, int normalize, float scale, int* ids, float* wts) {
-  int r = blockIdx.x * blockDim.x + threadIdx.x;
+  __shared__ float p[256];
+  __shared__ int allowed[256];
+  __shared__ float gs[64];
+  __shared__ int keep[64];
+  __shared__ int chosen[32];
+  __shared__ float tot_sum;
+  int r = blockIdx.x, lane = threadIdx.x;
   if (r >= rows) return;
-  float p[256];
-  bool allowed[256];
-  int chosen[32];
   const float* lr = logits + (size_t)r * E;
   float mx = -INFINITY;
-  for (int e = 0; e < E; e++) mx = fmaxf(mx, lr[e]);
-  float sum = 0.f;
-  for (int e = 0; e < E; e++) { p[e] = expf(lr[e] - mx); sum += p[e]; }
-  for (int e = 0; e < E; e++) { p[e] /= sum; allowed[e] = true; }
+  for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lr[e]);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  for (int e = lane; e < E; e += 32) p[e] = expf(lr[e] - mx);
+  __syncthreads();
+  if (lane == 0) {
+    float sum = 0.f;
+    for (int e = 0; e < E; e++) sum += p[e];
+    tot_sum = sum;
+  }
+  __syncthreads();
+  float sum = tot_sum;
+  for (int e = lane; e < E; e += 32) { p[e] /= sum; allowed[e] = 1; }
+  __syncthreads();
   if (n_group > 0) {
     int per = E / n_group;
-    float gs[64];
-    bool keep[64];
-    for (int g = 0; g < n_group; g++) {
+    for (int g = lane; g < n_group; g += 32) {
       float m = -INFINITY;
       for (int e = g * per; e < (g + 1) * per; e++) m = fmaxf(m, p[e]);
       gs[g] = m;
-      keep[g] = false;
+      keep[g] = 0;
     }
-    for (int j = 0; j < topk_group; j++) {
-      int best = -1;
-      for (int g = 0; g < n_group; g++)
-        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-      keep[best] = true;
+    __syncthreads();
+    if (lane == 0) {
+      for (int j = 0; j < topk_group; j++) {
+        int best = -1;
+        for (int g = 0; g < n_group; g++)
+          if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+        if (best >= 0) keep[best] = 1;
+      }
     }
-    for (int e = 0; e < E; e++) allowed[e] = keep[e / per];
+    __syncthreads();
+    for (int e = lane; e < E; e += 32) allowed[e] = keep[e / per];
+    __syncthreads();
   }
   for (int j = 0; j < k; j++) {
-    int best = -1;
-    for (int e = 0; e < E; e++)
-      if (allowed[e] && (best < 0 || p[e] > p[best])) best = e;
-    chosen[j] = best;
-    allowed[best] = false;
+    int first = E;
+    for (int e = lane; e < E; e += 32)
+      if (allowed[e]) { first = e; break; }
+    for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(0xffffffffu, first, o));
+    int best;
+    if (first >= E) {
+      best = -1;
+    } else if (p[first] != p[first]) {
+      best = first;
+    } else {
+      float bv = 0.f;
+      int bi = -1;
+      for (int e = lane; e < E; e += 32)
+        if (allowed[e] && p[e] == p[e] && (bi < 0 || p[e] > bv)) { bv = p[e]; bi = e; }
+      for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) { bv = ov; bi = oi; }
+      }
+      best = __shfl_sync(0xffffffffu, bi, 0);
+    }
+    if (lane == 0) {
+      chosen[j] = best;
+      if (best >= 0) allowed[best] = 0;
+    }
+    __syncthreads();
   }
+  if (lane != 0) return;
   float w[32];
   float tot = 0.f;
-  for (int j = 0; j < k; j++) { w[j] = p[chosen[j]]; tot += w[j]; }
+  for (int j = 0; j < k; j++) { w[j] = chosen[j] >= 0 ? p[chosen[j]] : 0.f; tot += w[j]; }
   for (int j = 0; j < k; j++) w[j] = normalize ? w[j] / tot : w[j] * scale;
+  int c[32];
+  for (int j = 0; j < k; j++) c[j] = chosen[j];
   for (int a = 1; a < k; a++) {
-    int ci = chosen[a]; float wi = w[a]; int b = a - 1;
-    while (b >= 0 && chosen[b] > ci) { chosen[b + 1] = chosen[b]; w[b + 1] = w[b]; b--; }
-    chosen[b + 1] = ci; w[b + 1] = wi;
+    int ci = c[a]; float wi = w[a]; int b = a - 1;
+    while (b >= 0 && c[b] > ci) { c[b + 1] = c[b]; w[b + 1] = w[b]; b--; }
+    c[b + 1] = ci; w[b + 1] = wi;
   }
-  for (int j = 0; j < k; j++) { ids[r * k + j] = chosen[j]; wts[r * k + j] = w[j]; }
+  for (int j = 0; j < k; j++) { ids[r * k + j] = c[j]; wts[r * k + j] = w[j]; }
 }
 
 // dst[g] = src[idx[g]] (zero row when idx[g] < 0). grid rows.
@@ -366,6 +411,68 @@ extern "C" __global__ void moe_dispatch_padded(const int* ids, int slots, int E,
       j++;
     }
     for (; j < cap; j++) gidx[e * cap + j] = -1;
+  }
+}
+
+// Grouped dispatch for the tensor-core batched GEMMs over the active experts only, one block
+// of at least E threads (E <= 256). With n = the busiest expert's slot count and the active
+// experts (at least one slot) numbered a = 0, 1, ... in ascending id, the j-th slot (ascending
+// slot order) routed to expert e goes to row a * n + j: gidx[a * n + j] = its token row (-1 for
+// the rows past the expert's count, up to n), cidx[slot] = a * n + j. ptrs gets six arrays of
+// `act` addresses each (act = number of active experts): expert base (etable[e]), xg + a*n rows,
+// gu + a*n rows, expert base + down_off, eh + a*n rows, eo + a*n rows (row strides in bytes).
+// info = {act, n, bad}: bad = 1 if some id lies outside 0..E (nothing else written); when
+// act * n > cap nothing but info is written. active[0] = act.
+extern "C" __global__ void moe_dispatch_grouped(const int* ids, int slots, int E, int k, int cap,
+    const unsigned long long* etable, long long down_off, unsigned long long xg, long long xg_row,
+    unsigned long long gu, long long gu_row, unsigned long long eh, long long eh_row,
+    unsigned long long eo, long long eo_row, int* gidx, int* cidx, unsigned long long* ptrs,
+    int* info, int* active) {
+  __shared__ int cnt[256];
+  __shared__ int aidx[256];
+  __shared__ int bad, act_s, max_s;
+  int e = threadIdx.x;
+  if (e == 0) bad = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < slots; s += blockDim.x)
+    if (ids[s] < 0 || ids[s] >= E) bad = 1;
+  if (e < E) {
+    int c = 0;
+    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    cnt[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int act = 0, mx = 0;
+    for (int x = 0; x < E; x++) {
+      aidx[x] = act;
+      act += cnt[x] > 0;
+      mx = cnt[x] > mx ? cnt[x] : mx;
+    }
+    act_s = act;
+    max_s = mx;
+    info[0] = act;
+    info[1] = mx;
+    info[2] = bad;
+    active[0] = act;
+  }
+  __syncthreads();
+  int act = act_s, n = max_s;
+  if (bad || (long long)act * n > cap) return;
+  if (e < E && cnt[e] > 0) {
+    int a = aidx[e];
+    int row0 = a * n;
+    int j = 0;
+    for (int s = 0; s < slots; s++)
+      if (ids[s] == e) { gidx[row0 + j] = s / k; cidx[s] = row0 + j; j++; }
+    for (; j < n; j++) gidx[row0 + j] = -1;
+    unsigned long long base = etable[e];
+    ptrs[a] = base;
+    ptrs[act + a] = xg + (unsigned long long)row0 * xg_row;
+    ptrs[2 * act + a] = gu + (unsigned long long)row0 * gu_row;
+    ptrs[3 * act + a] = base + down_off;
+    ptrs[4 * act + a] = eh + (unsigned long long)row0 * eh_row;
+    ptrs[5 * act + a] = eo + (unsigned long long)row0 * eo_row;
   }
 }
 
@@ -827,6 +934,7 @@ pub(crate) struct Kernels {
     pub cast_bf16: CudaFunction,
     pub moe_dispatch: CudaFunction,
     pub moe_dispatch_padded: CudaFunction,
+    pub moe_dispatch_grouped: CudaFunction,
     pub moe_gemv: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub bi_gemm: CudaFunction,
@@ -894,6 +1002,7 @@ impl Kernels {
             cast_bf16: f("cast_bf16")?,
             moe_dispatch: f("moe_dispatch")?,
             moe_dispatch_padded: f("moe_dispatch_padded")?,
+            moe_dispatch_grouped: f("moe_dispatch_grouped")?,
             moe_gemv: f("moe_gemv")?,
             argmax_rows: f("argmax_rows")?,
             bi_gemm: f("bi_gemm")?,

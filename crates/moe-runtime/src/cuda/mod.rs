@@ -18,9 +18,10 @@
 //!   on CUDA cores) runs every expert's `[gate|up]` and `down` products reading the counts on
 //!   the device; an expert with no rows returns at once, so batch 1 reads only the experts it
 //!   routed to. Expert addresses come from a per-step upload of the `[layer][expert]` address
-//!   table derived from `experts`. Larger steps copy the routes to the host and run two
-//!   pointer-array batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to the
-//!   busiest expert's count). A third path, off by default
+//!   table derived from `experts`. Larger steps lay the rows out per active expert on the device
+//!   (`moe_dispatch_grouped`), read the layout's size on the host and run two pointer-array
+//!   batched GEMMs per layer on tensor cores (`cublasGemmBatchedEx`, padded to the busiest
+//!   expert's count). A third path, off by default
 //!   ([`CudaRunner::set_padded_dispatch_max_rows`]), keeps larger steps on the device too:
 //!   `moe_dispatch_padded` lays the rows out at a fixed capacity per expert, one batched GEMM
 //!   runs over every expert, and rows past an expert's capacity go through `moe_gemv`.
@@ -39,10 +40,14 @@
 //!     [`CudaRunner::last_step_expert_bytes`]): the engine needs the tokens before it can plan
 //!     the next step;
 //!   - on the host-dispatch path only (by default, steps of more than
-//!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: the routes are copied
-//!     to the host to size and address the tensor-core GEMMs over the routed experts only
-//!     (cuBLAS takes its shapes from the host). The two device paths avoid it but are not faster
-//!     at those sizes (see the constants' docs);
+//!     [`DEVICE_DISPATCH_MAX_ROWS`] tokens on a rank), one per MoE layer: `moe_dispatch_grouped`
+//!     lays the routed rows out per active expert and writes the batched GEMMs' pointer arrays
+//!     on the device, and the host reads back only the layout's size (active experts, busiest
+//!     expert's rows) through a page-locked buffer and an event, because cuBLAS takes its
+//!     shapes from the host. The shared experts (which do not need the routes) are queued
+//!     before the host waits, so the GPU works on them while the host wakes up and launches the
+//!     routed GEMMs. The two device paths avoid the wait but are not faster at those sizes (see
+//!     the constants' docs);
 //!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
@@ -111,7 +116,9 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 use hbm_vmm::cuda::CudaBackend;
 use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
 
@@ -405,7 +412,8 @@ struct PinnedHost {
 }
 
 // SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
-// written only by copies that `Rank::read_back` issues and waits for, and read only there.
+// written only by copies that `Rank::read_back` (or, for `pinned_info`, `Rank::fetch_info`)
+// issues and waits for, and read only there (or in `Rank::wait_info`).
 unsafe impl Send for PinnedHost {}
 // SAFETY: as above; a shared reference gives no way to touch the memory outside `read_back`,
 // whose caller holds the runner mutably.
@@ -498,6 +506,8 @@ struct Scratch {
     ov_counts: u64,
     ov_offsets: u64,
     ov_gidx: u64,
+    /// `{active experts, busiest expert's rows, bad id}` of the host path's grouped dispatch.
+    dinfo: u64,
 }
 
 /// Sizes the scratch of a rank needs.
@@ -542,6 +552,10 @@ struct Rank {
     /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
     /// count per layer (32-bit integers).
     pinned_small: PinnedHost,
+    /// Page-locked staging for the host-dispatch layout's size (`s.dinfo`, 3 integers), and the
+    /// event that says it has arrived (see [`Rank::fetch_info`]).
+    pinned_info: PinnedHost,
+    info_ready: CudaEvent,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
     dt: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
@@ -690,6 +704,40 @@ impl Rank {
             })
             .collect();
         Ok((out, ints[n..].to_vec()))
+    }
+
+    /// Queues the copy of the host-dispatch layout's size (`s.dinfo`) into `pinned_info` and
+    /// records `info_ready` behind it; [`Rank::wait_info`] reads it. The stream goes on with
+    /// whatever is queued after this (work that does not need the routes), so the host's wait
+    /// and its next launches overlap with it.
+    fn fetch_info(&self) -> Result<(), CudaError> {
+        // SAFETY: `pinned_info` holds 4 i32 slots of page-locked memory owned by this rank and
+        // `s.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
+        // `wait_info` reads it after the event behind this copy completed. The next copy is
+        // queued only after that read (both run on the thread driving the rank, in order).
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.pinned_info.ptr.cast::<c_void>(),
+                self.s.dinfo,
+                3 * std::mem::size_of::<i32>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.info_ready
+            .record(&self.stream)
+            .map_err(CudaError::driver("cuEventRecord"))
+    }
+
+    /// Waits for the copy [`Rank::fetch_info`] queued; returns `{active experts, busiest
+    /// expert's rows, bad id}`.
+    fn wait_info(&self) -> Result<[i32; 3], CudaError> {
+        self.info_ready
+            .synchronize()
+            .map_err(CudaError::driver("cuEventSynchronize"))?;
+        // SAFETY: the copy into these 3 slots completed (its event completed above) and nothing
+        // else writes them (see `fetch_info`).
+        let v = unsafe { std::slice::from_raw_parts(self.pinned_info.ptr.cast::<i32>(), 3) };
+        Ok([v[0], v[1], v[2]])
     }
 
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
@@ -1621,6 +1669,7 @@ impl CudaRunner {
             ("ov_offsets", 4 * d.experts),
             ("ov_gidx", 4 * r * d.top_k),
             ("argmax", 4 * r),
+            ("dinfo", 4 * 4),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
         let scratch = DevBuf::new(vmm, dev, total, &[])?;
@@ -1628,6 +1677,10 @@ impl CudaRunner {
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
         let pinned_small = PinnedHost::new(&ctx, r + d.layers)?;
+        let pinned_info = PinnedHost::new(&ctx, 4)?;
+        let info_ready = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
         let mut at = scratch.addr();
         let mut addr = BTreeMap::new();
         for (name, b) in &sizes {
@@ -1679,6 +1732,7 @@ impl CudaRunner {
             ov_offsets: a("ov_offsets"),
             ov_gidx: a("ov_gidx"),
             argmax: a("argmax"),
+            dinfo: a("dinfo"),
         };
         let rank = Rank {
             dev,
@@ -1693,6 +1747,8 @@ impl CudaRunner {
             s,
             pinned,
             pinned_small,
+            pinned_info,
+            info_ready,
             dt: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
@@ -1822,6 +1878,68 @@ impl CudaRunner {
         )?;
         let ids: Vec<i32> = rank.dtoh(rank.s.argmax, n)?;
         Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
+    }
+
+    /// The routes the runner's router kernel (`route`, one warp per row) chooses for each row of
+    /// `logits` (router logits, the model's expert count per row), on rank 0: per row, the
+    /// chosen experts ascending by id with their weights. For checks against the CPU router.
+    pub fn device_route(&self, logits: &[f32]) -> Result<Vec<Vec<(u32, f32)>>, CudaError> {
+        let spec = self.model.router_spec();
+        let (e, k) = (spec.experts, spec.top_k);
+        if e == 0 || self.cfg.num_moe_layers() == 0 {
+            return Err(CudaError::Input("the model has no routed experts".into()));
+        }
+        if !logits.len().is_multiple_of(e) {
+            return Err(CudaError::Input(format!(
+                "{} values are not rows of the expert count {e}",
+                logits.len()
+            )));
+        }
+        let n = logits.len() / e;
+        if n > self.dims.rows {
+            return Err(CudaError::Input(format!(
+                "{n} rows; the runner was sized for {}",
+                self.dims.rows
+            )));
+        }
+        let rank = &self.ranks[0];
+        rank.bind()?;
+        let s = rank.s;
+        rank.htod(s.rlogits, logits)?;
+        let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+        rank.launch(
+            &rank.k.route,
+            (n as u32, 1),
+            32,
+            0,
+            &[
+                Arg::P(s.rlogits),
+                Arg::I(n as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::I(ng as i32),
+                Arg::I(tg as i32),
+                Arg::I(i32::from(spec.normalize)),
+                Arg::F(spec.scale),
+                Arg::P(s.ids),
+                Arg::P(s.wts),
+            ],
+        )?;
+        let ids: Vec<i32> = rank.dtoh(s.ids, n * k)?;
+        let wts: Vec<f32> = rank.dtoh(s.wts, n * k)?;
+        ids.chunks(k.max(1))
+            .zip(wts.chunks(k.max(1)))
+            .map(|(i, w)| {
+                i.iter()
+                    .zip(w)
+                    .map(|(&x, &wt)| {
+                        u32::try_from(x)
+                            .map(|x| (x, wt))
+                            .map_err(|_| CudaError::Input(format!("router produced id {x}")))
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Steps with at most `rows` tokens on a rank route their experts on the device (no host
@@ -2085,15 +2203,16 @@ impl CudaRunner {
         let geo = self.geo;
         let path = self.dispatch_path(rows);
         let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
-        let (etable, etable_down) = if path == DispatchPath::Host {
-            (Vec::new(), Vec::new())
-        } else {
-            let t = self.expert_table();
-            let down = t
+        // Every path reads the expert addresses on the device (the host path's grouped
+        // dispatch builds its GEMM pointer arrays there).
+        let etable = self.expert_table();
+        let etable_down: Vec<u64> = if matches!(path, DispatchPath::Padded(_)) {
+            etable
                 .iter()
                 .map(|&a| if a == 0 { 0 } else { a + es_ie })
-                .collect();
-            (t, down)
+                .collect()
+        } else {
+            Vec::new()
         };
         let rank = &self.ranks[ri];
         rank.bind()?;
@@ -2178,7 +2297,6 @@ impl CudaRunner {
                 )),
             ]
         };
-        let mut expert_bytes = 0u64;
         let per_expert_bytes = (3 * h * d.inter_e * d.es) as u64;
         for l in 0..self.cfg.num_layers {
             let lay = layout
@@ -2607,8 +2725,8 @@ impl CudaRunner {
             let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
             rank.launch(
                 &rank.k.route,
-                (rows.div_ceil(64) as u32, 1),
-                64,
+                (rows as u32, 1),
+                32,
                 0,
                 &[
                     Arg::P(s.rlogits),
@@ -2624,6 +2742,7 @@ impl CudaRunner {
                 ],
             )?;
             let ie = d.inter_e;
+            let mut shared_done = false;
             if path == DispatchPath::Gemv {
                 // Counts, offsets and the gather computed on the device; the expert products
                 // read the counts there, so the host never waits for the routes.
@@ -2736,43 +2855,57 @@ impl CudaRunner {
                 let eo_ov = s.eo + ov * 4 * h as u64;
                 self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
             } else {
-                // The one host synchronisation of the layer: expert GEMM sizes depend on the routes.
-                let ids: Vec<i32> = rank.dtoh(s.ids, rows * k)?;
-                let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-                for (slot, &ex) in ids.iter().enumerate() {
-                    if ex < 0 || ex as usize >= e {
-                        return Err(CudaError::Input(format!("router produced expert id {ex}")));
-                    }
-                    per.entry(ex as usize).or_default().push(slot);
+                // The grouped layout (gather list, compact rows, the GEMMs' pointer arrays) is
+                // built on the device; the one host synchronisation of the layer reads back only
+                // its size, because cuBLAS takes the GEMM shapes from the host.
+                let table = s.etable + (8 * l * d.experts) as u64;
+                rank.launch(
+                    &rank.k.moe_dispatch_grouped,
+                    (1, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(s.ids),
+                        Arg::I((rows * k) as i32),
+                        Arg::I(e as i32),
+                        Arg::I(k as i32),
+                        Arg::I(d.gather_cap as i32),
+                        Arg::P(table),
+                        Arg::L(es_ie as i64),
+                        Arg::U(s.xg),
+                        Arg::L((d.es * h) as i64),
+                        Arg::U(s.gu),
+                        Arg::L((4 * 2 * ie) as i64),
+                        Arg::U(s.eh),
+                        Arg::L((d.es * ie) as i64),
+                        Arg::U(s.eo),
+                        Arg::L((4 * h) as i64),
+                        Arg::P(s.gidx),
+                        Arg::P(s.cidx),
+                        Arg::P(s.ptrs),
+                        Arg::P(s.dinfo),
+                        Arg::P(s.active + 4 * l as u64),
+                    ],
+                )?;
+                rank.fetch_info()?;
+                // The shared experts do not need the routes: queued before the host waits, they
+                // run while it wakes up and launches the routed experts' GEMMs.
+                if self.cfg.moe.n_shared_experts > 0 {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                    shared_done = true;
                 }
-                let max_n = per.values().map(Vec::len).max().unwrap_or(0);
-                let active = per.len();
+                let info = rank.wait_info()?;
+                if info[2] != 0 {
+                    return Err(CudaError::Input(format!(
+                        "router produced an expert id outside 0..{e}"
+                    )));
+                }
+                let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
                 if active * max_n > d.gather_cap {
                     return Err(CudaError::Input(
                         "expert dispatch exceeds the gather buffer".into(),
                     ));
                 }
-                let mut gidx = vec![-1i32; active * max_n];
-                let mut cidx = vec![0i32; rows * k];
-                let mut ptrs = vec![0u64; 6 * active];
-                for (a, (&ex, slots)) in per.iter().enumerate() {
-                    for (j, &slot) in slots.iter().enumerate() {
-                        gidx[a * max_n + j] = (slot / k) as i32;
-                        cidx[slot] = (a * max_n + j) as i32;
-                    }
-                    let eb = self.experts[l][ex].buf.addr();
-                    let g = (a * max_n) as u64;
-                    ptrs[a] = eb;
-                    ptrs[active + a] = s.xg + g * (d.es * h) as u64;
-                    ptrs[2 * active + a] = s.gu + g * 4 * 2 * ie as u64;
-                    ptrs[3 * active + a] = eb + (d.es * 2 * h * ie) as u64;
-                    ptrs[4 * active + a] = s.eh + g * (d.es * ie) as u64;
-                    ptrs[5 * active + a] = s.eo + g * 4 * h as u64;
-                }
-                expert_bytes += active as u64 * per_expert_bytes;
-                rank.htod(s.gidx, &gidx)?;
-                rank.htod(s.cidx, &cidx)?;
-                rank.htod(s.ptrs, &ptrs)?;
                 clock.mark(&rank.stream, 2)?;
                 let gr = (active * max_n) as u32;
                 rank.launch(
@@ -2801,7 +2934,9 @@ impl CudaRunner {
                 rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
             }
             let shared = if self.cfg.moe.n_shared_experts > 0 {
-                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                if !shared_done {
+                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                }
                 s.y
             } else {
                 0
@@ -2829,7 +2964,7 @@ impl CudaRunner {
         if n == 0 {
             let (_, active) = rank.read_back(&[], d.vocab, d.layers)?;
             let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-            self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
+            self.last_expert_bytes = routed * per_expert_bytes;
             for (a, c) in self.phases.iter_mut().zip(clock.acc) {
                 *a += c;
             }
@@ -2862,7 +2997,7 @@ impl CudaRunner {
         }
         let (out, active) = rank.read_back(&needs, d.vocab, d.layers)?;
         let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-        self.last_expert_bytes = expert_bytes + routed * per_expert_bytes;
+        self.last_expert_bytes = routed * per_expert_bytes;
         clock.mark(&rank.stream, 4)?;
         for (a, c) in self.phases.iter_mut().zip(clock.acc) {
             *a += c;

@@ -45,6 +45,7 @@
 //! run.stop();
 //! ```
 
+mod handoff;
 mod intake;
 pub(crate) mod loom;
 pub(crate) mod mesh;
@@ -53,7 +54,7 @@ pub mod sampling;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,6 +62,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use self::loom::{AtomicBool, Ordering};
+use handoff::Handoff;
 use intake::{Intake, Submitted};
 
 pub use mesh::MeshError;
@@ -411,13 +413,9 @@ struct Core<R> {
 
 struct Shared<R> {
     intake: Arc<Intake>,
-    core: Mutex<Core<R>>,
+    core: Handoff<Core<R>>,
     actions: Mutex<Vec<BoundaryAction<R>>>,
     metrics: Mutex<EngineMetrics>,
-    /// Callers of [`Engine::with_runner`] waiting for `core`. The run loop lets them in before it
-    /// takes the lock again: std's mutex is not fair, and a loop that retakes it at once would
-    /// starve them for as long as it stays busy.
-    core_waiters: AtomicUsize,
     next_id: AtomicU64,
     config: EngineConfig,
 }
@@ -457,7 +455,7 @@ impl<R: Runner> Engine<R> {
         Self {
             shared: Arc::new(Shared {
                 intake: Arc::new(intake),
-                core: Mutex::new(Core {
+                core: Handoff::new(Core {
                     runner,
                     scheduler,
                     live: BTreeMap::new(),
@@ -466,7 +464,6 @@ impl<R: Runner> Engine<R> {
                 }),
                 actions: Mutex::new(Vec::new()),
                 metrics: Mutex::new(metrics),
-                core_waiters: AtomicUsize::new(0),
                 next_id: AtomicU64::new(0),
                 config,
             }),
@@ -529,10 +526,7 @@ impl<R: Runner> Engine<R> {
     /// Runs `f` on the runner between iterations (for inspection; it waits for the iteration in
     /// progress, and a busy run loop lets it in before its next iteration).
     pub fn with_runner<T>(&self, f: impl FnOnce(&R) -> T) -> T {
-        self.shared.core_waiters.fetch_add(1, Ordering::SeqCst);
-        let core = lock(&self.shared.core);
-        self.shared.core_waiters.fetch_sub(1, Ordering::SeqCst);
-        f(&core.runner)
+        f(&self.shared.core.lock_first().runner)
     }
 
     /// Stops taking requests. Running ones continue while iterations run.
@@ -546,12 +540,12 @@ impl<R: Runner> Engine<R> {
             return false;
         }
         let no_actions = lock(&self.shared.actions).is_empty();
-        no_actions && lock(&self.shared.core).scheduler.is_idle()
+        no_actions && self.shared.core.lock_first().scheduler.is_idle()
     }
 
     /// Runs one iteration.
     pub fn step(&self) -> Result<StepReport, EngineError> {
-        let mut core = lock(&self.shared.core);
+        let mut core = self.shared.core.lock_after_others();
         let mut report = StepReport::default();
         let actions = std::mem::take(&mut *lock(&self.shared.actions));
         report.boundary_actions = actions.len();
@@ -608,10 +602,6 @@ impl<R: Runner> Engine<R> {
 
     fn run_loop(&self, stop: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
-            // Hand the lock to `with_runner` callers first (they hold it only for their closure).
-            while self.shared.core_waiters.load(Ordering::SeqCst) > 0 {
-                std::thread::yield_now();
-            }
             // A runner error ends that batch's sequences and is kept in the metrics; serving goes on.
             let idle = self.step().is_ok_and(|r| r.is_idle());
             if idle {
