@@ -4,7 +4,15 @@
 
 use std::process::Command;
 
+/// One demo at a time: each runs a multi-threaded serving process on a real clock, and the
+/// policy's scale-down near the end of the short trace needs the machine not to be saturated by
+/// the other demos of this file (CI has 2 cores).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn demo(out: &std::path::Path, cache: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let status = Command::new(env!("CARGO_BIN_EXE_elasticmoe"))
         .args([
             "demo",
