@@ -2,9 +2,8 @@
 //! on its own thread, by the elastic strategy or one of the baselines, and measures it.
 //!
 //! Everything it asks of the engine goes through boundary actions (`Engine::at_boundary`), which
-//! the run loop performs at its next iteration boundary; it never waits on
-//! `Engine::with_runner`, whose lock a serving loop at full batch retakes at once (a waiter
-//! there can starve for minutes).
+//! the run loop performs at its next iteration boundary, with mutable access and a measured
+//! hold time (`Engine::with_runner` is read-only and only for inspection).
 //!
 //! | strategy | what the serving loop sees |
 //! |---|---|
