@@ -20,12 +20,9 @@ use moe_runtime::compute::{
 };
 use moe_runtime::config::ModelConfig;
 use moe_runtime::model::runner::SingleDevice;
-use moe_runtime::model::weights::{MemTensors, TensorSource};
+use moe_runtime::model::weights::{MemTensors, RoundedToBf16};
 use moe_runtime::model::Model;
-use moe_runtime::schema::TensorSpec;
 use proptest::prelude::*;
-
-type BoxErr = Box<dyn std::error::Error + Send + Sync>;
 
 fn bf16_cpu() -> CpuCompute {
     CpuCompute::with_act_precision(ActPrecision::Bf16Gemm)
@@ -452,22 +449,6 @@ fn mla_rounds_the_absorb_and_expand_inputs_only() {
 // ---------------------------------------------------------------------------------------------
 // Whole models.
 
-/// A source whose values are rounded to bf16 (what the GPU holds).
-struct Bf16Rounded(MemTensors);
-
-impl TensorSource for Bf16Rounded {
-    fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<(), BoxErr> {
-        self.0.read_f32_into(name, out)?;
-        for v in out.iter_mut() {
-            *v = round_bf16(*v);
-        }
-        Ok(())
-    }
-    fn check(&self, spec: &TensorSpec) -> Result<(), BoxErr> {
-        self.0.check(spec)
-    }
-}
-
 fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
@@ -483,7 +464,7 @@ fn argmax(v: &[f32]) -> usize {
 /// decodes: 72 positions); both follow `a`'s greedy tokens. Per position: `max |b - a| / max |a|`,
 /// and whether the argmax agrees.
 fn teacher_forced<B: Compute>(cfg: &ModelConfig, a: CpuCompute, b: B) -> Vec<(f64, bool)> {
-    let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
+    let src = RoundedToBf16(MemTensors::seeded(cfg, 11));
     let vmm = host_vmm(2);
     let mut ra =
         SingleDevice::load(Model::new(cfg, a).unwrap(), &vmm, DeviceId(0), &src, 16).unwrap();
@@ -754,7 +735,7 @@ fn both_modes_are_insensitive_to_summation_order_within_the_issue_thresholds() {
 fn bf16_gemm_models_stay_batch_invariant() {
     for preset in TINY {
         let cfg = preset.config();
-        let src = Bf16Rounded(MemTensors::seeded(&cfg, 3));
+        let src = RoundedToBf16(MemTensors::seeded(&cfg, 3));
         let vmm = host_vmm(1);
         let v = cfg.vocab_size as u32;
         let a: Vec<u32> = (0..9).map(|i| (i * 7 + 2) % v).collect();

@@ -38,31 +38,12 @@ use moe_runtime::config::ModelConfig;
 use moe_runtime::cuda::{self, CudaConfig, CudaRunner, Precision};
 use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
 use moe_runtime::model::runner::SingleDevice;
-use moe_runtime::model::weights::{MemTensors, TensorSource};
+use moe_runtime::model::weights::{MemTensors, RoundedToBf16};
 use moe_runtime::model::Model;
 use moe_runtime::presets::{with_layers, Preset};
-use moe_runtime::schema::TensorSpec;
-
-type BoxErr = Box<dyn std::error::Error + Send + Sync>;
 
 /// Tokens each target generates.
 const GEN: usize = 6;
-
-/// A source whose values are rounded to bf16 (what the GPU holds).
-struct Bf16Rounded(MemTensors);
-
-impl TensorSource for Bf16Rounded {
-    fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<(), BoxErr> {
-        self.0.read_f32_into(name, out)?;
-        for v in out.iter_mut() {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
-        Ok(())
-    }
-    fn check(&self, spec: &TensorSpec) -> Result<(), BoxErr> {
-        self.0.check(spec)
-    }
-}
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -291,7 +272,7 @@ fn against_cpu(
     targets: &[Vec<u32>],
     alone: &[Vec<Vec<f32>>],
 ) -> (f64, f64) {
-    let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
+    let src = RoundedToBf16(MemTensors::seeded(cfg, 11));
     let host = Vmm::new(HostBackend::new(
         HostConfig::devices(1, 1 << 30)
             .with_granularity(4096)
@@ -357,7 +338,7 @@ fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
         for &(bi, precision) in modes {
             let make = |devices: usize| {
                 if *tiny {
-                    let src = Bf16Rounded(MemTensors::seeded(cfg, 11));
+                    let src = RoundedToBf16(MemTensors::seeded(cfg, 11));
                     CudaRunner::load(cfg, &src, config(devices, bi, precision))
                 } else {
                     CudaRunner::synthetic(cfg, 7, config(devices, bi, precision))

@@ -31,28 +31,9 @@ use moe_runtime::config::ModelConfig;
 use moe_runtime::cuda::{self, CudaConfig, CudaRunner, Precision};
 use moe_runtime::engine::{Chunk, RankId, RequestId, Runner, Work};
 use moe_runtime::model::runner::SingleDevice;
-use moe_runtime::model::weights::{MemTensors, TensorSource};
+use moe_runtime::model::weights::{MemTensors, RoundedToBf16};
 use moe_runtime::model::Model;
 use moe_runtime::presets::Preset;
-use moe_runtime::schema::TensorSpec;
-
-type BoxErr = Box<dyn std::error::Error + Send + Sync>;
-
-/// A source whose values are rounded to bf16 (what the GPU holds).
-struct Bf16Rounded(MemTensors);
-
-impl TensorSource for Bf16Rounded {
-    fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<(), BoxErr> {
-        self.0.read_f32_into(name, out)?;
-        for v in out.iter_mut() {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
-        Ok(())
-    }
-    fn check(&self, spec: &TensorSpec) -> Result<(), BoxErr> {
-        self.0.check(spec)
-    }
-}
 
 fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
@@ -125,7 +106,7 @@ fn compare_layers(
     precision: Precision,
     refs: &[ActPrecision],
 ) -> Vec<Outcome> {
-    let src = Bf16Rounded(MemTensors::seeded(full, 11));
+    let src = RoundedToBf16(MemTensors::seeded(full, 11));
     let mut cut = full.clone();
     cut.num_layers = layers;
     let cfg = &cut;

@@ -1880,6 +1880,35 @@ impl CudaRunner {
         Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
     }
 
+    /// Launches the router kernel (`route`, one warp per row) over the first `rows` rows of the
+    /// rank's router logits (`s.rlogits`), writing `s.ids` / `s.wts`.
+    fn launch_route(
+        rank: &Rank,
+        spec: &crate::compute::RouterSpec,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let s = rank.s;
+        let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+        rank.launch(
+            &rank.k.route,
+            (rows as u32, 1),
+            32,
+            0,
+            &[
+                Arg::P(s.rlogits),
+                Arg::I(rows as i32),
+                Arg::I(spec.experts as i32),
+                Arg::I(spec.top_k as i32),
+                Arg::I(ng as i32),
+                Arg::I(tg as i32),
+                Arg::I(i32::from(spec.normalize)),
+                Arg::F(spec.scale),
+                Arg::P(s.ids),
+                Arg::P(s.wts),
+            ],
+        )
+    }
+
     /// The routes the runner's router kernel (`route`, one warp per row) chooses for each row of
     /// `logits` (router logits, the model's expert count per row), on rank 0: per row, the
     /// chosen experts ascending by id with their weights. For checks against the CPU router.
@@ -1906,25 +1935,7 @@ impl CudaRunner {
         rank.bind()?;
         let s = rank.s;
         rank.htod(s.rlogits, logits)?;
-        let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
-        rank.launch(
-            &rank.k.route,
-            (n as u32, 1),
-            32,
-            0,
-            &[
-                Arg::P(s.rlogits),
-                Arg::I(n as i32),
-                Arg::I(e as i32),
-                Arg::I(k as i32),
-                Arg::I(ng as i32),
-                Arg::I(tg as i32),
-                Arg::I(i32::from(spec.normalize)),
-                Arg::F(spec.scale),
-                Arg::P(s.ids),
-                Arg::P(s.wts),
-            ],
-        )?;
+        Self::launch_route(rank, &spec, n)?;
         let ids: Vec<i32> = rank.dtoh(s.ids, n * k)?;
         let wts: Vec<f32> = rank.dtoh(s.wts, n * k)?;
         ids.chunks(k.max(1))
@@ -2722,25 +2733,7 @@ impl CudaRunner {
                     Arg::I(e as i32),
                 ],
             )?;
-            let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
-            rank.launch(
-                &rank.k.route,
-                (rows as u32, 1),
-                32,
-                0,
-                &[
-                    Arg::P(s.rlogits),
-                    Arg::I(rows as i32),
-                    Arg::I(e as i32),
-                    Arg::I(k as i32),
-                    Arg::I(ng as i32),
-                    Arg::I(tg as i32),
-                    Arg::I(i32::from(spec.normalize)),
-                    Arg::F(spec.scale),
-                    Arg::P(s.ids),
-                    Arg::P(s.wts),
-                ],
-            )?;
+            Self::launch_route(rank, &spec, rows)?;
             let ie = d.inter_e;
             let mut shared_done = false;
             if path == DispatchPath::Gemv {

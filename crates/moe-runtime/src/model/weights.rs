@@ -84,6 +84,29 @@ impl TensorSource for crate::checkpoint::Checkpoint {
     }
 }
 
+/// A source whose values are rounded to bf16: the weights a device in bf16 holds, as f32 for
+/// the CPU reference.
+#[derive(Debug, Clone)]
+pub struct RoundedToBf16<S>(pub S);
+
+impl<S: TensorSource> TensorSource for RoundedToBf16<S> {
+    fn read_f32_into(
+        &self,
+        name: &str,
+        out: &mut [f32],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.read_f32_into(name, out)?;
+        for v in out.iter_mut() {
+            *v = crate::compute::round_bf16(*v);
+        }
+        Ok(())
+    }
+
+    fn check(&self, spec: &TensorSpec) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.check(spec)
+    }
+}
+
 /// One tensor's place in a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSlot {
