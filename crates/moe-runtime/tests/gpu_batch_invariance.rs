@@ -11,7 +11,12 @@
 //! - `chunked`: prompts prefilled in chunks of 5 tokens;
 //! - `token-by-token`: prompts fed one token per step;
 //! - `2-gpu`: `with-others` on two GPUs with the routed experts split between them, targets and
-//!   others alternating between the ranks (when two GPUs exist).
+//!   others alternating between the ranks (when two GPUs exist), expert parallel (each GPU runs
+//!   its own experts for both ranks' rows);
+//! - `2-gpu-rank-1-only`: the targets together on rank 1 of the two GPUs (GPU 0 only runs its
+//!   experts for them);
+//! - `2-gpu-remote-experts`: `2-gpu` with expert parallelism off (each rank reads the other
+//!   GPU's experts over NVLink).
 //!
 //! Models: the tiny presets (weights from the CPU reference's seeded source, rounded to bf16) and
 //! real shapes cut to 2 layers (`deepseek-v2-lite`: one dense and one MoE layer with MLA;
@@ -222,9 +227,28 @@ fn schedules(
     let single: Vec<Seq> = targets.iter().map(|p| t(p, 1)).collect();
     runs.push(("token-by-token", go(one, &single)));
     if let Some(two) = two {
+        // Expert parallel (the default): each GPU runs its own experts for both ranks' rows.
+        assert!(two.expert_parallel());
         let (seqs, at) = mixed(2);
         let o = go(two, &seqs);
         runs.push(("2-gpu", at.iter().map(|&i| o[i].clone()).collect()));
+        // Every row on rank 1: GPU 0 has no rows of its own but still runs its experts.
+        let on_one: Vec<Seq> = targets
+            .iter()
+            .map(|p| Seq {
+                rank: 1,
+                ..t(p, usize::MAX)
+            })
+            .collect();
+        runs.push(("2-gpu-rank-1-only", go(two, &on_one)));
+        // Each rank reading the other GPU's experts over NVLink (expert parallelism off).
+        two.set_expert_parallel(false);
+        let o = go(two, &seqs);
+        runs.push((
+            "2-gpu-remote-experts",
+            at.iter().map(|&i| o[i].clone()).collect(),
+        ));
+        two.set_expert_parallel(true);
     }
     (runs, targets)
 }

@@ -262,7 +262,7 @@ fn gpu_runtime_matches_cpu_reference() {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
-        for gpus in [1usize, 2] {
+        for gpus in [1usize, 2, 3] {
             if gpus > n {
                 println!("only {n} GPU(s): skipping the {gpus}-GPU check");
                 continue;

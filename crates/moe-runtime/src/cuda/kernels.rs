@@ -334,18 +334,43 @@ extern "C" __global__ void combine(float* hidden, int H, int k, const int* idx, 
   }
 }
 
+// Expert parallel, the way back: for each slot s of the step's global rows (grid: slots) whose
+// expert this GPU owns (owner[ids[s]] == me), copies the expert's output row eo[cidx[s]] (H
+// floats) into the return buffer of the rank that holds the row: rets[r] + (s - offs[r] * k) * H,
+// r the rank with offs[r] <= s / k < offs[r + 1] (R ranks). Remote rows are written over NVLink.
+extern "C" __global__ void ep_return(const int* ids, int E, const int* owner, int me,
+    const int* cidx, const float* eo, int H, int k, const int* offs, int R,
+    const unsigned long long* rets) {
+  int s = blockIdx.x, e = ids[s];
+  if (e < 0 || e >= E || owner[e] != me) return;
+  int row = s / k, r = 0;
+  while (r + 1 < R && offs[r + 1] <= row) r++;
+  float* dst = (float*)rets[r] + (size_t)(s - offs[r] * k) * H;
+  const float* src = eo + (size_t)cidx[s] * H;
+  if ((H & 3) == 0) {
+    const float4* s4 = (const float4*)src;
+    float4* d4 = (float4*)dst;
+    for (int i = threadIdx.x; i < H / 4; i += blockDim.x) d4[i] = s4[i];
+  } else {
+    for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
 // Device-side dispatch, one block of at least E threads: counts[e] slots route to expert e,
 // offsets[e] is their exclusive prefix sum (ascending expert id), gidx[offsets[e] + j] is the
 // token row of the j-th such slot (ascending slot order) and cidx[slot] its compact row.
 // active[0] = number of experts with at least one slot (for the bytes-read accounting).
+// Expert parallel: with `owner` non-null only the experts with owner[e] == me count (the others
+// get no rows, and their slots' cidx is left as it was).
 extern "C" __global__ void moe_dispatch(const int* ids, int slots, int E, int k, int* counts,
-    int* offsets, int* gidx, int* cidx, int* active) {
+    int* offsets, int* gidx, int* cidx, int* active, const int* owner, int me) {
   __shared__ int cnt[256];
   __shared__ int off[256];
   int e = threadIdx.x;
   if (e < E) {
     int c = 0;
-    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    if (!owner || owner[e] == me)
+      for (int s = 0; s < slots; s++) c += ids[s] == e;
     cnt[e] = c;
   }
   __syncthreads();
@@ -422,12 +447,13 @@ extern "C" __global__ void moe_dispatch_padded(const int* ids, int slots, int E,
 // `act` addresses each (act = number of active experts): expert base (etable[e]), xg + a*n rows,
 // gu + a*n rows, expert base + down_off, eh + a*n rows, eo + a*n rows (row strides in bytes).
 // info = {act, n, bad}: bad = 1 if some id lies outside 0..E (nothing else written); when
-// act * n > cap nothing but info is written. active[0] = act.
+// act * n > cap nothing but info is written. active[0] = act. Expert parallel: with `owner`
+// non-null only the experts with owner[e] == me count, as in moe_dispatch.
 extern "C" __global__ void moe_dispatch_grouped(const int* ids, int slots, int E, int k, int cap,
     const unsigned long long* etable, long long down_off, unsigned long long xg, long long xg_row,
     unsigned long long gu, long long gu_row, unsigned long long eh, long long eh_row,
     unsigned long long eo, long long eo_row, int* gidx, int* cidx, unsigned long long* ptrs,
-    int* info, int* active) {
+    int* info, int* active, const int* owner, int me) {
   __shared__ int cnt[256];
   __shared__ int aidx[256];
   __shared__ int bad, act_s, max_s;
@@ -438,7 +464,8 @@ extern "C" __global__ void moe_dispatch_grouped(const int* ids, int slots, int E
     if (ids[s] < 0 || ids[s] >= E) bad = 1;
   if (e < E) {
     int c = 0;
-    for (int s = 0; s < slots; s++) c += ids[s] == e;
+    if (!owner || owner[e] == me)
+      for (int s = 0; s < slots; s++) c += ids[s] == e;
     cnt[e] = c;
   }
   __syncthreads();
@@ -936,6 +963,7 @@ pub(crate) struct Kernels {
     pub moe_dispatch_padded: CudaFunction,
     pub moe_dispatch_grouped: CudaFunction,
     pub moe_gemv: CudaFunction,
+    pub ep_return: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub bi_gemm: CudaFunction,
     pub bi_gemm_kn: CudaFunction,
@@ -1004,6 +1032,7 @@ impl Kernels {
             moe_dispatch_padded: f("moe_dispatch_padded")?,
             moe_dispatch_grouped: f("moe_dispatch_grouped")?,
             moe_gemv: f("moe_gemv")?,
+            ep_return: f("ep_return")?,
             argmax_rows: f("argmax_rows")?,
             bi_gemm: f("bi_gemm")?,
             bi_gemm_kn: f("bi_gemm_kn")?,

@@ -508,6 +508,26 @@ struct Scratch {
     ov_gidx: u64,
     /// `{active experts, busiest expert's rows, bad id}` of the host path's grouped dispatch.
     dinfo: u64,
+    /// Expert parallel: the rank index owning each routed expert, `[layer][expert]`.
+    eowner: u64,
+    /// Expert parallel: the step's first global row of each rank (`ranks + 1` entries).
+    ep_offs: u64,
+    /// Expert parallel: each rank's return buffer ([`Exchange::ret`]).
+    ep_rets: u64,
+    /// `0, 1, 2, ...`: the combine's slot index when the expert outputs are already in slot order.
+    iota: u64,
+}
+
+/// A rank's expert-parallel exchange buffers, in a chunk every GPU of the machine may read and
+/// write: the other ranks push their rows in, the expert owners push their outputs back.
+#[derive(Debug, Default, Clone, Copy)]
+struct Exchange {
+    /// Every rank's normalised rows of the step (bf16), in rank order.
+    xin: u64,
+    /// Every rank's routes of the step (`top_k` expert ids per row), in rank order.
+    idin: u64,
+    /// This rank's rows' expert outputs (f32, `top_k` rows of `h` per row), in slot order.
+    ret: u64,
 }
 
 /// Sizes the scratch of a rank needs.
@@ -533,6 +553,16 @@ struct Dims {
     es: usize,
     /// Layers of the model.
     layers: usize,
+    /// GPUs of the machine: the most ranks a runner can grow to.
+    gpus: usize,
+}
+
+impl Dims {
+    /// The most rows one expert-parallel step gathers on a GPU: every rank's, at most `rows`
+    /// each.
+    fn ep_rows(&self) -> usize {
+        self.rows * self.gpus
+    }
 }
 
 /// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
@@ -547,6 +577,14 @@ struct Rank {
     kv: DevBuf,
     _scratch: DevBuf,
     s: Scratch,
+    _xchg: DevBuf,
+    x: Exchange,
+    /// Whether every GPU of the machine may read and write the exchange chunk.
+    peer_exchange: bool,
+    /// Recorded once the rank has pushed a layer's rows and routes to every GPU.
+    ev_pub: CudaEvent,
+    /// Recorded once the GPU has pushed a layer's expert outputs back to every rank.
+    ev_ret: CudaEvent,
     /// Page-locked staging for the logits of up to `rows` sampled rows.
     pinned: PinnedHost,
     /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
@@ -738,6 +776,21 @@ impl Rank {
         // else writes them (see `fetch_info`).
         let v = unsafe { std::slice::from_raw_parts(self.pinned_info.ptr.cast::<i32>(), 3) };
         Ok([v[0], v[1], v[2]])
+    }
+
+    /// Queues a copy of `bytes` bytes from `src` (this rank's memory) to `dst` (its own or a peer
+    /// GPU's) on this rank's stream.
+    fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `src` holds `bytes` bytes of a live chunk of this rank and `dst` has room for
+        // them in a live chunk that this device was granted access to (an exchange chunk, which
+        // every GPU of the machine may write); the caller orders the copy against the buffers'
+        // other users with stream order and events.
+        cu("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.cu_stream())
+        })
     }
 
     fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
@@ -1266,6 +1319,17 @@ struct Item {
     need: Need,
 }
 
+/// One rank's part of a step in flight, from [`CudaRunner::begin`] to [`CudaRunner::finish`].
+struct Step {
+    ri: usize,
+    rows: usize,
+    path: DispatchPath,
+    /// What the engine needs of each sampled row, in order.
+    needs: Vec<Need>,
+    ctx_max: usize,
+    clock: PhaseClock,
+}
+
 /// The model on one or more GPUs, serving the engine (see the module docs).
 pub struct CudaRunner {
     ranks: Vec<Rank>,
@@ -1282,6 +1346,7 @@ pub struct CudaRunner {
     device_dispatch_max_rows: usize,
     padded_dispatch_max_rows: usize,
     forced_capacity: Option<usize>,
+    expert_parallel: bool,
     vmm: Vmm<CudaBackend>,
 }
 
@@ -1426,12 +1491,16 @@ impl CudaRunner {
             top_k: spec.top_k,
             rows,
             table_cap: rows * max_context.div_ceil(config.block_tokens),
+            // Room for the grouped layout of any `rows` routed rows, the padded layout, and the
+            // compact layout of an expert-parallel step's rows from every GPU.
             gather_cap: (e.min(rows * spec.top_k.max(1)) * rows)
-                .max(e * padded_capacity(rows, spec.top_k, e) + rows * spec.top_k),
+                .max(e * padded_capacity(rows, spec.top_k, e) + rows * spec.top_k)
+                .max(n_dev * rows * spec.top_k),
             half_rope: model.rope().dim() / 2,
             max_context,
             es: config.precision.elem_bytes(),
             layers: cfg.num_layers,
+            gpus: n_dev,
         };
         // Shared memory of the attention kernels: the query parts plus one score per context token.
         let smem = 4 * (dims.lat.max(qw) + max_context) + 256;
@@ -1533,6 +1602,7 @@ impl CudaRunner {
             device_dispatch_max_rows: DEVICE_DISPATCH_MAX_ROWS,
             padded_dispatch_max_rows: PADDED_DISPATCH_MAX_ROWS,
             forced_capacity: None,
+            expert_parallel: true,
             vmm,
         })
     }
@@ -1648,7 +1718,7 @@ impl CudaRunner {
             ("eh", es * d.gather_cap * d.inter_e),
             ("eo", 4 * d.gather_cap * d.h),
             ("gidx", 4 * d.gather_cap),
-            ("cidx", 4 * r * d.top_k),
+            ("cidx", 4 * d.ep_rows() * d.top_k),
             ("ptrs", 8 * 6 * d.experts),
             ("tokens", 4 * r),
             ("pos", 4 * r),
@@ -1670,6 +1740,10 @@ impl CudaRunner {
             ("ov_gidx", 4 * r * d.top_k),
             ("argmax", 4 * r),
             ("dinfo", 4 * 4),
+            ("eowner", 4 * d.layers.max(1) * d.experts),
+            ("ep_offs", 4 * (d.gpus + 1)),
+            ("ep_rets", 8 * d.gpus),
+            ("iota", 4 * r * d.top_k),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
         let scratch = DevBuf::new(vmm, dev, total, &[])?;
@@ -1733,7 +1807,40 @@ impl CudaRunner {
             ov_gidx: a("ov_gidx"),
             argmax: a("argmax"),
             dinfo: a("dinfo"),
+            eowner: a("eowner"),
+            ep_offs: a("ep_offs"),
+            ep_rets: a("ep_rets"),
+            iota: a("iota"),
         };
+        // The exchange chunk: readable and writable by every GPU of the machine, so any rank that
+        // joins later can use it without a new grant.
+        let x_sizes = [
+            d.es * d.ep_rows() * d.h,
+            4 * d.ep_rows() * d.top_k,
+            4 * r * d.top_k * d.h,
+        ];
+        let x_len: usize = x_sizes.iter().map(|b| b.div_ceil(256) * 256).sum();
+        let everyone: Vec<DeviceId> = if d.gpus > 1 {
+            (0..d.gpus as u32).map(DeviceId).collect()
+        } else {
+            Vec::new()
+        };
+        // Without peer access between some GPUs the grant fails; the rank then keeps its
+        // exchange chunk to itself and steps run without expert parallelism.
+        let (xchg, peer_exchange) = match DevBuf::new(vmm, dev, x_len, &everyone) {
+            Ok(b) => (b, !everyone.is_empty()),
+            Err(_) => (DevBuf::new(vmm, dev, x_len, &[])?, false),
+        };
+        let x = Exchange {
+            xin: xchg.addr(),
+            idin: xchg.addr() + (x_sizes[0].div_ceil(256) * 256) as u64,
+            ret: xchg.addr() + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
+        };
+        let event = || {
+            ctx.new_event(None)
+                .map_err(CudaError::driver("cuEventCreate"))
+        };
+        let (ev_pub, ev_ret) = (event()?, event()?);
         let rank = Rank {
             dev,
             ctx,
@@ -1745,6 +1852,11 @@ impl CudaRunner {
             kv,
             _scratch: scratch,
             s,
+            _xchg: xchg,
+            x,
+            peer_exchange,
+            ev_pub,
+            ev_ret,
             pinned,
             pinned_small,
             pinned_info,
@@ -1777,6 +1889,8 @@ impl CudaRunner {
         }
         rank.htod(rank.s.cos, &cos)?;
         rank.htod(rank.s.sin, &sin)?;
+        let iota: Vec<i32> = (0..(r * d.top_k) as i32).collect();
+        rank.htod(rank.s.iota, &iota)?;
         // Replicated weights.
         let fill_chunk =
             |base: u64, lay: &ChunkLayout, seed_ctr: &mut u64| -> Result<(), CudaError> {
@@ -2163,12 +2277,100 @@ impl CudaRunner {
         )
     }
 
-    /// Runs one batch on rank `ri`; returns what each sampled item needs, in order.
-    fn forward(&mut self, ri: usize, items: &[Item]) -> Result<Vec<RowOutput>, CudaError> {
+    /// The address of `role`'s tensor in layer `l`'s replicated chunk on `rank`.
+    fn weight(&self, rank: &Rank, l: usize, role: TensorRole) -> Result<u64, CudaError> {
+        let lay = self
+            .model
+            .layout()
+            .layer(l)
+            .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
+        slot_addr(rank.layers[l].addr(), lay, role, self.dims.es)
+    }
+
+    /// The SwiGLU MLP of layer `l` (dense, or its shared experts) on the step's normalised rows
+    /// (`s.xb`): `out[rows, h] (ldo) = down(silu(gate x) * up x) + beta * out`.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu(
+        &self,
+        rank: &Rank,
+        l: usize,
+        rows: usize,
+        inter: usize,
+        out: u64,
+        ldo: usize,
+        beta: f32,
+    ) -> Result<(), CudaError> {
+        let (s, h) = (rank.s, self.dims.h);
+        let w = |role| self.weight(rank, l, role);
+        rank.gemm(
+            w(TensorRole::Gate)?,
+            s.xb,
+            h,
+            s.f1,
+            inter,
+            false,
+            rows,
+            h,
+            inter,
+            0.0,
+        )?;
+        rank.gemm(
+            w(TensorRole::Up)?,
+            s.xb,
+            h,
+            s.f2,
+            inter,
+            false,
+            rows,
+            h,
+            inter,
+            0.0,
+        )?;
+        rank.launch(
+            &rank.k.silu_mul,
+            (rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.f1),
+                Arg::I(inter as i32),
+                Arg::P(s.f2),
+                Arg::I(inter as i32),
+                Arg::P(s.hb),
+                Arg::I(inter as i32),
+            ],
+        )?;
+        rank.gemm(
+            w(TensorRole::Down)?,
+            s.hb,
+            inter,
+            out,
+            ldo,
+            false,
+            rows,
+            inter,
+            h,
+            beta,
+        )
+    }
+
+    /// The per-step tables every rank that computes experts reads: the expert addresses
+    /// (`[layer][expert]`, and the down projections' for the padded path), and zeroed
+    /// active-expert counts (layers not routed on the device report none).
+    fn upload_tables(&self, ri: usize, etable: &[u64]) -> Result<(), CudaError> {
+        let rank = &self.ranks[ri];
+        rank.bind()?;
+        rank.htod(rank.s.etable, etable)?;
+        rank.htod(rank.s.active, &vec![0i32; self.dims.layers])
+    }
+
+    /// Starts a step on rank `ri`: checks and uploads its rows (tokens, positions, block tables,
+    /// sampled rows) and embeds them. `None` when the rank has no rows in this step.
+    fn begin(&self, ri: usize, items: &[Item]) -> Result<Option<Step>, CudaError> {
         let d = self.dims;
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         if rows > d.rows {
             return Err(CudaError::Input(format!(
@@ -2211,23 +2413,10 @@ impl CudaRunner {
             .map(|i| i.start + i.tokens.len())
             .max()
             .unwrap_or(0);
-        let geo = self.geo;
         let path = self.dispatch_path(rows);
-        let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
-        // Every path reads the expert addresses on the device (the host path's grouped
-        // dispatch builds its GEMM pointer arrays there).
-        let etable = self.expert_table();
-        let etable_down: Vec<u64> = if matches!(path, DispatchPath::Padded(_)) {
-            etable
-                .iter()
-                .map(|&a| if a == 0 { 0 } else { a + es_ie })
-                .collect()
-        } else {
-            Vec::new()
-        };
         let rank = &self.ranks[ri];
         rank.bind()?;
-        let mut clock = PhaseClock {
+        let clock = PhaseClock {
             on: self.phase_timing,
             last: std::time::Instant::now(),
             acc: [0.0; PHASES.len()],
@@ -2238,7 +2427,6 @@ impl CudaRunner {
         rank.htod(s.tbl_off, &tbl_off)?;
         rank.htod(s.tables, &tables)?;
         rank.htod(s.last, &last)?;
-        rank.htod(s.etable, &etable)?;
         if let DispatchPath::Padded(cap) = path {
             // Padded layout: expert e's rows at e * cap in xg / gu / eh / eo.
             let e = d.experts;
@@ -2253,21 +2441,20 @@ impl CudaRunner {
                 p[3 * e + x] = s.eo + g * 4 * h;
             }
             rank.htod(s.pptrs, &p)?;
+            let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
+            let etable_down: Vec<u64> = self
+                .expert_table()
+                .iter()
+                .map(|&a| if a == 0 { 0 } else { a + es_ie })
+                .collect();
             rank.htod(s.etable_down, &etable_down)?;
         }
-        // Layers not routed on the device report no active experts.
-        rank.htod(s.active, &vec![0i32; d.layers])?;
-        let layout = self.model.layout().clone();
-        let glay = layout.global();
-        let g_embed = slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?;
-        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm, d.es)?;
-        let g_head = if has_role(glay, TensorRole::LmHead) {
-            slot_addr(rank.global.addr(), glay, TensorRole::LmHead, d.es)?
-        } else {
-            g_embed
-        };
-        let h = d.h;
-        let eps = self.cfg.rms_norm_eps as f32;
+        let g_embed = slot_addr(
+            rank.global.addr(),
+            self.model.layout().global(),
+            TensorRole::Embedding,
+            d.es,
+        )?;
         rank.launch(
             &rank.k.embed,
             (rows as u32, 1),
@@ -2277,9 +2464,34 @@ impl CudaRunner {
                 Arg::P(s.tokens),
                 Arg::P(g_embed),
                 Arg::P(s.hidden),
-                Arg::I(h as i32),
+                Arg::I(d.h as i32),
             ],
         )?;
+        Ok(Some(Step {
+            ri,
+            rows,
+            path,
+            needs,
+            ctx_max,
+            clock,
+        }))
+    }
+
+    /// Layer `l`'s attention block on the step's rows: input norm, projections, rope, the KV
+    /// write, attention and the output projection added into the residual stream.
+    fn attention(&self, st: &mut Step, l: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let (rows, ctx_max, geo, h) = (st.rows, st.ctx_max, self.geo, d.h);
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let s = rank.s;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let w = |role| self.weight(rank, l, role);
+        let lay = self
+            .model
+            .layout()
+            .layer(l)
+            .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
         let kv_args = |layer: usize| {
             [
                 Arg::P(rank.kv.addr()),
@@ -2308,31 +2520,191 @@ impl CudaRunner {
                 )),
             ]
         };
-        let per_expert_bytes = (3 * h * d.inter_e * d.es) as u64;
-        for l in 0..self.cfg.num_layers {
-            let lay = layout
-                .layer(l)
-                .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
-            let base = rank.layers[l].addr();
-            let w = |role| slot_addr(base, lay, role, d.es);
-            // Attention.
-            rank.rms(
-                s.hidden,
-                h,
-                1,
-                0,
-                w(TensorRole::InputNorm)?,
-                h,
-                eps,
-                0,
-                0,
-                s.xb,
-                h,
-                rows,
-            )?;
-            match self.model.attn_dims() {
-                AttnDims::Gqa(a) => {
-                    let (qw, kvw, hd) = (d.qw, d.kvw, a.head_dim);
+        rank.rms(
+            s.hidden,
+            h,
+            1,
+            0,
+            w(TensorRole::InputNorm)?,
+            h,
+            eps,
+            0,
+            0,
+            s.xb,
+            h,
+            rows,
+        )?;
+        match self.model.attn_dims() {
+            AttnDims::Gqa(a) => {
+                let (qw, kvw, hd) = (d.qw, d.kvw, a.head_dim);
+                rank.gemm(
+                    w(TensorRole::QProj)?,
+                    s.xb,
+                    h,
+                    s.q,
+                    qw,
+                    false,
+                    rows,
+                    h,
+                    qw,
+                    0.0,
+                )?;
+                rank.gemm(
+                    w(TensorRole::KProj)?,
+                    s.xb,
+                    h,
+                    s.kbuf,
+                    kvw,
+                    false,
+                    rows,
+                    h,
+                    kvw,
+                    0.0,
+                )?;
+                rank.gemm(
+                    w(TensorRole::VProj)?,
+                    s.xb,
+                    h,
+                    s.vbuf,
+                    kvw,
+                    false,
+                    rows,
+                    h,
+                    kvw,
+                    0.0,
+                )?;
+                if has_role(lay, TensorRole::QNorm) {
+                    rank.rms(
+                        s.q,
+                        qw,
+                        a.heads,
+                        hd,
+                        w(TensorRole::QNorm)?,
+                        hd,
+                        eps,
+                        s.q,
+                        qw,
+                        0,
+                        0,
+                        rows,
+                    )?;
+                }
+                if has_role(lay, TensorRole::KNorm) {
+                    rank.rms(
+                        s.kbuf,
+                        kvw,
+                        a.kv_heads,
+                        hd,
+                        w(TensorRole::KNorm)?,
+                        hd,
+                        eps,
+                        s.kbuf,
+                        kvw,
+                        0,
+                        0,
+                        rows,
+                    )?;
+                }
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.q, qw, a.heads, hd, 0),
+                )?;
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.kbuf, kvw, a.kv_heads, hd, 0),
+                )?;
+                let mut args = kv_args(l).to_vec();
+                args.extend([
+                    Arg::P(s.kbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(kvw as i32),
+                    Arg::P(s.vbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(kvw as i32),
+                ]);
+                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                let mut args = vec![Arg::P(s.q), Arg::I(qw as i32)];
+                args.extend(kv_args(l)[..8].iter().copied());
+                args.extend([
+                    Arg::I(a.heads as i32),
+                    Arg::I(a.kv_heads as i32),
+                    Arg::I(hd as i32),
+                    Arg::F(a.scale),
+                    Arg::P(s.att),
+                    Arg::I(qw as i32),
+                ]);
+                let smem = (4 * (hd + ctx_max)) as u32;
+                rank.launch(
+                    &rank.k.attn_gqa,
+                    (a.heads as u32, rows as u32),
+                    128,
+                    smem,
+                    &args,
+                )?;
+                rank.gemm(
+                    w(TensorRole::OProj)?,
+                    s.att,
+                    qw,
+                    s.hidden,
+                    h,
+                    false,
+                    rows,
+                    qw,
+                    h,
+                    1.0,
+                )?;
+            }
+            AttnDims::Mla(a) => {
+                let qhd = a.qk_nope + a.qk_rope;
+                let (qw, r) = (d.qw, a.kv_lora_rank);
+                if d.qr > 0 {
+                    let qr = d.qr;
+                    rank.gemm(
+                        w(TensorRole::QAProj)?,
+                        s.xb,
+                        h,
+                        s.kbuf,
+                        qr,
+                        false,
+                        rows,
+                        h,
+                        qr,
+                        0.0,
+                    )?;
+                    // Normalised q_a goes to `lastb` (bf16) as the input of q_b_proj.
+                    rank.rms(
+                        s.kbuf,
+                        qr,
+                        1,
+                        0,
+                        w(TensorRole::QANorm)?,
+                        qr,
+                        MLA_NORM_EPS,
+                        0,
+                        0,
+                        s.lastb,
+                        qr,
+                        rows,
+                    )?;
+                    rank.gemm(
+                        w(TensorRole::QBProj)?,
+                        s.lastb,
+                        qr,
+                        s.q,
+                        qw,
+                        false,
+                        rows,
+                        qr,
+                        qw,
+                        0.0,
+                    )?;
+                } else {
                     rank.gemm(
                         w(TensorRole::QProj)?,
                         s.xb,
@@ -2345,625 +2717,442 @@ impl CudaRunner {
                         qw,
                         0.0,
                     )?;
-                    rank.gemm(
-                        w(TensorRole::KProj)?,
-                        s.xb,
-                        h,
-                        s.kbuf,
-                        kvw,
-                        false,
-                        rows,
-                        h,
-                        kvw,
-                        0.0,
-                    )?;
-                    rank.gemm(
-                        w(TensorRole::VProj)?,
-                        s.xb,
-                        h,
-                        s.vbuf,
-                        kvw,
-                        false,
-                        rows,
-                        h,
-                        kvw,
-                        0.0,
-                    )?;
-                    if has_role(lay, TensorRole::QNorm) {
-                        rank.rms(
-                            s.q,
-                            qw,
-                            a.heads,
-                            hd,
-                            w(TensorRole::QNorm)?,
-                            hd,
-                            eps,
-                            s.q,
-                            qw,
-                            0,
-                            0,
-                            rows,
-                        )?;
-                    }
-                    if has_role(lay, TensorRole::KNorm) {
-                        rank.rms(
-                            s.kbuf,
-                            kvw,
-                            a.kv_heads,
-                            hd,
-                            w(TensorRole::KNorm)?,
-                            hd,
-                            eps,
-                            s.kbuf,
-                            kvw,
-                            0,
-                            0,
-                            rows,
-                        )?;
-                    }
-                    rank.launch(
-                        &rank.k.rope,
-                        (rows as u32, 1),
-                        128,
-                        0,
-                        &rope_args(s.q, qw, a.heads, hd, 0),
-                    )?;
-                    rank.launch(
-                        &rank.k.rope,
-                        (rows as u32, 1),
-                        128,
-                        0,
-                        &rope_args(s.kbuf, kvw, a.kv_heads, hd, 0),
-                    )?;
-                    let mut args = kv_args(l).to_vec();
-                    args.extend([
-                        Arg::P(s.kbuf),
-                        Arg::I(kvw as i32),
-                        Arg::I(kvw as i32),
-                        Arg::P(s.vbuf),
-                        Arg::I(kvw as i32),
-                        Arg::I(kvw as i32),
-                    ]);
-                    rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
-                    let mut args = vec![Arg::P(s.q), Arg::I(qw as i32)];
-                    args.extend(kv_args(l)[..8].iter().copied());
-                    args.extend([
-                        Arg::I(a.heads as i32),
-                        Arg::I(a.kv_heads as i32),
-                        Arg::I(hd as i32),
-                        Arg::F(a.scale),
-                        Arg::P(s.att),
-                        Arg::I(qw as i32),
-                    ]);
-                    let smem = (4 * (hd + ctx_max)) as u32;
-                    rank.launch(
-                        &rank.k.attn_gqa,
-                        (a.heads as u32, rows as u32),
-                        128,
-                        smem,
-                        &args,
-                    )?;
-                    rank.gemm(
-                        w(TensorRole::OProj)?,
-                        s.att,
-                        qw,
-                        s.hidden,
-                        h,
-                        false,
-                        rows,
-                        qw,
-                        h,
-                        1.0,
-                    )?;
                 }
-                AttnDims::Mla(a) => {
-                    let qhd = a.qk_nope + a.qk_rope;
-                    let (qw, r) = (d.qw, a.kv_lora_rank);
-                    if d.qr > 0 {
-                        let qr = d.qr;
-                        rank.gemm(
-                            w(TensorRole::QAProj)?,
-                            s.xb,
-                            h,
-                            s.kbuf,
-                            qr,
-                            false,
-                            rows,
-                            h,
-                            qr,
-                            0.0,
-                        )?;
-                        // Normalised q_a goes to `lastb` (bf16) as the input of q_b_proj.
-                        rank.rms(
-                            s.kbuf,
-                            qr,
-                            1,
-                            0,
-                            w(TensorRole::QANorm)?,
-                            qr,
-                            MLA_NORM_EPS,
-                            0,
-                            0,
-                            s.lastb,
-                            qr,
-                            rows,
-                        )?;
-                        rank.gemm(
-                            w(TensorRole::QBProj)?,
-                            s.lastb,
-                            qr,
-                            s.q,
-                            qw,
-                            false,
-                            rows,
-                            qr,
-                            qw,
-                            0.0,
-                        )?;
-                    } else {
-                        rank.gemm(
-                            w(TensorRole::QProj)?,
-                            s.xb,
-                            h,
-                            s.q,
-                            qw,
-                            false,
-                            rows,
-                            h,
-                            qw,
-                            0.0,
-                        )?;
-                    }
-                    let kvw = d.kvw;
-                    rank.gemm(
-                        w(TensorRole::KvAProjWithMqa)?,
-                        s.xb,
-                        h,
-                        s.vbuf,
-                        kvw,
-                        false,
-                        rows,
-                        h,
-                        kvw,
-                        0.0,
-                    )?;
-                    rank.rms(
-                        s.vbuf,
-                        kvw,
-                        1,
-                        0,
-                        w(TensorRole::KvANorm)?,
-                        r,
-                        MLA_NORM_EPS,
-                        s.vbuf,
-                        kvw,
-                        0,
-                        0,
-                        rows,
-                    )?;
-                    rank.launch(
-                        &rank.k.rope,
-                        (rows as u32, 1),
-                        128,
-                        0,
-                        &rope_args(s.q, qw, a.heads, qhd, a.qk_nope),
-                    )?;
-                    rank.launch(
-                        &rank.k.rope,
-                        (rows as u32, 1),
-                        128,
-                        0,
-                        &rope_args(s.vbuf, kvw, 1, a.qk_rope, r),
-                    )?;
-                    let mut args = kv_args(l).to_vec();
-                    args.extend([
-                        Arg::P(s.vbuf),
-                        Arg::I(kvw as i32),
-                        Arg::I(r as i32),
-                        Arg::P(s.vbuf + 4 * r as u64),
-                        Arg::I(kvw as i32),
-                        Arg::I(a.qk_rope as i32),
-                    ]);
-                    rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
-                    // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
-                    let n = (rows * qw) as i64;
-                    rank.launch(
-                        &rank.k.cast_bf16,
-                        ((n as usize).div_ceil(256).min(65535) as u32, 1),
-                        256,
-                        0,
-                        &[Arg::P(s.q), Arg::P(s.qbf), Arg::L(n)],
-                    )?;
-                    let kv_b = w(TensorRole::KvBProj)?;
-                    let kvb_head = (a.qk_nope + a.v_head) * r;
-                    rank.gemm_strided(
-                        false,
-                        r,
-                        rows,
-                        a.qk_nope,
-                        kv_b,
-                        r,
-                        kvb_head,
-                        s.qbf,
-                        a.heads * qhd,
-                        qhd,
-                        s.qlat,
-                        a.heads * r,
-                        r,
-                        false,
-                        a.heads,
-                    )?;
-                    let mut args = vec![
-                        Arg::P(s.qlat),
-                        Arg::P(s.q),
-                        Arg::I(qw as i32),
-                        Arg::I(qhd as i32),
-                        Arg::I(a.qk_nope as i32),
-                        Arg::I(a.qk_rope as i32),
-                        Arg::I(r as i32),
-                    ];
-                    args.extend(kv_args(l)[..8].iter().copied());
-                    args.extend([Arg::I(a.heads as i32), Arg::F(a.scale), Arg::P(s.att)]);
-                    let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
-                    rank.launch(
-                        &rank.k.attn_mla,
-                        (a.heads as u32, rows as u32),
-                        128,
-                        smem,
-                        &args,
-                    )?;
-                    // Expand: out[row, h] = W_UV[h] o_lat[row, h].
-                    rank.gemm_strided(
-                        true,
-                        a.v_head,
-                        rows,
-                        r,
-                        kv_b + (d.es * a.qk_nope * r) as u64,
-                        r,
-                        kvb_head,
-                        s.att,
-                        a.heads * r,
-                        r,
-                        s.att2,
-                        a.heads * a.v_head,
-                        a.v_head,
-                        true,
-                        a.heads,
-                    )?;
-                    let ow = a.heads * a.v_head;
-                    rank.gemm(
-                        w(TensorRole::OProj)?,
-                        s.att2,
-                        ow,
-                        s.hidden,
-                        h,
-                        false,
-                        rows,
-                        ow,
-                        h,
-                        1.0,
-                    )?;
-                }
-            }
-            clock.mark(&rank.stream, 0)?;
-            // Feed-forward.
-            rank.rms(
-                s.hidden,
-                h,
-                1,
-                0,
-                w(TensorRole::PostAttentionNorm)?,
-                h,
-                eps,
-                s.xn,
-                h,
-                s.xb,
-                h,
-                rows,
-            )?;
-            let swiglu = |inter: usize, out: u64, ldo: usize, beta: f32| -> Result<(), CudaError> {
+                let kvw = d.kvw;
                 rank.gemm(
-                    w(TensorRole::Gate)?,
+                    w(TensorRole::KvAProjWithMqa)?,
                     s.xb,
                     h,
-                    s.f1,
-                    inter,
+                    s.vbuf,
+                    kvw,
                     false,
                     rows,
                     h,
-                    inter,
+                    kvw,
                     0.0,
                 )?;
-                rank.gemm(
-                    w(TensorRole::Up)?,
-                    s.xb,
-                    h,
-                    s.f2,
-                    inter,
-                    false,
+                rank.rms(
+                    s.vbuf,
+                    kvw,
+                    1,
+                    0,
+                    w(TensorRole::KvANorm)?,
+                    r,
+                    MLA_NORM_EPS,
+                    s.vbuf,
+                    kvw,
+                    0,
+                    0,
                     rows,
-                    h,
-                    inter,
-                    0.0,
                 )?;
                 rank.launch(
-                    &rank.k.silu_mul,
+                    &rank.k.rope,
                     (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.q, qw, a.heads, qhd, a.qk_nope),
+                )?;
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.vbuf, kvw, 1, a.qk_rope, r),
+                )?;
+                let mut args = kv_args(l).to_vec();
+                args.extend([
+                    Arg::P(s.vbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(r as i32),
+                    Arg::P(s.vbuf + 4 * r as u64),
+                    Arg::I(kvw as i32),
+                    Arg::I(a.qk_rope as i32),
+                ]);
+                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
+                let n = (rows * qw) as i64;
+                rank.launch(
+                    &rank.k.cast_bf16,
+                    ((n as usize).div_ceil(256).min(65535) as u32, 1),
                     256,
                     0,
-                    &[
-                        Arg::P(s.f1),
-                        Arg::I(inter as i32),
-                        Arg::P(s.f2),
-                        Arg::I(inter as i32),
-                        Arg::P(s.hb),
-                        Arg::I(inter as i32),
-                    ],
+                    &[Arg::P(s.q), Arg::P(s.qbf), Arg::L(n)],
                 )?;
+                let kv_b = w(TensorRole::KvBProj)?;
+                let kvb_head = (a.qk_nope + a.v_head) * r;
+                rank.gemm_strided(
+                    false,
+                    r,
+                    rows,
+                    a.qk_nope,
+                    kv_b,
+                    r,
+                    kvb_head,
+                    s.qbf,
+                    a.heads * qhd,
+                    qhd,
+                    s.qlat,
+                    a.heads * r,
+                    r,
+                    false,
+                    a.heads,
+                )?;
+                let mut args = vec![
+                    Arg::P(s.qlat),
+                    Arg::P(s.q),
+                    Arg::I(qw as i32),
+                    Arg::I(qhd as i32),
+                    Arg::I(a.qk_nope as i32),
+                    Arg::I(a.qk_rope as i32),
+                    Arg::I(r as i32),
+                ];
+                args.extend(kv_args(l)[..8].iter().copied());
+                args.extend([Arg::I(a.heads as i32), Arg::F(a.scale), Arg::P(s.att)]);
+                let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
+                rank.launch(
+                    &rank.k.attn_mla,
+                    (a.heads as u32, rows as u32),
+                    128,
+                    smem,
+                    &args,
+                )?;
+                // Expand: out[row, h] = W_UV[h] o_lat[row, h].
+                rank.gemm_strided(
+                    true,
+                    a.v_head,
+                    rows,
+                    r,
+                    kv_b + (d.es * a.qk_nope * r) as u64,
+                    r,
+                    kvb_head,
+                    s.att,
+                    a.heads * r,
+                    r,
+                    s.att2,
+                    a.heads * a.v_head,
+                    a.v_head,
+                    true,
+                    a.heads,
+                )?;
+                let ow = a.heads * a.v_head;
                 rank.gemm(
-                    w(TensorRole::Down)?,
-                    s.hb,
-                    inter,
-                    out,
-                    ldo,
+                    w(TensorRole::OProj)?,
+                    s.att2,
+                    ow,
+                    s.hidden,
+                    h,
                     false,
                     rows,
-                    inter,
+                    ow,
                     h,
-                    beta,
-                )
-            };
-            if !self.cfg.is_moe_layer(l) {
-                swiglu(self.cfg.intermediate_size, s.hidden, h, 1.0)?;
-                clock.mark(&rank.stream, 1)?;
-                continue;
+                    1.0,
+                )?;
             }
-            let spec = self.model.router_spec();
-            let (e, k) = (spec.experts, spec.top_k);
+        }
+        st.clock.mark(&rank.stream, 0)
+    }
+
+    /// Layer `l`'s feed-forward input: the post-attention norm, then either the dense MLP
+    /// (returns false: the layer is done) or the router's logits and routes (returns true: the
+    /// routed experts come next).
+    fn ffn_in(&self, st: &mut Step, l: usize) -> Result<bool, CudaError> {
+        let (d, rows) = (self.dims, st.rows);
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let (s, h) = (rank.s, d.h);
+        let eps = self.cfg.rms_norm_eps as f32;
+        rank.rms(
+            s.hidden,
+            h,
+            1,
+            0,
+            self.weight(rank, l, TensorRole::PostAttentionNorm)?,
+            h,
+            eps,
+            s.xn,
+            h,
+            s.xb,
+            h,
+            rows,
+        )?;
+        if !self.cfg.is_moe_layer(l) {
+            self.swiglu(rank, l, rows, self.cfg.intermediate_size, s.hidden, h, 1.0)?;
+            st.clock.mark(&rank.stream, 1)?;
+            return Ok(false);
+        }
+        let spec = self.model.router_spec();
+        rank.launch(
+            &rank.k.linear_f32,
+            (spec.experts as u32, rows as u32),
+            128,
+            0,
+            &[
+                Arg::P(s.xn),
+                Arg::P(self.weight(rank, l, TensorRole::RouterGate)?),
+                Arg::P(s.rlogits),
+                Arg::I(h as i32),
+                Arg::I(spec.experts as i32),
+            ],
+        )?;
+        Self::launch_route(rank, &spec, rows).map(|()| true)
+    }
+
+    /// Layer `l`'s routed experts on the rank's own rows, every expert read where it lies (remote
+    /// experts over NVLink), then the shared experts and the combine into the residual stream.
+    fn local_experts(&self, st: &mut Step, l: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let (rows, path, h, ie) = (st.rows, st.path, d.h, d.inter_e);
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let s = rank.s;
+        let (e, k) = (d.experts, d.top_k);
+        let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
+        let clock = &mut st.clock;
+        let swiglu = |inter: usize, out: u64, ldo: usize, beta: f32| {
+            self.swiglu(rank, l, rows, inter, out, ldo, beta)
+        };
+        let mut shared_done = false;
+        if path == DispatchPath::Gemv {
+            // Counts, offsets and the gather computed on the device; the expert products
+            // read the counts there, so the host never waits for the routes.
             rank.launch(
-                &rank.k.linear_f32,
-                (e as u32, rows as u32),
-                128,
-                0,
-                &[
-                    Arg::P(s.xn),
-                    Arg::P(w(TensorRole::RouterGate)?),
-                    Arg::P(s.rlogits),
-                    Arg::I(h as i32),
-                    Arg::I(e as i32),
-                ],
-            )?;
-            Self::launch_route(rank, &spec, rows)?;
-            let ie = d.inter_e;
-            let mut shared_done = false;
-            if path == DispatchPath::Gemv {
-                // Counts, offsets and the gather computed on the device; the expert products
-                // read the counts there, so the host never waits for the routes.
-                rank.launch(
-                    &rank.k.moe_dispatch,
-                    (1, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.ids),
-                        Arg::I((rows * k) as i32),
-                        Arg::I(e as i32),
-                        Arg::I(k as i32),
-                        Arg::P(s.counts),
-                        Arg::P(s.offsets),
-                        Arg::P(s.gidx),
-                        Arg::P(s.cidx),
-                        Arg::P(s.active + 4 * l as u64),
-                    ],
-                )?;
-                clock.mark(&rank.stream, 2)?;
-                let table = s.etable + (8 * l * d.experts) as u64;
-                let co = (s.counts, s.offsets);
-                let xb = (s.xb, h);
-                let gu = (s.gu, 2 * ie);
-                self.expert_products(rank, co, table, s.gidx, xb, 0, (2 * ie, h), gu, rows)?;
-                rank.launch(
-                    &rank.k.silu_mul,
-                    ((rows * k) as u32, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.gu),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.gu + 4 * ie as u64),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.eh),
-                        Arg::I(ie as i32),
-                    ],
-                )?;
-                let (eh, eo) = ((s.eh, ie), (s.eo, h));
-                self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, rows)?;
-            } else if let DispatchPath::Padded(cap) = path {
-                // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
-                // the rows past an expert's capacity through `moe_gemv`; no host sync.
-                rank.launch(
-                    &rank.k.moe_dispatch_padded,
-                    (1, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.ids),
-                        Arg::I((rows * k) as i32),
-                        Arg::I(e as i32),
-                        Arg::I(k as i32),
-                        Arg::I(cap as i32),
-                        Arg::P(s.gidx),
-                        Arg::P(s.cidx),
-                        Arg::P(s.ov_counts),
-                        Arg::P(s.ov_offsets),
-                        Arg::P(s.ov_gidx),
-                        Arg::P(s.active + 4 * l as u64),
-                    ],
-                )?;
-                clock.mark(&rank.stream, 2)?;
-                let padded = e * cap;
-                rank.launch(
-                    &rank.k.gather_bf16,
-                    (padded as u32, 1),
-                    256,
-                    0,
-                    &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
-                )?;
-                let table = s.etable + (8 * l * d.experts) as u64;
-                let table_down = s.etable_down + (8 * l * d.experts) as u64;
-                let pp = |i: usize| s.pptrs + (8 * i * e) as u64;
-                let ov = padded as u64;
-                let co = (s.ov_counts, s.ov_offsets);
-                rank.gemm_batched(table, pp(0), pp(1), 2 * ie, cap, h, e)?;
-                let gu_ov = s.gu + ov * 4 * 2 * ie as u64;
-                self.moe_gemv(
-                    rank,
-                    co,
-                    table,
-                    s.ov_gidx,
-                    s.xb,
-                    h,
-                    0,
-                    2 * ie,
-                    h,
-                    gu_ov,
-                    2 * ie,
-                )?;
-                rank.launch(
-                    &rank.k.silu_mul,
-                    ((padded + rows * k) as u32, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.gu),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.gu + 4 * ie as u64),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.eh),
-                        Arg::I(ie as i32),
-                    ],
-                )?;
-                rank.gemm_batched(table_down, pp(2), pp(3), h, cap, ie, e)?;
-                let eh_ov = s.eh + ov * (d.es * ie) as u64;
-                let eo_ov = s.eo + ov * 4 * h as u64;
-                self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
-            } else {
-                // The grouped layout (gather list, compact rows, the GEMMs' pointer arrays) is
-                // built on the device; the one host synchronisation of the layer reads back only
-                // its size, because cuBLAS takes the GEMM shapes from the host.
-                let table = s.etable + (8 * l * d.experts) as u64;
-                rank.launch(
-                    &rank.k.moe_dispatch_grouped,
-                    (1, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.ids),
-                        Arg::I((rows * k) as i32),
-                        Arg::I(e as i32),
-                        Arg::I(k as i32),
-                        Arg::I(d.gather_cap as i32),
-                        Arg::P(table),
-                        Arg::L(es_ie as i64),
-                        Arg::U(s.xg),
-                        Arg::L((d.es * h) as i64),
-                        Arg::U(s.gu),
-                        Arg::L((4 * 2 * ie) as i64),
-                        Arg::U(s.eh),
-                        Arg::L((d.es * ie) as i64),
-                        Arg::U(s.eo),
-                        Arg::L((4 * h) as i64),
-                        Arg::P(s.gidx),
-                        Arg::P(s.cidx),
-                        Arg::P(s.ptrs),
-                        Arg::P(s.dinfo),
-                        Arg::P(s.active + 4 * l as u64),
-                    ],
-                )?;
-                rank.fetch_info()?;
-                // The shared experts do not need the routes: queued before the host waits, they
-                // run while it wakes up and launches the routed experts' GEMMs.
-                if self.cfg.moe.n_shared_experts > 0 {
-                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
-                    shared_done = true;
-                }
-                let info = rank.wait_info()?;
-                if info[2] != 0 {
-                    return Err(CudaError::Input(format!(
-                        "router produced an expert id outside 0..{e}"
-                    )));
-                }
-                let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
-                if active * max_n > d.gather_cap {
-                    return Err(CudaError::Input(
-                        "expert dispatch exceeds the gather buffer".into(),
-                    ));
-                }
-                clock.mark(&rank.stream, 2)?;
-                let gr = (active * max_n) as u32;
-                rank.launch(
-                    &rank.k.gather_bf16,
-                    (gr, 1),
-                    256,
-                    0,
-                    &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
-                )?;
-                let p = |i: usize| s.ptrs + (8 * i * active) as u64;
-                rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
-                rank.launch(
-                    &rank.k.silu_mul,
-                    (gr, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(s.gu),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.gu + 4 * ie as u64),
-                        Arg::I(2 * ie as i32),
-                        Arg::P(s.eh),
-                        Arg::I(ie as i32),
-                    ],
-                )?;
-                rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
-            }
-            let shared = if self.cfg.moe.n_shared_experts > 0 {
-                if !shared_done {
-                    swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
-                }
-                s.y
-            } else {
-                0
-            };
-            rank.launch(
-                &rank.k.combine,
-                (rows as u32, 1),
+                &rank.k.moe_dispatch,
+                (1, 1),
                 256,
                 0,
                 &[
-                    Arg::P(s.hidden),
-                    Arg::I(h as i32),
+                    Arg::P(s.ids),
+                    Arg::I((rows * k) as i32),
+                    Arg::I(e as i32),
                     Arg::I(k as i32),
+                    Arg::P(s.counts),
+                    Arg::P(s.offsets),
+                    Arg::P(s.gidx),
                     Arg::P(s.cidx),
-                    Arg::P(s.wts),
-                    Arg::P(s.eo),
-                    Arg::P(shared),
-                    Arg::I(h as i32),
+                    Arg::P(s.active + 4 * l as u64),
+                    Arg::P(0),
+                    Arg::I(0),
                 ],
             )?;
-            clock.mark(&rank.stream, 3)?;
-        }
-        // Final norm of every row, then the LM head on the sampled rows.
-        let n = last.len();
-        if n == 0 {
-            let (_, active) = rank.read_back(&[], d.vocab, d.layers)?;
-            let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-            self.last_expert_bytes = routed * per_expert_bytes;
-            for (a, c) in self.phases.iter_mut().zip(clock.acc) {
-                *a += c;
+            clock.mark(&rank.stream, 2)?;
+            let table = s.etable + (8 * l * d.experts) as u64;
+            let co = (s.counts, s.offsets);
+            let xb = (s.xb, h);
+            let gu = (s.gu, 2 * ie);
+            self.expert_products(rank, co, table, s.gidx, xb, 0, (2 * ie, h), gu, rows)?;
+            rank.launch(
+                &rank.k.silu_mul,
+                ((rows * k) as u32, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.gu),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.gu + 4 * ie as u64),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.eh),
+                    Arg::I(ie as i32),
+                ],
+            )?;
+            let (eh, eo) = ((s.eh, ie), (s.eo, h));
+            self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, rows)?;
+        } else if let DispatchPath::Padded(cap) = path {
+            // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
+            // the rows past an expert's capacity through `moe_gemv`; no host sync.
+            rank.launch(
+                &rank.k.moe_dispatch_padded,
+                (1, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.ids),
+                    Arg::I((rows * k) as i32),
+                    Arg::I(e as i32),
+                    Arg::I(k as i32),
+                    Arg::I(cap as i32),
+                    Arg::P(s.gidx),
+                    Arg::P(s.cidx),
+                    Arg::P(s.ov_counts),
+                    Arg::P(s.ov_offsets),
+                    Arg::P(s.ov_gidx),
+                    Arg::P(s.active + 4 * l as u64),
+                ],
+            )?;
+            clock.mark(&rank.stream, 2)?;
+            let padded = e * cap;
+            rank.launch(
+                &rank.k.gather_bf16,
+                (padded as u32, 1),
+                256,
+                0,
+                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+            )?;
+            let table = s.etable + (8 * l * d.experts) as u64;
+            let table_down = s.etable_down + (8 * l * d.experts) as u64;
+            let pp = |i: usize| s.pptrs + (8 * i * e) as u64;
+            let ov = padded as u64;
+            let co = (s.ov_counts, s.ov_offsets);
+            rank.gemm_batched(table, pp(0), pp(1), 2 * ie, cap, h, e)?;
+            let gu_ov = s.gu + ov * 4 * 2 * ie as u64;
+            self.moe_gemv(
+                rank,
+                co,
+                table,
+                s.ov_gidx,
+                s.xb,
+                h,
+                0,
+                2 * ie,
+                h,
+                gu_ov,
+                2 * ie,
+            )?;
+            rank.launch(
+                &rank.k.silu_mul,
+                ((padded + rows * k) as u32, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.gu),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.gu + 4 * ie as u64),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.eh),
+                    Arg::I(ie as i32),
+                ],
+            )?;
+            rank.gemm_batched(table_down, pp(2), pp(3), h, cap, ie, e)?;
+            let eh_ov = s.eh + ov * (d.es * ie) as u64;
+            let eo_ov = s.eo + ov * 4 * h as u64;
+            self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
+        } else {
+            // The grouped layout (gather list, compact rows, the GEMMs' pointer arrays) is
+            // built on the device; the one host synchronisation of the layer reads back only
+            // its size, because cuBLAS takes the GEMM shapes from the host.
+            let table = s.etable + (8 * l * d.experts) as u64;
+            rank.launch(
+                &rank.k.moe_dispatch_grouped,
+                (1, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.ids),
+                    Arg::I((rows * k) as i32),
+                    Arg::I(e as i32),
+                    Arg::I(k as i32),
+                    Arg::I(d.gather_cap as i32),
+                    Arg::P(table),
+                    Arg::L(es_ie as i64),
+                    Arg::U(s.xg),
+                    Arg::L((d.es * h) as i64),
+                    Arg::U(s.gu),
+                    Arg::L((4 * 2 * ie) as i64),
+                    Arg::U(s.eh),
+                    Arg::L((d.es * ie) as i64),
+                    Arg::U(s.eo),
+                    Arg::L((4 * h) as i64),
+                    Arg::P(s.gidx),
+                    Arg::P(s.cidx),
+                    Arg::P(s.ptrs),
+                    Arg::P(s.dinfo),
+                    Arg::P(s.active + 4 * l as u64),
+                    Arg::P(0),
+                    Arg::I(0),
+                ],
+            )?;
+            rank.fetch_info()?;
+            // The shared experts do not need the routes: queued before the host waits, they
+            // run while it wakes up and launches the routed experts' GEMMs.
+            if self.cfg.moe.n_shared_experts > 0 {
+                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+                shared_done = true;
             }
-            return Ok(Vec::new());
+            let info = rank.wait_info()?;
+            if info[2] != 0 {
+                return Err(CudaError::Input(format!(
+                    "router produced an expert id outside 0..{e}"
+                )));
+            }
+            let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
+            if active * max_n > d.gather_cap {
+                return Err(CudaError::Input(
+                    "expert dispatch exceeds the gather buffer".into(),
+                ));
+            }
+            clock.mark(&rank.stream, 2)?;
+            let gr = (active * max_n) as u32;
+            rank.launch(
+                &rank.k.gather_bf16,
+                (gr, 1),
+                256,
+                0,
+                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+            )?;
+            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
+            rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
+            rank.launch(
+                &rank.k.silu_mul,
+                (gr, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.gu),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.gu + 4 * ie as u64),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.eh),
+                    Arg::I(ie as i32),
+                ],
+            )?;
+            rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
         }
-        rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, rows)?;
+        let shared = if self.cfg.moe.n_shared_experts > 0 {
+            if !shared_done {
+                swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
+            }
+            s.y
+        } else {
+            0
+        };
+        rank.launch(
+            &rank.k.combine,
+            (rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.hidden),
+                Arg::I(h as i32),
+                Arg::I(k as i32),
+                Arg::P(s.cidx),
+                Arg::P(s.wts),
+                Arg::P(s.eo),
+                Arg::P(shared),
+                Arg::I(h as i32),
+            ],
+        )?;
+        clock.mark(&rank.stream, 3)
+    }
+
+    /// Queues the end of a step on its rank: the final norm of every row, the LM head on the
+    /// sampled rows and, where a greedy token is all the engine needs, the argmax.
+    fn finish(&self, st: &Step) -> Result<(), CudaError> {
+        let d = self.dims;
+        let n = st.needs.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let (s, h) = (rank.s, d.h);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let glay = self.model.layout().global();
+        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm, d.es)?;
+        let g_head = if has_role(glay, TensorRole::LmHead) {
+            slot_addr(rank.global.addr(), glay, TensorRole::LmHead, d.es)?
+        } else {
+            slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?
+        };
+        rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, st.rows)?;
         rank.launch(
             &rank.k.gather_bf16,
             (n as u32, 1),
@@ -2979,7 +3168,7 @@ impl CudaRunner {
         rank.gemm(
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
-        if needs.contains(&Need::GreedyToken) {
+        if st.needs.contains(&Need::GreedyToken) {
             rank.launch(
                 &rank.k.argmax_rows,
                 (n as u32, 1),
@@ -2988,14 +3177,422 @@ impl CudaRunner {
                 &[Arg::P(s.logits), Arg::I(d.vocab as i32), Arg::P(s.argmax)],
             )?;
         }
-        let (out, active) = rank.read_back(&needs, d.vocab, d.layers)?;
-        let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-        self.last_expert_bytes = routed * per_expert_bytes;
-        clock.mark(&rank.stream, 4)?;
-        for (a, c) in self.phases.iter_mut().zip(clock.acc) {
-            *a += c;
+        Ok(())
+    }
+
+    /// Whether steps run expert parallel (see [`CudaRunner::set_expert_parallel`]).
+    pub fn expert_parallel(&self) -> bool {
+        self.expert_parallel
+    }
+
+    /// With more than one rank, route every token to the GPU that holds its expert and bring
+    /// the result back (expert parallelism; the default): each GPU reads only its own experts,
+    /// and the ranks run side by side, one layer at a time. Off: each rank runs on its own and
+    /// reads the experts of other GPUs over NVLink (the way before; kept for comparisons). The
+    /// results are the same (bitwise in batch-invariant mode).
+    pub fn set_expert_parallel(&mut self, on: bool) {
+        self.expert_parallel = on;
+    }
+
+    /// The rank index owning each routed expert, `[layer][expert]` (0 for dense layers), when
+    /// this step can run expert parallel: more than one rank, a model with routed experts, every
+    /// rank's exchange chunk open to its peers, and every expert on one of the ranks' GPUs.
+    fn expert_owners(&self) -> Option<Vec<i32>> {
+        if !self.expert_parallel
+            || self.ranks.len() < 2
+            || self.cfg.num_moe_layers() == 0
+            || !self.ranks.iter().all(|r| r.peer_exchange)
+        {
+            return None;
         }
-        Ok(out)
+        let e = self.dims.experts;
+        let mut t = vec![0i32; self.dims.layers * e];
+        for (l, layer) in self.experts.iter().enumerate() {
+            for (x, buf) in layer.iter().enumerate().take(e) {
+                t[l * e + x] = self.ranks.iter().position(|r| r.dev == buf.dev)? as i32;
+            }
+        }
+        Some(t)
+    }
+
+    /// Expert parallel, once per step on every GPU: the owner table, the ranks' first global
+    /// rows and their return buffers.
+    fn ep_tables(&self, g: usize, owners: &[i32], offs: &[i32]) -> Result<(), CudaError> {
+        let rank = &self.ranks[g];
+        rank.bind()?;
+        let rets: Vec<u64> = self.ranks.iter().map(|r| r.x.ret).collect();
+        rank.htod(rank.s.eowner, owners)?;
+        rank.htod(rank.s.ep_offs, offs)?;
+        rank.htod(rank.s.ep_rets, &rets)
+    }
+
+    /// Expert parallel, layer `l`, on a rank with rows: pushes its normalised rows and routes to
+    /// every GPU (at its first global row `off`), then queues its shared experts (they need
+    /// only its own rows).
+    fn ep_publish(&self, st: &mut Step, l: usize, off: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let (s, rows) = (rank.s, st.rows);
+        let xrow = d.es * d.h;
+        for g in &self.ranks {
+            rank.dtod(g.x.xin + (off * xrow) as u64, s.xb, rows * xrow)?;
+            rank.dtod(
+                g.x.idin + (4 * off * d.top_k) as u64,
+                s.ids,
+                4 * rows * d.top_k,
+            )?;
+        }
+        rank.ev_pub
+            .record(&rank.stream)
+            .map_err(CudaError::driver("cuEventRecord"))?;
+        if self.cfg.moe.n_shared_experts > 0 {
+            let inter = self.cfg.moe.n_shared_experts * d.inter_e;
+            self.swiglu(rank, l, rows, inter, s.y, d.h, 0.0)?;
+        }
+        st.clock.mark(&rank.stream, 2)
+    }
+
+    /// Expert parallel, layer `l`, on GPU `g`: waits for the rows of the ranks in `from`, lays
+    /// out the slots routed to its own experts among the step's `total` rows and runs them. On
+    /// the device dispatch it also sends the outputs back and returns false; on the host
+    /// dispatch it returns true and [`CudaRunner::ep_finish`] completes the layer once the
+    /// layout's size is on the host.
+    fn ep_experts(
+        &self,
+        g: usize,
+        l: usize,
+        total: usize,
+        from: &[usize],
+    ) -> Result<bool, CudaError> {
+        let d = self.dims;
+        let gr = &self.ranks[g];
+        gr.bind()?;
+        for &r in from {
+            if r != g {
+                gr.stream
+                    .wait(&self.ranks[r].ev_pub)
+                    .map_err(CudaError::driver("cuStreamWaitEvent"))?;
+            }
+        }
+        if self.dispatch_path(total) == DispatchPath::Gemv {
+            self.ep_gemv(g, l, total)?;
+            self.ep_return(g, l, total)?;
+            return Ok(false);
+        }
+        let (s, x) = (gr.s, gr.x);
+        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
+        gr.launch(
+            &gr.k.moe_dispatch_grouped,
+            (1, 1),
+            256,
+            0,
+            &[
+                Arg::P(x.idin),
+                Arg::I((total * k) as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::I(d.gather_cap as i32),
+                Arg::P(s.etable + (8 * l * e) as u64),
+                Arg::L((d.es * 2 * h * ie) as i64),
+                Arg::U(s.xg),
+                Arg::L((d.es * h) as i64),
+                Arg::U(s.gu),
+                Arg::L((4 * 2 * ie) as i64),
+                Arg::U(s.eh),
+                Arg::L((d.es * ie) as i64),
+                Arg::U(s.eo),
+                Arg::L((4 * h) as i64),
+                Arg::P(s.gidx),
+                Arg::P(s.cidx),
+                Arg::P(s.ptrs),
+                Arg::P(s.dinfo),
+                Arg::P(s.active + 4 * l as u64),
+                Arg::P(s.eowner + (4 * l * e) as u64),
+                Arg::I(g as i32),
+            ],
+        )?;
+        gr.fetch_info()?;
+        Ok(true)
+    }
+
+    /// Expert parallel, the host dispatch's second half on GPU `g` (see
+    /// [`CudaRunner::ep_experts`]): the batched GEMMs over its active experts, or, when the
+    /// grouped layout would not fit the gather buffers, the device dispatch; then the outputs go
+    /// back.
+    fn ep_finish(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let gr = &self.ranks[g];
+        gr.bind()?;
+        let info = gr.wait_info()?;
+        if info[2] != 0 {
+            return Err(CudaError::Input(format!(
+                "router produced an expert id outside 0..{}",
+                d.experts
+            )));
+        }
+        let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
+        if active * max_n > d.gather_cap {
+            self.ep_gemv(g, l, total)?;
+        } else {
+            let (s, h, ie) = (gr.s, d.h, d.inter_e);
+            let rows = (active * max_n) as u32;
+            gr.launch(
+                &gr.k.gather_bf16,
+                (rows, 1),
+                256,
+                0,
+                &[
+                    Arg::P(gr.x.xin),
+                    Arg::I(h as i32),
+                    Arg::P(s.gidx),
+                    Arg::P(s.xg),
+                ],
+            )?;
+            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
+            gr.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
+            gr.launch(
+                &gr.k.silu_mul,
+                (rows, 1),
+                256,
+                0,
+                &[
+                    Arg::P(s.gu),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.gu + 4 * ie as u64),
+                    Arg::I(2 * ie as i32),
+                    Arg::P(s.eh),
+                    Arg::I(ie as i32),
+                ],
+            )?;
+            gr.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
+        }
+        self.ep_return(g, l, total)
+    }
+
+    /// Expert parallel, the device dispatch on GPU `g`: its own experts' slots among the step's
+    /// `total` rows, laid out compactly, through `moe_gemv` (or `bi_mma` in batch-invariant
+    /// bf16 mode).
+    fn ep_gemv(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let gr = &self.ranks[g];
+        let (s, x) = (gr.s, gr.x);
+        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
+        gr.launch(
+            &gr.k.moe_dispatch,
+            (1, 1),
+            256,
+            0,
+            &[
+                Arg::P(x.idin),
+                Arg::I((total * k) as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::P(s.counts),
+                Arg::P(s.offsets),
+                Arg::P(s.gidx),
+                Arg::P(s.cidx),
+                Arg::P(s.active + 4 * l as u64),
+                Arg::P(s.eowner + (4 * l * e) as u64),
+                Arg::I(g as i32),
+            ],
+        )?;
+        let table = s.etable + (8 * l * e) as u64;
+        let co = (s.counts, s.offsets);
+        let gu = (s.gu, 2 * ie);
+        self.expert_products(gr, co, table, s.gidx, (x.xin, h), 0, (2 * ie, h), gu, total)?;
+        gr.launch(
+            &gr.k.silu_mul,
+            ((total * k) as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.gu),
+                Arg::I(2 * ie as i32),
+                Arg::P(s.gu + 4 * ie as u64),
+                Arg::I(2 * ie as i32),
+                Arg::P(s.eh),
+                Arg::I(ie as i32),
+            ],
+        )?;
+        let (eh, eo) = ((s.eh, ie), (s.eo, h));
+        self.expert_products(gr, co, table, 0, eh, 2 * h * ie, (h, ie), eo, total)
+    }
+
+    /// Expert parallel: GPU `g` sends its experts' outputs to the ranks whose rows they are and
+    /// records that it has.
+    fn ep_return(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let gr = &self.ranks[g];
+        let s = gr.s;
+        gr.launch(
+            &gr.k.ep_return,
+            ((total * d.top_k) as u32, 1),
+            128,
+            0,
+            &[
+                Arg::P(gr.x.idin),
+                Arg::I(d.experts as i32),
+                Arg::P(s.eowner + (4 * l * d.experts) as u64),
+                Arg::I(g as i32),
+                Arg::P(s.cidx),
+                Arg::P(s.eo),
+                Arg::I(d.h as i32),
+                Arg::I(d.top_k as i32),
+                Arg::P(s.ep_offs),
+                Arg::I(self.ranks.len() as i32),
+                Arg::P(s.ep_rets),
+            ],
+        )?;
+        gr.ev_ret
+            .record(&gr.stream)
+            .map_err(CudaError::driver("cuEventRecord"))
+    }
+
+    /// Expert parallel, layer `l`, on a rank with rows: waits for every GPU's outputs, then adds
+    /// its rows' weighted expert outputs (ascending expert id, as on one GPU) and shared experts
+    /// into the residual stream.
+    fn ep_combine(&self, st: &mut Step) -> Result<(), CudaError> {
+        let d = self.dims;
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        for (g, gr) in self.ranks.iter().enumerate() {
+            if g != st.ri {
+                rank.stream
+                    .wait(&gr.ev_ret)
+                    .map_err(CudaError::driver("cuStreamWaitEvent"))?;
+            }
+        }
+        let s = rank.s;
+        let shared = if self.cfg.moe.n_shared_experts > 0 {
+            s.y
+        } else {
+            0
+        };
+        rank.launch(
+            &rank.k.combine,
+            (st.rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.hidden),
+                Arg::I(d.h as i32),
+                Arg::I(d.top_k as i32),
+                Arg::P(s.iota),
+                Arg::P(s.wts),
+                Arg::P(rank.x.ret),
+                Arg::P(shared),
+                Arg::I(d.h as i32),
+            ],
+        )?;
+        st.clock.mark(&rank.stream, 3)
+    }
+
+    /// Runs one step: `per_rank[r]` on rank `r`; returns each rank's sampled rows' outputs, in
+    /// order. Every rank's work is queued before any is waited for, so the GPUs run side by
+    /// side; expert parallel (see [`CudaRunner::set_expert_parallel`]), one layer at a time
+    /// across the ranks, every GPU running its own experts for all the step's rows.
+    fn step(&mut self, per_rank: &[Vec<Item>]) -> Result<Vec<Vec<RowOutput>>, CudaError> {
+        let n = self.ranks.len();
+        let mut steps = Vec::with_capacity(n);
+        for (ri, items) in per_rank.iter().enumerate() {
+            steps.push(self.begin(ri, items)?);
+        }
+        let owners = if steps.iter().any(Option::is_some) {
+            self.expert_owners()
+        } else {
+            None
+        };
+        // Expert parallel, every GPU computes (its experts, for every rank's rows).
+        let etable = self.expert_table();
+        for (r, st) in steps.iter().enumerate() {
+            if owners.is_some() || st.is_some() {
+                self.upload_tables(r, &etable)?;
+            }
+        }
+        if let Some(owners) = &owners {
+            let mut offs = vec![0i32; n + 1];
+            for (r, st) in steps.iter().enumerate() {
+                offs[r + 1] = offs[r] + st.as_ref().map_or(0, |s| s.rows) as i32;
+            }
+            let total = offs[n] as usize;
+            for g in 0..n {
+                self.ep_tables(g, owners, &offs)?;
+            }
+            let from: Vec<usize> = (0..n).filter(|&r| steps[r].is_some()).collect();
+            for l in 0..self.dims.layers {
+                let mut moe = false;
+                for st in steps.iter_mut().flatten() {
+                    self.attention(st, l)?;
+                    moe = self.ffn_in(st, l)?;
+                }
+                if !moe {
+                    continue;
+                }
+                for st in steps.iter_mut().flatten() {
+                    let off = offs[st.ri] as usize;
+                    self.ep_publish(st, l, off)?;
+                }
+                let mut host = Vec::new();
+                for g in 0..n {
+                    if self.ep_experts(g, l, total, &from)? {
+                        host.push(g);
+                    }
+                }
+                for g in host {
+                    self.ep_finish(g, l, total)?;
+                }
+                for st in steps.iter_mut().flatten() {
+                    self.ep_combine(st)?;
+                }
+            }
+        } else {
+            for st in steps.iter_mut().flatten() {
+                for l in 0..self.dims.layers {
+                    self.attention(st, l)?;
+                    if self.ffn_in(st, l)? {
+                        self.local_experts(st, l)?;
+                    }
+                }
+            }
+        }
+        for st in steps.iter().flatten() {
+            self.finish(st)?;
+        }
+        let mut outs = Vec::with_capacity(n);
+        let mut bytes = 0;
+        for (ri, st) in steps.iter_mut().enumerate() {
+            let out = match st {
+                Some(st) => {
+                    let (o, b) = self.collect(ri, &st.needs)?;
+                    st.clock.mark(&self.ranks[ri].stream, 4)?;
+                    for (a, c) in self.phases.iter_mut().zip(st.clock.acc) {
+                        *a += c;
+                    }
+                    bytes += b;
+                    o
+                }
+                None if owners.is_some() => {
+                    bytes += self.collect(ri, &[])?.1;
+                    Vec::new()
+                }
+                None => Vec::new(),
+            };
+            outs.push(out);
+        }
+        self.last_expert_bytes = bytes;
+        Ok(outs)
+    }
+
+    /// Waits for rank `ri`'s part of the step and reads back what `needs` asks (see
+    /// [`Rank::read_back`]); returns it and the bytes of routed experts the rank's GPU read.
+    fn collect(&self, ri: usize, needs: &[Need]) -> Result<(Vec<RowOutput>, u64), CudaError> {
+        let d = self.dims;
+        let rank = &self.ranks[ri];
+        rank.bind()?;
+        let (out, active) = rank.read_back(needs, d.vocab, d.layers)?;
+        let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
+        Ok((out, routed * (3 * d.h * d.inter_e * d.es) as u64))
     }
 }
 
@@ -3102,14 +3699,12 @@ impl Runner for CudaRunner {
                 need,
             });
         }
-        let mut outs = Vec::with_capacity(self.ranks.len());
-        let mut bytes = 0;
-        for (ri, items) in per_rank.iter().enumerate() {
-            let o = self.forward(ri, items).map_err(err)?;
-            bytes += self.last_expert_bytes;
-            outs.push(o.into_iter());
-        }
-        self.last_expert_bytes = bytes;
+        let mut outs: Vec<_> = self
+            .step(&per_rank)
+            .map_err(err)?
+            .into_iter()
+            .map(Vec::into_iter)
+            .collect();
         order
             .into_iter()
             .map(|ri| {
