@@ -31,9 +31,29 @@
 //!   rows that need logits (temperature sampling, logprobs) get them as before.
 //! - **Ranks and experts.** Each device is an attention data-parallel rank with its own stream,
 //!   cuBLAS handle, kernels, replicated weights and KV. Routed experts are split between the
-//!   devices in contiguous id ranges; their reservations grant every device access
-//!   (`cuMemSetAccess` through `Reservation::set_access`), so a rank's expert kernels read remote
-//!   experts directly over NVLink.
+//!   devices in contiguous id ranges (any placement works: the owner of each expert is read
+//!   from `experts` at every step). With more than one rank a step runs **expert parallel**
+//!   ([`CudaRunner::set_expert_parallel`], on by default), one MoE layer at a time across the
+//!   ranks:
+//!   1. each rank computes attention and the router on its own rows, then pushes its
+//!      normalised rows (bf16) and routes into every GPU's exchange chunk at its global row
+//!      offset (`cuMemcpyDtoDAsync` over NVLink) and records an event; it queues its shared
+//!      experts meanwhile;
+//!   2. each GPU waits (on the device) for the ranks' events, lays out the slots routed to its
+//!      own experts among all the step's rows (the dispatch kernels' owner mask) and runs
+//!      them, reading only local weights; `ep_return` then writes each output row straight into
+//!      the return buffer of the rank that owns the row, in slot order, and records an event;
+//!   3. each rank waits for every GPU's event and combines its rows' expert outputs in
+//!      ascending expert id, exactly as on one GPU, so a row's logits are the same on 1 and N
+//!      GPUs (bitwise in batch-invariant mode).
+//!
+//!   Every rank is driven by a host thread of its own; the threads meet at two barriers per MoE
+//!   layer so that each event wait is queued after its record. The exchange chunks grant every
+//!   GPU of the machine access (`cuMemSetAccess` through `Reservation::set_access`), so a rank
+//!   that joins later needs no new grant; where the driver refuses that grant, and with
+//!   expert parallelism off, each rank reads the routed experts that live on other GPUs
+//!   directly over NVLink (the expert reservations grant every device access), which is about
+//!   ten times slower (`examples/hil_ep_decode.rs`).
 //! - **Host synchronisation.** Per rank and step:
 //!   - one at the end of the step, to read back what the engine needs (greedy tokens or logits,
 //!     through page-locked buffers, plus the per-layer active-expert counts for
@@ -51,7 +71,7 @@
 //!   - host-to-device uploads of the step's inputs (tokens, positions, block tables, the expert
 //!     address table) are stream-ordered copies from host memory and do not wait for the GPU.
 //!
-//!   Ranks run one after the other on the calling thread.
+//!   With several ranks, each rank's thread waits only for its own GPU.
 //! - **Batch invariance** ([`CudaConfig::batch_invariant`], off by default). By default a row's
 //!   logits depend on the rest of its step: cuBLAS picks its kernel (tile shape, split-K) from
 //!   the GEMM's shape, so the same row is summed in another order in a step of 5 rows than in
@@ -113,7 +133,8 @@ pub use scaler::{CudaScaler, ScaleOutcome};
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -1328,6 +1349,14 @@ struct Step {
     needs: Vec<Need>,
     ctx_max: usize,
     clock: PhaseClock,
+}
+
+/// What a rank's host thread brings back from a step.
+#[derive(Default)]
+struct RankDone {
+    out: Vec<RowOutput>,
+    expert_bytes: u64,
+    phases: [f64; PHASES.len()],
 }
 
 /// The model on one or more GPUs, serving the engine (see the module docs).
@@ -3489,9 +3518,10 @@ impl CudaRunner {
     }
 
     /// Runs one step: `per_rank[r]` on rank `r`; returns each rank's sampled rows' outputs, in
-    /// order. Every rank's work is queued before any is waited for, so the GPUs run side by
-    /// side; expert parallel (see [`CudaRunner::set_expert_parallel`]), one layer at a time
-    /// across the ranks, every GPU running its own experts for all the step's rows.
+    /// order. With more than one rank, each rank's work is queued by a host thread of its own,
+    /// so the GPUs run side by side and no rank waits for another's launches; expert parallel
+    /// (see [`CudaRunner::set_expert_parallel`]) the threads meet twice per MoE layer, every GPU
+    /// running its own experts for all the step's rows.
     fn step(&mut self, per_rank: &[Vec<Item>]) -> Result<Vec<Vec<RowOutput>>, CudaError> {
         let n = self.ranks.len();
         let mut steps = Vec::with_capacity(n);
@@ -3510,78 +3540,138 @@ impl CudaRunner {
                 self.upload_tables(r, &etable)?;
             }
         }
+        let mut offs = vec![0i32; n + 1];
+        for (r, st) in steps.iter().enumerate() {
+            offs[r + 1] = offs[r] + st.as_ref().map_or(0, |s| s.rows) as i32;
+        }
         if let Some(owners) = &owners {
-            let mut offs = vec![0i32; n + 1];
-            for (r, st) in steps.iter().enumerate() {
-                offs[r + 1] = offs[r] + st.as_ref().map_or(0, |s| s.rows) as i32;
-            }
-            let total = offs[n] as usize;
             for g in 0..n {
                 self.ep_tables(g, owners, &offs)?;
             }
-            let from: Vec<usize> = (0..n).filter(|&r| steps[r].is_some()).collect();
-            for l in 0..self.dims.layers {
-                let mut moe = false;
-                for st in steps.iter_mut().flatten() {
-                    self.attention(st, l)?;
-                    moe = self.ffn_in(st, l)?;
-                }
-                if !moe {
-                    continue;
-                }
-                for st in steps.iter_mut().flatten() {
-                    let off = offs[st.ri] as usize;
-                    self.ep_publish(st, l, off)?;
-                }
-                let mut host = Vec::new();
-                for g in 0..n {
-                    if self.ep_experts(g, l, total, &from)? {
-                        host.push(g);
-                    }
-                }
-                for g in host {
-                    self.ep_finish(g, l, total)?;
-                }
-                for st in steps.iter_mut().flatten() {
-                    self.ep_combine(st)?;
-                }
+        }
+        let ep = owners.is_some();
+        let from: Vec<usize> = (0..n).filter(|&r| steps[r].is_some()).collect();
+        let sync = Barrier::new(n);
+        let failed = AtomicBool::new(false);
+        let this = &*self;
+        let rank_step = |g: usize, st: Option<&mut Step>| -> Result<RankDone, CudaError> {
+            if st.is_none() && !ep {
+                return Ok(RankDone::default());
             }
+            let mut st = st;
+            this.layers(g, st.as_deref_mut(), ep, &offs, &from, &sync, &failed)?;
+            let needs = st.as_ref().map_or(&[][..], |s| &s.needs[..]);
+            let (out, expert_bytes) = this.collect(g, needs)?;
+            let mut phases = [0.0; PHASES.len()];
+            if let Some(st) = st {
+                st.clock.mark(&this.ranks[g].stream, 4)?;
+                phases = st.clock.acc;
+            }
+            Ok(RankDone {
+                out,
+                expert_bytes,
+                phases,
+            })
+        };
+        let done: Vec<Result<RankDone, CudaError>> = if n == 1 {
+            vec![rank_step(0, steps[0].as_mut())]
         } else {
-            for st in steps.iter_mut().flatten() {
-                for l in 0..self.dims.layers {
-                    self.attention(st, l)?;
-                    if self.ffn_in(st, l)? {
-                        self.local_experts(st, l)?;
-                    }
-                }
-            }
-        }
-        for st in steps.iter().flatten() {
-            self.finish(st)?;
-        }
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = steps
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(g, st)| sc.spawn(move || rank_step(g, st.as_mut())))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(CudaError::Input("a rank's host thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
         let mut outs = Vec::with_capacity(n);
         let mut bytes = 0;
-        for (ri, st) in steps.iter_mut().enumerate() {
-            let out = match st {
-                Some(st) => {
-                    let (o, b) = self.collect(ri, &st.needs)?;
-                    st.clock.mark(&self.ranks[ri].stream, 4)?;
-                    for (a, c) in self.phases.iter_mut().zip(st.clock.acc) {
-                        *a += c;
-                    }
-                    bytes += b;
-                    o
-                }
-                None if owners.is_some() => {
-                    bytes += self.collect(ri, &[])?.1;
-                    Vec::new()
-                }
-                None => Vec::new(),
-            };
-            outs.push(out);
+        for d in done {
+            let d = d?;
+            for (a, c) in self.phases.iter_mut().zip(d.phases) {
+                *a += c;
+            }
+            bytes += d.expert_bytes;
+            outs.push(d.out);
         }
         self.last_expert_bytes = bytes;
         Ok(outs)
+    }
+
+    /// Rank `g`'s side of a step's layers and its end (see [`CudaRunner::step`]), on the rank's
+    /// host thread; `st` is `None` when the rank has no rows (expert parallel, its GPU still runs
+    /// its experts for the others). Expert parallel, `sync` lines the ranks' threads up twice
+    /// per MoE layer: once every rank has pushed its rows (so a GPU's wait for them is queued
+    /// after they were recorded), once every GPU has pushed its outputs back. After a failure on
+    /// any rank (`failed`) a thread stops launching but still meets the others at every
+    /// barrier, so none is left waiting; the first error it saw is returned.
+    #[allow(clippy::too_many_arguments)]
+    fn layers(
+        &self,
+        g: usize,
+        mut st: Option<&mut Step>,
+        ep: bool,
+        offs: &[i32],
+        from: &[usize],
+        sync: &Barrier,
+        failed: &AtomicBool,
+    ) -> Result<(), CudaError> {
+        let total = offs[self.ranks.len()] as usize;
+        let mut first = None;
+        let mut run = |f: &mut dyn FnMut() -> Result<(), CudaError>| {
+            if failed.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = f() {
+                failed.store(true, Ordering::Release);
+                first.get_or_insert(e);
+            }
+        };
+        for l in 0..self.dims.layers {
+            let mut moe = self.cfg.is_moe_layer(l);
+            run(&mut || {
+                if let Some(st) = st.as_deref_mut() {
+                    self.attention(st, l)?;
+                    if self.ffn_in(st, l)? && !ep {
+                        self.local_experts(st, l)?;
+                    }
+                }
+                Ok(())
+            });
+            moe &= ep;
+            if !moe {
+                continue;
+            }
+            run(&mut || match st.as_deref_mut() {
+                Some(st) => self.ep_publish(st, l, offs[g] as usize),
+                None => Ok(()),
+            });
+            sync.wait();
+            run(&mut || {
+                if self.ep_experts(g, l, total, from)? {
+                    self.ep_finish(g, l, total)?;
+                }
+                Ok(())
+            });
+            sync.wait();
+            run(&mut || match st.as_deref_mut() {
+                Some(st) => self.ep_combine(st),
+                None => Ok(()),
+            });
+        }
+        run(&mut || match st.as_deref() {
+            Some(st) => self.finish(st),
+            None => Ok(()),
+        });
+        first.map_or(Ok(()), Err)
     }
 
     /// Waits for rank `ri`'s part of the step and reads back what `needs` asks (see
