@@ -225,7 +225,10 @@ struct ServingStats {
     runner_ms_per_iteration: f64,
     /// The engine's own host time per iteration (scheduling, sampling, streaming, actions).
     engine_ms_per_iteration: f64,
-    /// Time outside iterations per iteration (the loop idle or waiting for its lock).
+    /// Time outside iterations per iteration (the loop idle or waiting for its lock). The
+    /// metrics count an iteration when it ends, so one straddling the window's start counts in
+    /// whole: with a loop that never idles, wall minus iteration time can come out a fraction
+    /// of an iteration below zero, which is clipped to 0.
     outside_ms_per_iteration: f64,
 }
 
@@ -245,7 +248,7 @@ impl ServingStats {
             wall_ms_per_iteration: per(wall_s),
             runner_ms_per_iteration: per(run),
             engine_ms_per_iteration: per(it - run),
-            outside_ms_per_iteration: per(wall_s - it),
+            outside_ms_per_iteration: per((wall_s - it).max(0.0)),
         }
     }
 }
