@@ -1371,9 +1371,7 @@ mod gpu {
                     to,
                 )?,
                 StrategyArg::Colocated => self.scaler.colocated(self.ckpt.as_ref(), to, self.kv)?,
-                StrategyArg::Extravagant => {
-                    bail!("the extravagant baseline is not implemented on CUDA")
-                }
+                StrategyArg::Extravagant => self.scaler.extravagant(to)?,
             };
             trace(&format!("scaled: {o:?}"));
             Ok(Measured {
@@ -1455,10 +1453,6 @@ mod gpu {
                     from + to,
                     self.n
                 )),
-                StrategyArg::Extravagant => Some(
-                    "the extravagant baseline is not implemented on CUDA yet (runners start on                      GPU 0)"
-                        .into(),
-                ),
                 _ => None,
             }
         }
