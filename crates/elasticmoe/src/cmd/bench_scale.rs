@@ -1448,11 +1448,12 @@ mod gpu {
         }
         fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String> {
             match strategy {
-                StrategyArg::Extravagant if from + to > self.n => Some(format!(
-                    "needs {} GPUs (a disjoint set of {to} beside {from}); {} present",
-                    from + to,
-                    self.n
-                )),
+                // The scaler's own device-set check: the engine serves on GPUs `0..from`.
+                StrategyArg::Extravagant => {
+                    cuda::disjoint_devices(&cuda::first_devices(from), to, self.n)
+                        .err()
+                        .map(|e| e.to_string())
+                }
                 _ => None,
             }
         }

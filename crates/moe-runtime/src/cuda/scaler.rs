@@ -313,6 +313,10 @@ impl CudaScaler {
                 ));
             }
             drop(snap);
+            // The running instance's switches carry over.
+            let mut next = next;
+            next.set_phase_timing(r.phase_timing);
+            next.set_expert_parallel(r.expert_parallel);
             r.install_runner(next, &transport, s)
                 .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
