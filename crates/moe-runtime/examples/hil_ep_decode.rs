@@ -10,6 +10,9 @@
 //! Paths (the same runner, switched with `CudaRunner::set_expert_parallel`):
 //! - `expert-parallel` (the default with more than one GPU): each rank pushes its routed rows to
 //!   the GPU holding the expert, which runs them for every rank and pushes the outputs back;
+//! - `ep-device-dispatch`: expert parallel with every step's experts routed on the device
+//!   (`moe_gemv`, no host synchronisation inside a step) instead of cuBLAS batched GEMMs above
+//!   `DEVICE_DISPATCH_MAX_ROWS` rows;
 //! - `remote-experts` (the way before): each rank runs its own rows through every expert it
 //!   routed to, reading the other GPUs' experts over NVLink, ranks run one after the other.
 //!
@@ -113,12 +116,17 @@ fn main() {
             let paths: &[&str] = if gpus == 1 {
                 &["single-gpu"]
             } else {
-                &["expert-parallel", "remote-experts"]
+                &["expert-parallel", "ep-device-dispatch", "remote-experts"]
             };
             let mut next_id = 0u64;
             for batch in [8usize, 64, 256] {
                 for &path in paths {
                     r.set_expert_parallel(path != "remote-experts");
+                    r.set_device_dispatch_max_rows(if path == "ep-device-dispatch" {
+                        usize::MAX
+                    } else {
+                        cuda::DEVICE_DISPATCH_MAX_ROWS
+                    });
                     let seqs: Vec<(RequestId, RankId)> = (0..batch)
                         .map(|i| {
                             next_id += 1;

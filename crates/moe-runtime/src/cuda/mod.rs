@@ -1354,6 +1354,44 @@ struct Step {
     clock: PhaseClock,
 }
 
+/// The rows a GPU runs layer `l`'s routed experts on: its rank's own rows of the step (`s.xb`,
+/// `s.ids`; every expert), or, expert parallel, every rank's rows gathered in its exchange chunk,
+/// of which it runs only the slots routed to the experts it owns.
+#[derive(Debug, Clone, Copy)]
+struct ExpertRows {
+    /// The rows' normalised inputs (bf16, `h` per row).
+    x: u64,
+    /// Their routes (`top_k` expert ids per row).
+    ids: u64,
+    rows: usize,
+    /// The owner rank of each expert of the layer (0: no mask, every expert runs here).
+    owner: u64,
+    /// This GPU's rank index (with `owner`).
+    me: i32,
+}
+
+impl ExpertRows {
+    fn own(rank: &Rank, rows: usize) -> Self {
+        Self {
+            x: rank.s.xb,
+            ids: rank.s.ids,
+            rows,
+            owner: 0,
+            me: 0,
+        }
+    }
+
+    fn gathered(rank: &Rank, g: usize, l: usize, total: usize, d: &Dims) -> Self {
+        Self {
+            x: rank.x.xin,
+            ids: rank.x.idin,
+            rows: total,
+            owner: rank.s.eowner + (4 * l * d.experts) as u64,
+            me: g as i32,
+        }
+    }
+}
+
 /// What a rank's host thread brings back from a step.
 #[derive(Default)]
 struct RankDone {
@@ -2958,56 +2996,17 @@ impl CudaRunner {
         rank.bind()?;
         let s = rank.s;
         let (e, k) = (d.experts, d.top_k);
-        let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
         let clock = &mut st.clock;
         let swiglu = |inter: usize, out: u64, ldo: usize, beta: f32| {
             self.swiglu(rank, l, rows, inter, out, ldo, beta)
         };
+        let own = ExpertRows::own(rank, rows);
         let mut shared_done = false;
         if path == DispatchPath::Gemv {
             // Counts, offsets and the gather computed on the device; the expert products
             // read the counts there, so the host never waits for the routes.
-            rank.launch(
-                &rank.k.moe_dispatch,
-                (1, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.ids),
-                    Arg::I((rows * k) as i32),
-                    Arg::I(e as i32),
-                    Arg::I(k as i32),
-                    Arg::P(s.counts),
-                    Arg::P(s.offsets),
-                    Arg::P(s.gidx),
-                    Arg::P(s.cidx),
-                    Arg::P(s.active + 4 * l as u64),
-                    Arg::P(0),
-                    Arg::I(0),
-                ],
-            )?;
             clock.mark(&rank.stream, 2)?;
-            let table = s.etable + (8 * l * d.experts) as u64;
-            let co = (s.counts, s.offsets);
-            let xb = (s.xb, h);
-            let gu = (s.gu, 2 * ie);
-            self.expert_products(rank, co, table, s.gidx, xb, 0, (2 * ie, h), gu, rows)?;
-            rank.launch(
-                &rank.k.silu_mul,
-                ((rows * k) as u32, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.gu),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.gu + 4 * ie as u64),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.eh),
-                    Arg::I(ie as i32),
-                ],
-            )?;
-            let (eh, eo) = ((s.eh, ie), (s.eo, h));
-            self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, rows)?;
+            self.experts_gemv(rank, l, own)?;
         } else if let DispatchPath::Padded(cap) = path {
             // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
             // the rows past an expert's capacity through `moe_gemv`; no host sync.
@@ -3059,20 +3058,7 @@ impl CudaRunner {
                 gu_ov,
                 2 * ie,
             )?;
-            rank.launch(
-                &rank.k.silu_mul,
-                ((padded + rows * k) as u32, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.gu),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.gu + 4 * ie as u64),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.eh),
-                    Arg::I(ie as i32),
-                ],
-            )?;
+            self.expert_silu(rank, padded + rows * k)?;
             rank.gemm_batched(table_down, pp(2), pp(3), h, cap, ie, e)?;
             let eh_ov = s.eh + ov * (d.es * ie) as u64;
             let eo_ov = s.eo + ov * 4 * h as u64;
@@ -3081,82 +3067,15 @@ impl CudaRunner {
             // The grouped layout (gather list, compact rows, the GEMMs' pointer arrays) is
             // built on the device; the one host synchronisation of the layer reads back only
             // its size, because cuBLAS takes the GEMM shapes from the host.
-            let table = s.etable + (8 * l * d.experts) as u64;
-            rank.launch(
-                &rank.k.moe_dispatch_grouped,
-                (1, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.ids),
-                    Arg::I((rows * k) as i32),
-                    Arg::I(e as i32),
-                    Arg::I(k as i32),
-                    Arg::I(d.gather_cap as i32),
-                    Arg::P(table),
-                    Arg::L(es_ie as i64),
-                    Arg::U(s.xg),
-                    Arg::L((d.es * h) as i64),
-                    Arg::U(s.gu),
-                    Arg::L((4 * 2 * ie) as i64),
-                    Arg::U(s.eh),
-                    Arg::L((d.es * ie) as i64),
-                    Arg::U(s.eo),
-                    Arg::L((4 * h) as i64),
-                    Arg::P(s.gidx),
-                    Arg::P(s.cidx),
-                    Arg::P(s.ptrs),
-                    Arg::P(s.dinfo),
-                    Arg::P(s.active + 4 * l as u64),
-                    Arg::P(0),
-                    Arg::I(0),
-                ],
-            )?;
-            rank.fetch_info()?;
+            clock.mark(&rank.stream, 2)?;
+            self.experts_grouped_start(rank, l, own)?;
             // The shared experts do not need the routes: queued before the host waits, they
             // run while it wakes up and launches the routed experts' GEMMs.
             if self.cfg.moe.n_shared_experts > 0 {
                 swiglu(self.cfg.moe.n_shared_experts * ie, s.y, h, 0.0)?;
                 shared_done = true;
             }
-            let info = rank.wait_info()?;
-            if info[2] != 0 {
-                return Err(CudaError::Input(format!(
-                    "router produced an expert id outside 0..{e}"
-                )));
-            }
-            let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
-            if active * max_n > d.gather_cap {
-                return Err(CudaError::Input(
-                    "expert dispatch exceeds the gather buffer".into(),
-                ));
-            }
-            clock.mark(&rank.stream, 2)?;
-            let gr = (active * max_n) as u32;
-            rank.launch(
-                &rank.k.gather_bf16,
-                (gr, 1),
-                256,
-                0,
-                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
-            )?;
-            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
-            rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
-            rank.launch(
-                &rank.k.silu_mul,
-                (gr, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.gu),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.gu + 4 * ie as u64),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.eh),
-                    Arg::I(ie as i32),
-                ],
-            )?;
-            rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
+            self.experts_grouped_finish(rank, l, own)?;
         }
         let shared = if self.cfg.moe.n_shared_experts > 0 {
             if !shared_done {
@@ -3317,7 +3236,6 @@ impl CudaRunner {
         total: usize,
         from: &[usize],
     ) -> Result<bool, CudaError> {
-        let d = self.dims;
         let gr = &self.ranks[g];
         gr.bind()?;
         for &r in from {
@@ -3327,21 +3245,106 @@ impl CudaRunner {
                     .map_err(CudaError::driver("cuStreamWaitEvent"))?;
             }
         }
+        let rows = ExpertRows::gathered(gr, g, l, total, &self.dims);
         if self.dispatch_path(total) == DispatchPath::Gemv {
-            self.ep_gemv(g, l, total)?;
+            self.experts_gemv(gr, l, rows)?;
             self.ep_return(g, l, total)?;
             return Ok(false);
         }
-        let (s, x) = (gr.s, gr.x);
+        self.experts_grouped_start(gr, l, rows)?;
+        Ok(true)
+    }
+
+    /// Expert parallel, the host dispatch's second half on GPU `g` (see
+    /// [`CudaRunner::ep_experts`]); then the outputs go back.
+    fn ep_finish(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
+        let gr = &self.ranks[g];
+        gr.bind()?;
+        self.experts_grouped_finish(gr, l, ExpertRows::gathered(gr, g, l, total, &self.dims))?;
+        self.ep_return(g, l, total)
+    }
+
+    /// SiLU-mul of the routed experts' `[gate | up]` rows (`s.gu`, f32) into `s.eh` (the down
+    /// projections' input), `rows` rows.
+    fn expert_silu(&self, rank: &Rank, rows: usize) -> Result<(), CudaError> {
+        let (s, ie) = (rank.s, self.dims.inter_e);
+        rank.launch(
+            &rank.k.silu_mul,
+            (rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::P(s.gu),
+                Arg::I(2 * ie as i32),
+                Arg::P(s.gu + 4 * ie as u64),
+                Arg::I(2 * ie as i32),
+                Arg::P(s.eh),
+                Arg::I(ie as i32),
+            ],
+        )
+    }
+
+    /// The device dispatch of layer `l`'s routed experts over `r` on `rank`: counts, offsets and
+    /// the compact layout on the device, then `moe_gemv` (or `bi_mma` in batch-invariant bf16
+    /// mode) reading the counts there; the host never waits for the routes. Outputs in `s.eo`
+    /// at each slot's compact row (`s.cidx`).
+    fn experts_gemv(&self, rank: &Rank, l: usize, r: ExpertRows) -> Result<(), CudaError> {
+        let d = self.dims;
+        let s = rank.s;
         let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        gr.launch(
-            &gr.k.moe_dispatch_grouped,
+        rank.launch(
+            &rank.k.moe_dispatch,
             (1, 1),
             256,
             0,
             &[
-                Arg::P(x.idin),
-                Arg::I((total * k) as i32),
+                Arg::P(r.ids),
+                Arg::I((r.rows * k) as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::P(s.counts),
+                Arg::P(s.offsets),
+                Arg::P(s.gidx),
+                Arg::P(s.cidx),
+                Arg::P(s.active + 4 * l as u64),
+                Arg::P(r.owner),
+                Arg::I(r.me),
+            ],
+        )?;
+        let table = s.etable + (8 * l * e) as u64;
+        let co = (s.counts, s.offsets);
+        let gu = (s.gu, 2 * ie);
+        self.expert_products(
+            rank,
+            co,
+            table,
+            s.gidx,
+            (r.x, h),
+            0,
+            (2 * ie, h),
+            gu,
+            r.rows,
+        )?;
+        self.expert_silu(rank, r.rows * k)?;
+        let (eh, eo) = ((s.eh, ie), (s.eo, h));
+        self.expert_products(rank, co, table, 0, eh, 2 * h * ie, (h, ie), eo, r.rows)
+    }
+
+    /// The host dispatch of layer `l`'s routed experts over `r` on `rank`, first half: the
+    /// grouped layout (gather list, compact rows, the batched GEMMs' pointer arrays) built on
+    /// the device, and the copy of its size to the host queued ([`Rank::fetch_info`]).
+    fn experts_grouped_start(&self, rank: &Rank, l: usize, r: ExpertRows) -> Result<(), CudaError> {
+        let d = self.dims;
+        let s = rank.s;
+        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
+        rank.launch(
+            &rank.k.moe_dispatch_grouped,
+            (1, 1),
+            256,
+            0,
+            &[
+                Arg::P(r.ids),
+                Arg::I((r.rows * k) as i32),
                 Arg::I(e as i32),
                 Arg::I(k as i32),
                 Arg::I(d.gather_cap as i32),
@@ -3360,23 +3363,26 @@ impl CudaRunner {
                 Arg::P(s.ptrs),
                 Arg::P(s.dinfo),
                 Arg::P(s.active + 4 * l as u64),
-                Arg::P(s.eowner + (4 * l * e) as u64),
-                Arg::I(g as i32),
+                Arg::P(r.owner),
+                Arg::I(r.me),
             ],
         )?;
-        gr.fetch_info()?;
-        Ok(true)
+        rank.fetch_info()
     }
 
-    /// Expert parallel, the host dispatch's second half on GPU `g` (see
-    /// [`CudaRunner::ep_experts`]): the batched GEMMs over its active experts, or, when the
-    /// grouped layout would not fit the gather buffers, the device dispatch; then the outputs go
-    /// back.
-    fn ep_finish(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
+    /// The host dispatch's second half: waits for the layout's size, then gathers the rows and
+    /// runs two pointer-array batched GEMMs (tensor cores) over the active experts, padded to
+    /// the busiest one. A layout too large for the gather buffers (possible only for an
+    /// expert-parallel step's rows from several ranks) goes through the device dispatch instead.
+    fn experts_grouped_finish(
+        &self,
+        rank: &Rank,
+        l: usize,
+        r: ExpertRows,
+    ) -> Result<(), CudaError> {
         let d = self.dims;
-        let gr = &self.ranks[g];
-        gr.bind()?;
-        let info = gr.wait_info()?;
+        let (s, h, ie) = (rank.s, d.h, d.inter_e);
+        let info = rank.wait_info()?;
         if info[2] != 0 {
             return Err(CudaError::Input(format!(
                 "router produced an expert id outside 0..{}",
@@ -3385,90 +3391,25 @@ impl CudaRunner {
         }
         let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
         if active * max_n > d.gather_cap {
-            self.ep_gemv(g, l, total)?;
-        } else {
-            let (s, h, ie) = (gr.s, d.h, d.inter_e);
-            let rows = (active * max_n) as u32;
-            gr.launch(
-                &gr.k.gather_bf16,
-                (rows, 1),
-                256,
-                0,
-                &[
-                    Arg::P(gr.x.xin),
-                    Arg::I(h as i32),
-                    Arg::P(s.gidx),
-                    Arg::P(s.xg),
-                ],
-            )?;
-            let p = |i: usize| s.ptrs + (8 * i * active) as u64;
-            gr.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
-            gr.launch(
-                &gr.k.silu_mul,
-                (rows, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.gu),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.gu + 4 * ie as u64),
-                    Arg::I(2 * ie as i32),
-                    Arg::P(s.eh),
-                    Arg::I(ie as i32),
-                ],
-            )?;
-            gr.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)?;
+            if !moe_gemv_fits(h, ie, d.es) {
+                return Err(CudaError::Input(
+                    "expert dispatch exceeds the gather buffer".into(),
+                ));
+            }
+            return self.experts_gemv(rank, l, r);
         }
-        self.ep_return(g, l, total)
-    }
-
-    /// Expert parallel, the device dispatch on GPU `g`: its own experts' slots among the step's
-    /// `total` rows, laid out compactly, through `moe_gemv` (or `bi_mma` in batch-invariant
-    /// bf16 mode).
-    fn ep_gemv(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
-        let d = self.dims;
-        let gr = &self.ranks[g];
-        let (s, x) = (gr.s, gr.x);
-        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        gr.launch(
-            &gr.k.moe_dispatch,
-            (1, 1),
+        let rows = (active * max_n) as u32;
+        rank.launch(
+            &rank.k.gather_bf16,
+            (rows, 1),
             256,
             0,
-            &[
-                Arg::P(x.idin),
-                Arg::I((total * k) as i32),
-                Arg::I(e as i32),
-                Arg::I(k as i32),
-                Arg::P(s.counts),
-                Arg::P(s.offsets),
-                Arg::P(s.gidx),
-                Arg::P(s.cidx),
-                Arg::P(s.active + 4 * l as u64),
-                Arg::P(s.eowner + (4 * l * e) as u64),
-                Arg::I(g as i32),
-            ],
+            &[Arg::P(r.x), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
         )?;
-        let table = s.etable + (8 * l * e) as u64;
-        let co = (s.counts, s.offsets);
-        let gu = (s.gu, 2 * ie);
-        self.expert_products(gr, co, table, s.gidx, (x.xin, h), 0, (2 * ie, h), gu, total)?;
-        gr.launch(
-            &gr.k.silu_mul,
-            ((total * k) as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.gu),
-                Arg::I(2 * ie as i32),
-                Arg::P(s.gu + 4 * ie as u64),
-                Arg::I(2 * ie as i32),
-                Arg::P(s.eh),
-                Arg::I(ie as i32),
-            ],
-        )?;
-        let (eh, eo) = ((s.eh, ie), (s.eo, h));
-        self.expert_products(gr, co, table, 0, eh, 2 * h * ie, (h, ie), eo, total)
+        let p = |i: usize| s.ptrs + (8 * i * active) as u64;
+        rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;
+        self.expert_silu(rank, rows as usize)?;
+        rank.gemm_batched(p(3), p(4), p(5), h, max_n, ie, active)
     }
 
     /// Expert parallel: GPU `g` sends its experts' outputs to the ranks whose rows they are and
