@@ -521,6 +521,27 @@ impl Blueprint {
             ..PrepareReport::default()
         };
 
+        let experts_of = |l: usize| {
+            if self.cfg.is_moe_layer(l) {
+                self.cfg.moe.num_experts
+            } else {
+                0
+            }
+        };
+        if snap.experts.len() != self.cfg.num_layers
+            || snap
+                .experts
+                .iter()
+                .enumerate()
+                .any(|(l, e)| e.len() != experts_of(l))
+            || snap.global.is_empty()
+            || snap.layers.iter().any(|l| l.len() != self.cfg.num_layers)
+        {
+            return Err(CudaError::Scale(
+                "the snapshot does not describe a runner of this blueprint's model".into(),
+            ));
+        }
+
         let t = Instant::now();
         let config = CudaConfig {
             kv_blocks_per_rank,
@@ -535,19 +556,6 @@ impl Blueprint {
         )?;
         report.workers_ms = ms(t.elapsed());
         report.cold_workers = target.len();
-        if next.experts.len() != snap.experts.len()
-            || next
-                .experts
-                .iter()
-                .zip(&snap.experts)
-                .any(|(a, b)| a.len() != b.len())
-            || snap.global.is_empty()
-            || snap.layers.iter().any(|l| l.len() != self.cfg.num_layers)
-        {
-            return Err(CudaError::Scale(
-                "the snapshot does not describe a runner of this blueprint's model".into(),
-            ));
-        }
 
         let t = Instant::now();
         let mut needs: Vec<Need> = Vec::new();
