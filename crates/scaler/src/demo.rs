@@ -3,7 +3,11 @@
 //! while requests keep arriving.
 //!
 //! [`run`] returns a [`DemoRun`]: the stable [`Report`] (`report.json`), the timeline samples
-//! and the scale events (for the picture), and every request's tokens. The report's
+//! and the scale events (for the picture), and every request's tokens. The loop itself is
+//! [`drive`], over a [`Backend`] (submit, metrics, one transition, stop): [`run`] gives it the
+//! host engine and [`HostExecutor`]; `elasticmoe demo --devices cuda:...` gives it an
+//! `Engine<CudaRunner>` and the CUDA scaler, so both backends share the trace, the policy
+//! loop and the report. The report's
 //! `outputs_identical_to_reference` is computed by [`reference_tokens`]: the same requests on a
 //! fixed deployment, compared token by token.
 
@@ -14,8 +18,8 @@ use crossbeam_channel::{unbounded, TryRecvError};
 use moe_runtime::config::ModelConfig;
 use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
 use moe_runtime::engine::{
-    EngineConfig, Event as TokenStreamEvent, FinishReason, Request, RequestHandle, SchedulerConfig,
-    TokenId,
+    EngineConfig, EngineMetrics, Event as TokenStreamEvent, FinishReason, Request, RequestHandle,
+    SchedulerConfig, TokenId,
 };
 use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
 use serde::Serialize;
@@ -177,6 +181,12 @@ pub enum DemoError {
     /// The trace is empty.
     #[error("the trace has no requests")]
     EmptyTrace,
+    /// A backend's transition failed (the host executor's failures are [`DemoError::Exec`]).
+    #[error("a transition failed: {0}")]
+    Transition(String),
+    /// The serving engine stopped with an error.
+    #[error("the engine failed: {0}")]
+    Serving(String),
 }
 
 /// `requests` in the report.
@@ -345,24 +355,24 @@ pub struct Sample {
 
 /// A transition on the timeline.
 #[derive(Clone, Debug)]
-pub struct TimedEvent {
+pub struct TimedEvent<E = ScaleEvent> {
     /// Seconds from the start when it was decided.
     pub start_s: f64,
     /// Seconds from the start when it ended.
     pub end_s: f64,
     /// What happened.
-    pub event: ScaleEvent,
+    pub event: E,
 }
 
 /// Everything a demo run produced.
 #[derive(Clone, Debug)]
-pub struct DemoRun {
+pub struct DemoRun<E = ScaleEvent> {
     /// The report.
     pub report: Report,
     /// Samples, one per tick.
     pub timeline: Vec<Sample>,
     /// Transitions, completed or rolled back.
-    pub events: Vec<TimedEvent>,
+    pub events: Vec<TimedEvent<E>>,
     /// Per trace request: its tokens if it completed.
     pub tokens: Vec<Option<Vec<TokenId>>>,
 }
@@ -470,6 +480,51 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// A transition as [`drive`] sees it, whatever carried it out.
+pub trait DemoEvent: Send + 'static {
+    /// The devices serving once it ended.
+    fn devices_after(&self) -> DeviceSet;
+    /// Whether it completed (one rolled back stays on the timeline but not in the report).
+    fn completed(&self) -> bool;
+    /// Its `scale_events` entry.
+    fn report(&self) -> ScaleEventReport;
+}
+
+impl DemoEvent for ScaleEvent {
+    fn devices_after(&self) -> DeviceSet {
+        self.devices_after.clone()
+    }
+
+    fn completed(&self) -> bool {
+        ScaleEvent::completed(self)
+    }
+
+    fn report(&self) -> ScaleEventReport {
+        ScaleEventReport::from_event(self)
+    }
+}
+
+/// A serving engine as [`drive`] uses it, behind closures, so that the same loop serves a trace
+/// on any backend (the host engine here, the CUDA runner in the `elasticmoe` binary).
+pub struct Backend<E> {
+    /// `backend` in the report (`host`, `cuda`).
+    pub name: &'static str,
+    /// Submits one request (through the intake gate, where there is one).
+    pub submit: Box<dyn Fn(Request) -> Result<RequestHandle, String> + Send>,
+    /// The engine's metrics now.
+    pub metrics: Box<dyn Fn() -> EngineMetrics>,
+    /// Carries out one transition, on the demo's scaler thread (one at a time).
+    pub transition: Box<dyn FnMut(TransitionSpec) -> Result<E, DemoError> + Send>,
+    /// Stops serving; called once, when the loop ends or fails.
+    pub stop: Box<dyn FnOnce()>,
+}
+
+impl<E> std::fmt::Debug for Backend<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("name", &self.name).finish()
+    }
+}
+
 /// Runs `trace` under the policy with `config.strategy`, then compares with `reference`.
 pub fn run(
     cfg: &ModelConfig,
@@ -477,12 +532,11 @@ pub fn run(
     config: &DemoConfig,
     trace: &Trace,
     reference: &[Vec<TokenId>],
-    mut progress: impl FnMut(&Progress),
+    progress: impl FnMut(&Progress),
 ) -> Result<DemoRun, DemoError> {
     if trace.requests.is_empty() {
         return Err(DemoError::EmptyTrace);
     }
-    let mut policy = SloPolicy::new(config.policy)?;
     let (engine, _store) = DeploymentRunner::host_engine(
         cfg,
         checkpoint.as_ref(),
@@ -496,14 +550,53 @@ pub fn run(
     let all = DeviceSet::first(config.devices_max);
     executor.prewarm(&all.difference(&executor.devices()));
     let gate = Arc::clone(executor.gate());
-    let start = Instant::now();
     let serving = engine.start();
+    let metrics_engine = engine.clone();
+    let backend = Backend {
+        name: "host",
+        submit: Box::new(move |r| gate.submit(&engine, r).map_err(|e| e.to_string())),
+        metrics: Box::new(move || metrics_engine.metrics()),
+        transition: Box::new(move |spec| executor.run(spec).map_err(DemoError::from)),
+        stop: Box::new(move || serving.stop()),
+    };
+    drive(backend, config, trace, reference, progress)
+}
 
-    // The submitter: requests arrive on the trace's clock, through the intake gate.
+/// The demo's loop on `backend` (already serving, on `config.initial` devices): requests arrive
+/// on the trace's clock, every tick feeds the policy the engine's load and the finished
+/// requests' latencies, its decisions go to a scaler thread one at a time, and the run ends
+/// when every request has finished and no transition is running. Then the report, with the
+/// tokens compared with `reference`.
+pub fn drive<E: DemoEvent>(
+    backend: Backend<E>,
+    config: &DemoConfig,
+    trace: &Trace,
+    reference: &[Vec<TokenId>],
+    mut progress: impl FnMut(&Progress),
+) -> Result<DemoRun<E>, DemoError> {
+    let Backend {
+        name,
+        submit,
+        metrics,
+        mut transition,
+        stop,
+    } = backend;
+    if trace.requests.is_empty() {
+        stop();
+        return Err(DemoError::EmptyTrace);
+    }
+    let mut policy = match SloPolicy::new(config.policy) {
+        Ok(p) => p,
+        Err(e) => {
+            stop();
+            return Err(e.into());
+        }
+    };
+    let start = Instant::now();
+
+    // The submitter: requests arrive on the trace's clock.
     let (sub_tx, sub_rx) = unbounded::<(usize, Instant, Result<RequestHandle, String>)>();
     let submitter = {
-        let engine = engine.clone();
-        let gate = Arc::clone(&gate);
         let requests = trace.requests.clone();
         std::thread::spawn(move || {
             for (i, r) in requests.iter().enumerate() {
@@ -512,10 +605,7 @@ pub fn run(
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                let h = gate
-                    .submit(&engine, to_request(r))
-                    .map_err(|e| e.to_string());
-                if sub_tx.send((i, due, h)).is_err() {
+                if sub_tx.send((i, due, submit(to_request(r)))).is_err() {
                     return;
                 }
             }
@@ -524,15 +614,21 @@ pub fn run(
 
     // The scaler: one transition at a time, on its own thread.
     let (cmd_tx, cmd_rx) = unbounded::<TransitionSpec>();
-    let (ev_tx, ev_rx) = unbounded::<(f64, Result<ScaleEvent, ExecError>)>();
+    let (ev_tx, ev_rx) = unbounded::<(f64, Result<E, DemoError>)>();
     let scaler = std::thread::spawn(move || {
         while let Ok(spec) = cmd_rx.recv() {
-            let out = executor.run(spec);
+            let out = transition(spec);
             if ev_tx.send((start.elapsed().as_secs_f64(), out)).is_err() {
                 return;
             }
         }
     });
+    let finish = move |cmd_tx: crossbeam_channel::Sender<TransitionSpec>| {
+        drop(cmd_tx);
+        stop();
+        let _ = scaler.join();
+        let _ = submitter.join();
+    };
 
     let total = trace.requests.len();
     let mut live: Vec<Live> = Vec::new();
@@ -541,14 +637,14 @@ pub fn run(
     let mut ttfts: Vec<(f64, f64)> = Vec::new();
     let mut tpots: Vec<(f64, f64)> = Vec::new();
     let mut timeline = Vec::new();
-    let mut events: Vec<TimedEvent> = Vec::new();
+    let mut events: Vec<TimedEvent<E>> = Vec::new();
     let mut devices = DeviceSet::first(config.initial);
     let mut pending: Option<f64> = None;
     let mut finished = 0usize;
     let mut submitted_all = false;
     let mut recent_tokens: std::collections::VecDeque<(Instant, u64)> =
         std::collections::VecDeque::new();
-    let mut exec_error = None;
+    let mut failure = None;
     loop {
         std::thread::sleep(config.tick);
         let t_s = start.elapsed().as_secs_f64();
@@ -630,24 +726,24 @@ pub fn run(
             let start_s = pending.take().unwrap_or(end_s);
             match out {
                 Ok(event) => {
-                    devices = event.devices_after.clone();
+                    devices = event.devices_after();
                     events.push(TimedEvent {
                         start_s,
                         end_s,
                         event,
                     });
                 }
-                Err(e) => exec_error = Some(e),
+                Err(e) => failure = Some(e),
             }
         }
-        if let Some(e) = exec_error.take() {
-            drop(cmd_tx);
-            serving.stop();
-            let _ = scaler.join();
-            let _ = submitter.join();
-            return Err(e.into());
+        let m = metrics();
+        if failure.is_none() {
+            failure = m.last_error.clone().map(DemoError::Serving);
         }
-        let m = engine.metrics();
+        if let Some(e) = failure.take() {
+            finish(cmd_tx);
+            return Err(e);
+        }
         // Throughput over the last half second, so single ticks do not alias with iterations.
         recent_tokens.push_back((Instant::now(), m.generated_tokens));
         while recent_tokens.len() > 2 && recent_tokens[0].0.elapsed() > Duration::from_millis(500) {
@@ -718,17 +814,14 @@ pub fn run(
             break;
         }
     }
-    drop(cmd_tx);
-    serving.stop();
-    let _ = scaler.join();
-    let _ = submitter.join();
+    finish(cmd_tx);
 
     let identical = tokens
         .iter()
         .zip(reference)
         .all(|(got, want)| got.as_ref().is_none_or(|g| g == want))
         && reference.len() == tokens.len();
-    let done: Vec<&TimedEvent> = events.iter().filter(|e| e.event.completed()).collect();
+    let done: Vec<&TimedEvent<E>> = events.iter().filter(|e| e.event.completed()).collect();
     let first = done.first().map(|e| e.start_s);
     let last = done.last().map(|e| e.end_s);
     let mean = |f: &dyn Fn(f64) -> bool| -> f64 {
@@ -758,16 +851,13 @@ pub fn run(
         tpot_p99: percentile(&mut tp, 0.99),
     };
     let report = Report {
-        backend: "host".into(),
+        backend: name.into(),
         model: config.model.clone(),
         devices_max: u64::from(config.devices_max),
         strategy: config.strategy.as_str().into(),
         requests: counts,
         outputs_identical_to_reference: identical,
-        scale_events: done
-            .iter()
-            .map(|e| ScaleEventReport::from_event(&e.event))
-            .collect(),
+        scale_events: done.iter().map(|e| e.event.report()).collect(),
         throughput_tokens_per_s: throughput,
         latency_ms: latency,
     };

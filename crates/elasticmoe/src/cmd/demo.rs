@@ -256,20 +256,13 @@ mod gpu {
     //! The demo on GPUs: the host demo's trace, policy and report over an `Engine<CudaRunner>`
     //! scaled by `CudaScaler`.
 
-    use std::collections::VecDeque;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use crossbeam_channel::{unbounded, TryRecvError};
     use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
-    use moe_runtime::engine::{
-        Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig, TokenId,
-    };
+    use moe_runtime::engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
     use moe_runtime::model::weights::TensorSource;
-    use scaler::demo::{Latency, PhasesMs, RequestCounts, Sample, ScaleEventReport, Throughput};
-    use scaler::{
-        millis, ClusterView, Decision, LoadObservation, Observation, Policy, RequestObservation,
-        SloPolicy, Time,
-    };
+    use scaler::demo::{DemoEvent, PhasesMs, ScaleEventReport};
+    use scaler::DeviceSet;
 
     use super::*;
 
@@ -311,24 +304,6 @@ mod gpu {
             idle_wait: Duration::from_millis(2),
             ..EngineConfig::default()
         }
-    }
-
-    struct Live {
-        index: usize,
-        handle: RequestHandle,
-        submitted: Instant,
-        first: Option<Duration>,
-        last: Option<Duration>,
-        tokens: Vec<TokenId>,
-    }
-
-    fn percentile(v: &mut [f64], p: f64) -> f64 {
-        if v.is_empty() {
-            return 0.0;
-        }
-        v.sort_by(f64::total_cmp);
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i.min(v.len() - 1)]
     }
 
     /// The report entry of a finished CUDA transition. Phases map onto issue 8's four: plan
@@ -392,10 +367,24 @@ mod gpu {
         Ok(out)
     }
 
-    struct GpuRun {
-        report: Report,
-        timeline: Vec<Sample>,
-        marks: Vec<(f64, String)>,
+    /// A finished CUDA transition, as the demo's loop sees it.
+    struct GpuEvent {
+        report: ScaleEventReport,
+        after: DeviceSet,
+    }
+
+    impl DemoEvent for GpuEvent {
+        fn devices_after(&self) -> DeviceSet {
+            self.after.clone()
+        }
+
+        fn completed(&self) -> bool {
+            true
+        }
+
+        fn report(&self) -> ScaleEventReport {
+            self.report.clone()
+        }
     }
 
     pub(super) fn run(args: &Args, strategies: &[Strategy], gpus: u32) -> Result<()> {
@@ -428,12 +417,24 @@ mod gpu {
                 .with_context(|| format!("running the {strategy} demo on {gpus} GPU(s)"))?;
             runs.push(r);
         }
+        let marks = |r: &DemoRun<GpuEvent>| -> Vec<(f64, String)> {
+            r.events
+                .iter()
+                .map(|e| {
+                    let x = &e.event.report;
+                    (
+                        e.start_s,
+                        format!("{} {}→{}", x.kind, x.from_devices, x.to_devices),
+                    )
+                })
+                .collect()
+        };
         let lines: Vec<crate::report::Line<'_>> = runs
             .iter()
             .map(|r| crate::report::Line {
                 name: &r.report.strategy,
                 timeline: &r.timeline,
-                marks: r.marks.clone(),
+                marks: marks(r),
             })
             .collect();
         let reports: Vec<&Report> = runs.iter().map(|r| &r.report).collect();
@@ -445,7 +446,8 @@ mod gpu {
         )
     }
 
-    #[allow(clippy::too_many_lines)]
+    /// One strategy's demo: a runner on the first GPU(s), the engine serving it, and the
+    /// scaler's transitions behind the host demo's loop ([`demo::drive`]).
     fn run_one(
         args: &Args,
         cfg: &ModelConfig,
@@ -454,9 +456,8 @@ mod gpu {
         reference: &[Vec<TokenId>],
         strategy: Strategy,
         gpus: u32,
-    ) -> Result<GpuRun> {
+    ) -> Result<DemoRun<GpuEvent>> {
         let config = DemoConfig::new(strategy, gpus, PRESET.name());
-        let mut policy = SloPolicy::new(config.policy)?;
         // The colocated baseline keeps two instances on the staying GPUs: each gets half the KV.
         let kv = if strategy == Strategy::Colocated {
             KV_BLOCKS / 2
@@ -474,37 +475,15 @@ mod gpu {
         if !args.quiet {
             eprintln!("[{strategy}] serving on {} x {card}", config.initial);
         }
-        let start = Instant::now();
         let serving = engine.start();
-
-        // The submitter: requests arrive on the trace's clock.
-        let (sub_tx, sub_rx) = unbounded::<(usize, Instant, Result<RequestHandle, String>)>();
-        let submitter = {
-            let engine = engine.clone();
-            let requests = trace.requests.clone();
-            std::thread::spawn(move || {
-                for (i, r) in requests.iter().enumerate() {
-                    let due = start + r.at;
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    let h = engine
-                        .submit(Request::greedy(r.prompt.clone(), r.max_tokens))
-                        .map_err(|e| e.to_string());
-                    if sub_tx.send((i, due, h)).is_err() {
-                        return;
-                    }
-                }
-            })
-        };
-
-        // The scaler: one transition at a time, on its own thread.
-        let (cmd_tx, cmd_rx) = unbounded::<(String, usize, usize)>();
-        let (ev_tx, ev_rx) = unbounded::<(f64, Result<ScaleEventReport, String>)>();
         let source = Arc::clone(ckpt);
-        let scaler_thread = std::thread::spawn(move || {
-            while let Ok((kind, from, to)) = cmd_rx.recv() {
+        let submit_engine = engine.clone();
+        let backend = demo::Backend {
+            name: "cuda",
+            submit: Box::new(move |r| submit_engine.submit(r).map_err(|e| e.to_string())),
+            metrics: Box::new(move || engine.metrics()),
+            transition: Box::new(move |spec| {
+                let to = spec.to.len();
                 let out = match strategy {
                     Strategy::Elastic => scaler.elastic(to),
                     Strategy::ColdRestart => scaler.cold_restart(
@@ -513,248 +492,27 @@ mod gpu {
                     ),
                     _ => scaler.colocated(source.as_ref(), to, kv),
                 };
-                let out = out
-                    .map(|o| event_report(&kind, from, strategy, &o))
-                    .map_err(|e| e.to_string());
-                if ev_tx.send((start.elapsed().as_secs_f64(), out)).is_err() {
-                    return;
-                }
-            }
-        });
-
-        let total = trace.requests.len();
-        let mut live: Vec<Live> = Vec::new();
-        let mut tokens: Vec<Option<Vec<TokenId>>> = vec![None; total];
-        let mut counts = RequestCounts::default();
-        let mut ttfts: Vec<(f64, f64)> = Vec::new();
-        let mut tpots: Vec<(f64, f64)> = Vec::new();
-        let mut timeline = Vec::new();
-        let mut events: Vec<(f64, f64, ScaleEventReport)> = Vec::new();
-        let mut devices = config.initial as usize;
-        let mut pending: Option<f64> = None;
-        let mut finished = 0usize;
-        let mut submitted_all = false;
-        let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
-        let mut failure: Option<String> = None;
-        loop {
-            std::thread::sleep(config.tick);
-            let t_s = start.elapsed().as_secs_f64();
-            loop {
-                match sub_rx.try_recv() {
-                    Ok((index, at, Ok(handle))) => {
-                        counts.submitted += 1;
-                        live.push(Live {
-                            index,
-                            handle,
-                            submitted: at,
-                            first: None,
-                            last: None,
-                            tokens: Vec::new(),
-                        });
-                    }
-                    Ok((_, _, Err(_))) => {
-                        counts.submitted += 1;
-                        counts.failed += 1;
-                        finished += 1;
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        submitted_all = true;
-                        break;
-                    }
-                }
-            }
-            let mut i = 0;
-            while i < live.len() {
-                let mut done = None;
-                while let Some(ev) = live[i].handle.try_recv() {
-                    match ev {
-                        Event::Token(tok) => {
-                            let l = &mut live[i];
-                            let at = l.submitted.elapsed();
-                            l.first.get_or_insert(at);
-                            l.last = Some(at);
-                            l.tokens.push(tok.token);
-                        }
-                        Event::Finished { reason, timings } => {
-                            done = Some((reason, timings.preemptions));
-                            break;
-                        }
-                    }
-                }
-                let Some((reason, preemptions)) = done else {
-                    i += 1;
-                    continue;
-                };
-                let l = live.swap_remove(i);
-                finished += 1;
-                counts.preempted += u64::from(preemptions > 0);
-                if matches!(reason, FinishReason::Length | FinishReason::Stop(_)) {
-                    counts.completed += 1;
-                    let ttft = l.first.unwrap_or_default();
-                    let n = l.tokens.len().max(1);
-                    let tpot = if n > 1 {
-                        (l.last.unwrap_or_default().saturating_sub(ttft)) / (n as u32 - 1)
-                    } else {
-                        Duration::ZERO
-                    };
-                    ttfts.push((t_s, millis(ttft)));
-                    tpots.push((t_s, millis(tpot)));
-                    policy.observe(Observation::RequestFinished(RequestObservation {
-                        at: Time::from_duration(start.elapsed()),
-                        ttft,
-                        tpot,
-                    }));
-                    tokens[l.index] = Some(l.tokens);
-                } else {
-                    counts.failed += 1;
-                }
-            }
-            while let Ok((end_s, out)) = ev_rx.try_recv() {
-                let start_s = pending.take().unwrap_or(end_s);
-                match out {
-                    Ok(e) => {
-                        devices = e.to_devices as usize;
-                        events.push((start_s, end_s, e));
-                    }
-                    Err(e) => failure = Some(e),
-                }
-            }
-            if let Some(e) = failure.take() {
-                drop(cmd_tx);
-                serving.stop();
-                let _ = scaler_thread.join();
-                let _ = submitter.join();
-                bail!("a transition failed: {e}");
-            }
-            let m = engine.metrics();
-            if let Some(err) = &m.last_error {
-                drop(cmd_tx);
-                serving.stop();
-                let _ = scaler_thread.join();
-                let _ = submitter.join();
-                bail!("the engine failed: {err}");
-            }
-            recent.push_back((Instant::now(), m.generated_tokens));
-            while recent.len() > 2 && recent[0].0.elapsed() > Duration::from_millis(500) {
-                recent.pop_front();
-            }
-            let (t0, g0) = recent[0];
-            let tps = (m.generated_tokens.saturating_sub(g0)) as f64
-                / t0.elapsed().as_secs_f64().max(1e-3);
-            let now = Time::from_duration(start.elapsed());
-            policy.observe(Observation::Load(LoadObservation {
-                at: now,
-                queue_depth: m.queue_depth,
-                running: m.running,
-                kv_usage: m.kv_utilisation(),
-                tokens_per_s: tps,
-            }));
-            let window = config.policy.window.as_secs_f64();
-            let recent_p99 = |v: &[(f64, f64)]| -> f64 {
-                let mut r: Vec<f64> = v
-                    .iter()
-                    .filter(|(t, _)| *t >= t_s - window)
-                    .map(|x| x.1)
-                    .collect();
-                percentile(&mut r, 0.99)
-            };
-            timeline.push(Sample {
-                t_s,
-                tokens_per_s: tps,
-                devices,
-                ttft_p99_ms: recent_p99(&ttfts),
-                tpot_p99_ms: recent_p99(&tpots),
-                queue: m.queue_depth,
-            });
-            let view = ClusterView {
-                devices,
-                transition_running: pending.is_some(),
-            };
-            if let Decision::ScaleTo { devices: n, .. } = policy.decide(now, view) {
-                let n = n.clamp(1, gpus as usize);
-                if n != devices {
-                    let kind = if n > devices { "up" } else { "down" };
-                    if cmd_tx.send((kind.to_string(), devices, n)).is_ok() {
-                        pending = Some(t_s);
-                    }
-                }
-            }
-            if !args.quiet {
+                out.map(|o| GpuEvent {
+                    report: event_report(spec.kind.as_str(), spec.from.len(), strategy, &o),
+                    after: DeviceSet::first(o.devices_after as u32),
+                })
+                .map_err(|e| scaler::demo::DemoError::Transition(e.to_string()))
+            }),
+            stop: Box::new(move || serving.stop()),
+        };
+        let quiet = args.quiet;
+        let run = demo::drive(backend, &config, trace, reference, |p| {
+            if !quiet {
                 eprint!(
-                    "\r[{strategy}] t={t_s:5.1}s  done {finished}/{total}  GPUs {devices}  {tps:7.0} tok/s  transitions {}   ",
-                    events.len()
+                    "\r[{strategy}] t={:5.1}s  done {}/{}  GPUs {}  {:7.0} tok/s  transitions {}   ",
+                    p.t_s, p.finished, p.total, p.devices, p.tokens_per_s, p.transitions
                 );
                 let _ = std::io::stderr().flush();
             }
-            if submitted_all && live.is_empty() && finished >= total && pending.is_none() {
-                break;
-            }
-        }
-        if !args.quiet {
+        });
+        if !quiet {
             eprintln!();
         }
-        drop(cmd_tx);
-        serving.stop();
-        let _ = scaler_thread.join();
-        let _ = submitter.join();
-
-        let identical = reference.len() == tokens.len()
-            && tokens
-                .iter()
-                .zip(reference)
-                .all(|(got, want)| got.as_ref().is_none_or(|g| g == want));
-        let first = events.first().map(|e| e.0);
-        let last = events.last().map(|e| e.1);
-        let mean = |f: &dyn Fn(f64) -> bool| -> f64 {
-            let v: Vec<f64> = timeline
-                .iter()
-                .filter(|s| f(s.t_s))
-                .map(|s| s.tokens_per_s)
-                .collect();
-            if v.is_empty() {
-                0.0
-            } else {
-                v.iter().sum::<f64>() / v.len() as f64
-            }
-        };
-        let during = |t: f64| events.iter().any(|e| t >= e.0 && t <= e.1 + 1e-9);
-        let throughput = Throughput {
-            before: mean(&|t| first.is_none_or(|f| t < f)),
-            during: mean(&during),
-            after: mean(&|t| last.is_some_and(|l| t > l)),
-        };
-        let mut tt: Vec<f64> = ttfts.iter().map(|x| x.1).collect();
-        let mut tp: Vec<f64> = tpots.iter().map(|x| x.1).collect();
-        let report = Report {
-            backend: "cuda".into(),
-            model: config.model.clone(),
-            devices_max: u64::from(gpus),
-            strategy: strategy.as_str().into(),
-            requests: counts,
-            outputs_identical_to_reference: identical,
-            scale_events: events.iter().map(|e| e.2.clone()).collect(),
-            throughput_tokens_per_s: throughput,
-            latency_ms: Latency {
-                ttft_p50: percentile(&mut tt, 0.5),
-                ttft_p99: percentile(&mut tt, 0.99),
-                tpot_p50: percentile(&mut tp, 0.5),
-                tpot_p99: percentile(&mut tp, 0.99),
-            },
-        };
-        let marks = events
-            .iter()
-            .map(|(s, _, e)| {
-                (
-                    *s,
-                    format!("{} {}→{}", e.kind, e.from_devices, e.to_devices),
-                )
-            })
-            .collect();
-        Ok(GpuRun {
-            report,
-            timeline,
-            marks,
-        })
+        Ok(run?)
     }
 }
