@@ -19,18 +19,35 @@
 //!   with its expert chunks created ahead in the warm pool, the 2→1 staged (ranges mapped)
 //!   before an iteration and filled after it; a configuration prepared from a snapshot taken
 //!   before both switches is refused at install and changes nothing.
+//! - extravagant 1→2 (needs 3 GPUs): a new instance on GPUs 1 and 2 beside GPU 0, every weight
+//!   byte copied peer-to-peer from the running one, every running sequence's KV migrated into
+//!   it at the switch; GPU 0's memory is released afterwards. Once stepped here, and once
+//!   through `CudaScaler::extravagant` under a steady load on the engine's own run loop in the
+//!   batch-invariant mode (the switch lands at any iteration; every request must still equal
+//!   the never-scaled run). Overlapping and too-large target sets are refused with typed errors.
 //!
 //! Precision is [`Precision::F32`] (pedantic f32 GEMMs), so a changed batch composition after a
-//! switch cannot flip a greedy token through bf16 rounding.
+//! switch cannot flip a greedy token through bf16 rounding (the run-loop extravagant check uses
+//! the batch-invariant mode instead, where no composition changes a token).
 
 #![cfg(feature = "cuda")]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use hbm_vmm::DeviceId;
+use moe_runtime::compute::cpu::CpuCompute;
 use moe_runtime::config::ModelConfig;
-use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaWarmPool, Precision, Snapshot};
-use moe_runtime::engine::{Engine, EngineConfig, Request, RequestHandle, SchedulerConfig};
+use moe_runtime::cuda::{
+    self, CudaConfig, CudaError, CudaRunner, CudaScaler, CudaWarmPool, DeviceSetError, Precision,
+    Snapshot,
+};
+use moe_runtime::engine::{
+    Engine, EngineConfig, FinishReason, Request, RequestHandle, SchedulerConfig,
+};
 use moe_runtime::model::weights::MemTensors;
+use moe_runtime::model::Model;
 use moe_runtime::presets::Preset;
 
 const KV_BLOCKS: usize = 256;
@@ -307,5 +324,240 @@ fn gpu_elastic_scaling_keeps_outputs_identical() {
             assert!(sw.migrated > 0, "{sw:?}");
         });
         check(&format!("{name} colocated 2->1"), &got, &reference);
+    }
+}
+
+/// Weight bytes of `cfg` at `es` bytes per element: (replicated per rank, every routed expert).
+fn weight_bytes(cfg: &ModelConfig, es: usize) -> (u64, u64) {
+    let model = Model::new(cfg, CpuCompute::new()).unwrap();
+    let layout = model.layout();
+    let replicated = layout.global().floats()
+        + (0..cfg.num_layers)
+            .map(|l| layout.layer(l).map_or(0, |c| c.floats()))
+            .sum::<usize>();
+    let experts = layout.expert_floats() * cfg.moe.num_experts * cfg.num_moe_layers();
+    ((replicated * es) as u64, (experts * es) as u64)
+}
+
+fn bi_engine(cfg: &ModelConfig, src: &MemTensors, devices: usize) -> Engine<CudaRunner> {
+    let config = CudaConfig {
+        precision: Precision::Bf16,
+        batch_invariant: true,
+        ..config(devices)
+    };
+    let runner = CudaRunner::load(cfg, src, config).expect("loading the batch-invariant runner");
+    Engine::new(
+        runner,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 128,
+                max_running_per_rank: 16,
+            },
+            idle_wait: Duration::from_millis(1),
+            ..EngineConfig::default()
+        },
+    )
+}
+
+/// Keeps `in_flight` requests (prompts `prompts(vocab, ..)` in order, `max_tokens` each) in
+/// flight on `e` until `stop` is set; returns every request's prompt index and completion.
+fn load(
+    e: Engine<CudaRunner>,
+    all: Vec<Vec<u32>>,
+    in_flight: usize,
+    max_tokens: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<(usize, moe_runtime::engine::Completion)> {
+    let mut live: Vec<(usize, RequestHandle)> = Vec::new();
+    let mut done = Vec::new();
+    let mut next = 0;
+    while !stop.load(Ordering::Acquire) && next < all.len() {
+        let (fin, keep): (Vec<_>, Vec<_>) = live.into_iter().partition(|(_, h)| h.is_finished());
+        live = keep;
+        done.extend(fin.into_iter().map(|(i, h)| (i, h.wait())));
+        while live.len() < in_flight && next < all.len() {
+            let h = e
+                .submit(Request::greedy(all[next].clone(), max_tokens))
+                .expect("submit");
+            live.push((next, h));
+            next += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    done.extend(live.into_iter().map(|(i, h)| (i, h.wait())));
+    done
+}
+
+#[test]
+fn gpu_extravagant_scaling_moves_to_a_disjoint_set() {
+    let n = match cuda::device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("no GPU ({e}): skipping the extravagant test");
+            return;
+        }
+    };
+    if n < 3 {
+        println!(
+            "only {n} GPU(s): the extravagant 1->2 step needs 3 (GPU 0 serving, a new instance \
+             on GPUs 1 and 2): skipping"
+        );
+        return;
+    }
+    let new_set = [DeviceId(1), DeviceId(2)];
+    for preset in [Preset::TinyQwen3, Preset::TinyDeepseek] {
+        let cfg = preset.config();
+        let name = preset.name();
+        let src = MemTensors::seeded(&cfg, 21);
+        let vocab = cfg.vocab_size as u32;
+        let first = prompts(vocab, 10, 1);
+        let second = prompts(vocab, 6, 2);
+        let reference = serve(&engine(&cfg, &src, 1), &first, &second, 6, |_| {});
+
+        // Stepped: the new instance copied from a snapshot, switched in at iteration 6.
+        let e = engine(&cfg, &src, 1);
+        let got = serve(&e, &first, &second, 6, |e| {
+            let bp = e.with_runner(CudaRunner::blueprint);
+            let transport = bp.transport().unwrap();
+            let snap = e.with_runner(CudaRunner::snapshot);
+            let err = bp
+                .copy_runner(&snap, &cuda::first_devices(2), KV_BLOCKS, &transport)
+                .expect_err("a target sharing GPU 0 is refused");
+            assert!(
+                matches!(
+                    err,
+                    CudaError::DeviceSet(DeviceSetError::Overlap { device: 0, .. })
+                ),
+                "{err}"
+            );
+            let target = cuda::disjoint_devices(snap.devices(), 2, n).unwrap();
+            assert_eq!(target, new_set);
+            let (next, p) = bp
+                .copy_runner(&snap, &target, KV_BLOCKS, &transport)
+                .expect("copy_runner");
+            println!("{name} extravagant 1->2 copy: {p:?}");
+            assert_eq!(next.devices(), new_set);
+            // Every weight byte copied: the replicated weights onto both GPUs, every expert
+            // once; nothing zero-copy.
+            let (replicated, experts) = weight_bytes(&cfg, 4);
+            assert_eq!(p.bytes_moved, 2 * replicated + experts);
+            assert_eq!(p.bytes_zero_copy, 0);
+            assert!(p.max_bytes_into_device >= replicated + experts / 2);
+            drop(snap);
+            let (tx, rx) = std::sync::mpsc::channel();
+            e.at_boundary(move |r, s| {
+                let _ = tx.send(r.install_runner(next, &transport, s));
+            });
+            e.step().unwrap();
+            let (sw, retired) = rx.recv().unwrap().expect("install_runner");
+            retired.release();
+            println!("{name} extravagant 1->2 switch: {sw:?}");
+            assert!(sw.migrated > 0 && sw.kv_bytes > 0, "{sw:?}");
+            assert_eq!(sw.requeued, 0);
+            assert_eq!(e.with_runner(CudaRunner::devices), new_set);
+            assert_eq!(bp.vmm().usage(DeviceId(0)), 0, "GPU 0 released");
+        });
+        check(
+            &format!("{name} extravagant 1->2 stepped"),
+            &got,
+            &reference,
+        );
+        drop(e);
+
+        // Under load on the run loop, through the scaler, batch-invariant.
+        let all = prompts(vocab, 5000, 3);
+        let e = bi_engine(&cfg, &src, 1);
+        let bp = e.with_runner(CudaRunner::blueprint);
+        let snap = e.with_runner(CudaRunner::snapshot);
+        let mut scaler = CudaScaler::new(e.clone(), bp).unwrap();
+        scaler.adopt_snapshot(snap);
+        let run = e.start();
+        let stop = Arc::new(AtomicBool::new(false));
+        let loader = {
+            let (e, all, stop) = (e.clone(), all.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || load(e, all, 12, 24, stop))
+        };
+        let t = Instant::now();
+        while e.metrics().generated_tokens < 100 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let o = scaler.extravagant(2).expect("extravagant 1->2");
+        println!("{name} extravagant 1->2 under load: {o:?}");
+        // Requests admitted after the switch run on the new instance.
+        let after = e.metrics().generated_tokens;
+        while e.metrics().generated_tokens < after + 100 && t.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Too many GPUs asked for: refused, nothing changes.
+        let err = scaler
+            .extravagant(n)
+            .expect_err("a disjoint set of n beside 2 does not fit on n GPUs");
+        assert!(
+            matches!(
+                err,
+                CudaError::DeviceSet(DeviceSetError::TooFewGpus { running: 2, .. })
+            ),
+            "{err}"
+        );
+        assert!(scaler.has_snapshot());
+        stop.store(true, Ordering::Release);
+        let mut done = loader.join().unwrap();
+        run.stop();
+        assert_eq!(e.with_runner(CudaRunner::devices), new_set);
+        assert_eq!(e.metrics().last_error, None);
+        assert_eq!(o.devices_after, 2);
+        assert_eq!(o.requeued, 0, "{o:?}");
+        assert!(
+            o.kv_migrated > 0,
+            "sequences were running at the switch: {o:?}"
+        );
+        assert_eq!(o.downtime_ms, 0.0);
+        assert_eq!(o.bytes_zero_copy, 0);
+        let (replicated, experts) = weight_bytes(&cfg, 2);
+        assert!(
+            o.bytes_moved > 2 * replicated + experts,
+            "weights and KV: {o:?}"
+        );
+        assert!(o.max_bytes_into_device >= replicated + experts / 2);
+        for phase in ["start_instance", "copy", "switch", "kv_copy", "retire"] {
+            assert!(
+                o.phases_ms.iter().any(|(k, _)| *k == phase),
+                "{phase}: {o:?}"
+            );
+        }
+        assert!(o.peak_bytes_per_device.len() >= 3);
+        assert!(o.peak_bytes_per_device[1] > 0 && o.peak_bytes_per_device[2] > 0);
+        let mem = scaler.blueprint().memory_per_device();
+        assert_eq!(mem[0].0, 0, "GPU 0's memory released: {mem:?}");
+        assert!(mem[1].0 > 0 && mem[2].0 > 0, "{mem:?}");
+        drop(scaler);
+        drop(e);
+
+        // No request failed, and each equals the never-scaled run's.
+        done.sort_by_key(|(i, _)| *i);
+        assert!(
+            done.len() > 12,
+            "the load kept going: {} requests",
+            done.len()
+        );
+        let prompts_done: Vec<Vec<u32>> = done.iter().map(|(i, _)| all[*i].clone()).collect();
+        let e = bi_engine(&cfg, &src, 1);
+        let handles: Vec<RequestHandle> = prompts_done
+            .iter()
+            .map(|p| e.submit(Request::greedy(p.clone(), 24)).unwrap())
+            .collect();
+        e.run_until_idle(100_000).expect("the reference run");
+        for ((i, c), h) in done.iter().zip(handles) {
+            assert_eq!(c.finish, FinishReason::Length, "{name}: request {i} failed");
+            assert_eq!(
+                c.tokens,
+                h.wait().tokens,
+                "{name}: request {i} differs from the never-scaled run"
+            );
+        }
+        println!(
+            "{name} extravagant 1->2 under load: {} requests equal to the reference",
+            done.len()
+        );
     }
 }

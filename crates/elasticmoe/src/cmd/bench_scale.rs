@@ -1374,9 +1374,7 @@ mod gpu {
                     to,
                 )?,
                 StrategyArg::Colocated => self.scaler.colocated(self.ckpt.as_ref(), to, self.kv)?,
-                StrategyArg::Extravagant => {
-                    bail!("the extravagant baseline is not implemented on CUDA")
-                }
+                StrategyArg::Extravagant => self.scaler.extravagant(to)?,
             };
             trace(&format!("scaled: {o:?}"));
             Ok(Measured {
@@ -1453,15 +1451,12 @@ mod gpu {
         }
         fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String> {
             match strategy {
-                StrategyArg::Extravagant if from + to > self.n => Some(format!(
-                    "needs {} GPUs (a disjoint set of {to} beside {from}); {} present",
-                    from + to,
-                    self.n
-                )),
-                StrategyArg::Extravagant => Some(
-                    "the extravagant baseline is not implemented on CUDA yet (runners start on                      GPU 0)"
-                        .into(),
-                ),
+                // The scaler's own device-set check: the engine serves on GPUs `0..from`.
+                StrategyArg::Extravagant => {
+                    cuda::disjoint_devices(&cuda::first_devices(from), to, self.n)
+                        .err()
+                        .map(|e| e.to_string())
+                }
                 _ => None,
             }
         }

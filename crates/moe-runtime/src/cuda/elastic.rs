@@ -492,6 +492,128 @@ impl Blueprint {
         CudaRunner::build(&self.cfg, config, Fill::Source(src), Some(self.vmm.clone()))
     }
 
+    /// The extravagant baseline's new instance: a runner on `target`, a device set disjoint
+    /// from the running one `snap` describes ([`check_disjoint`]), with `kv_blocks_per_rank`
+    /// blocks per rank and empty KV, every weight byte copied peer-to-peer from the running
+    /// instance: the replicated weights striped over every running GPU, each routed expert
+    /// from the GPU that holds it. Nothing is read from disk and nothing is shared zero-copy.
+    /// Runs while the engine serves (it only reads the running instance's weights); switch to
+    /// the runner with [`CudaRunner::install_runner`], which migrates every running sequence's
+    /// KV into it. `snap` must still describe the running runner (a snapshot kept from the last
+    /// switch does until the next one).
+    ///
+    /// The report's `workers_ms` is the new instance's start (contexts, kernels, empty chunks),
+    /// `map_ms` the destination aliases, `copy_ms` the weight copies.
+    pub fn copy_runner(
+        &self,
+        snap: &Snapshot,
+        target: &[DeviceId],
+        kv_blocks_per_rank: usize,
+        transport: &CudaTransport,
+    ) -> Result<(CudaRunner, PrepareReport), CudaError> {
+        let t0 = Instant::now();
+        let target = check_disjoint(&snap.devices, target, self.vmm.device_count())?;
+        let model = Model::new(&self.cfg, CpuCompute::new())?;
+        let layout = model.layout().clone();
+        let es = self.dims.es;
+        let mut report = PrepareReport {
+            plan_ms: ms(t0.elapsed()),
+            ..PrepareReport::default()
+        };
+
+        let experts_of = |l: usize| {
+            if self.cfg.is_moe_layer(l) {
+                self.cfg.moe.num_experts
+            } else {
+                0
+            }
+        };
+        if snap.experts.len() != self.cfg.num_layers
+            || snap
+                .experts
+                .iter()
+                .enumerate()
+                .any(|(l, e)| e.len() != experts_of(l))
+            || snap.global.is_empty()
+            || snap.layers.iter().any(|l| l.len() != self.cfg.num_layers)
+        {
+            return Err(CudaError::Scale(
+                "the snapshot does not describe a runner of this blueprint's model".into(),
+            ));
+        }
+
+        let t = Instant::now();
+        let config = CudaConfig {
+            kv_blocks_per_rank,
+            ..self.config
+        };
+        let next = CudaRunner::build_on(
+            &self.cfg,
+            config,
+            Fill::Skip,
+            Some(self.vmm.clone()),
+            &target,
+        )?;
+        report.workers_ms = ms(t.elapsed());
+        report.cold_workers = target.len();
+
+        let t = Instant::now();
+        let mut needs: Vec<Need> = Vec::new();
+        let mut keep_alive: Vec<DevBuf> = Vec::new();
+        // Each destination is written by the copy engine of its source GPU.
+        let access_for = |dev: DeviceId| {
+            let mut a = snap.devices.clone();
+            a.push(dev);
+            a
+        };
+        let glen = (layout.global().floats() * es) as u64;
+        for r in &next.ranks {
+            let access = access_for(r.dev);
+            let g = alias(&self.vmm, &BufRef::of(&r.global), &access)?;
+            needs.push(Need::new(
+                Location::new(r.dev, g.addr()),
+                glen,
+                snap.global
+                    .iter()
+                    .map(|b| Location::new(b.dev, b.addr))
+                    .collect(),
+            ));
+            keep_alive.push(g);
+            for (l, buf) in r.layers.iter().enumerate() {
+                let len = (layout.layer(l).map_or(0, |c| c.floats()) * es) as u64;
+                if len == 0 {
+                    continue;
+                }
+                let a = alias(&self.vmm, &BufRef::of(buf), &access)?;
+                needs.push(Need::new(
+                    Location::new(r.dev, a.addr()),
+                    len,
+                    snap.layers
+                        .iter()
+                        .filter_map(|ls| ls.get(l).map(|b| Location::new(b.dev, b.addr)))
+                        .collect(),
+                ));
+                keep_alive.push(a);
+            }
+        }
+        let ebytes = (layout.expert_floats() * es) as u64;
+        for (new_layer, old_layer) in next.experts.iter().zip(&snap.experts) {
+            for (e, cur) in new_layer.iter().zip(old_layer) {
+                let a = alias(&self.vmm, &BufRef::of(&e.buf), &access_for(e.dev))?;
+                needs.push(Need::new(
+                    Location::new(e.dev, a.addr()),
+                    ebytes,
+                    vec![Location::new(cur.dev, cur.addr)],
+                ));
+                keep_alive.push(a);
+            }
+        }
+        report.map_ms = ms(t.elapsed());
+        copy_needs(&needs, transport, &mut report)?;
+        drop(keep_alive);
+        Ok((next, report))
+    }
+
     /// Builds the configuration for `target` beside the running one described by `snap`
     /// (see the module docs). Runs while the engine serves. The same as [`Blueprint::stage`]
     /// then [`Blueprint::fill`].
@@ -703,31 +825,7 @@ impl Blueprint {
             keep_alive,
             mut report,
         } = staged;
-        // Copies: planned over the holders, pushed on the low-priority copy streams.
-        let t = Instant::now();
-        if !needs.is_empty() {
-            let planner = Planner::new(LinkModel::nvlink4(), PlannerConfig::default())
-                .map_err(|e| scale_err("planning the copies")(e.to_string()))?;
-            let plan = planner
-                .plan(&needs)
-                .map_err(|e| scale_err("planning the copies")(e.to_string()))?;
-            let mut into: BTreeMap<DeviceId, u64> = BTreeMap::new();
-            for need in &needs {
-                *into.entry(need.dst.device).or_default() += need.len;
-            }
-            report.max_bytes_into_device = into.values().copied().max().unwrap_or(0);
-            report.bytes_moved = needs.iter().map(|n| n.len).sum();
-            report.plan_ms += ms(t.elapsed());
-            let t = Instant::now();
-            let ticket = transport
-                .submit(&plan.batch())
-                .map_err(|e| scale_err("submitting the copies")(e.to_string()))?;
-            let done = ticket
-                .wait()
-                .map_err(|e| scale_err("copying")(e.to_string()))?;
-            report.copy_ms = ms(t.elapsed());
-            report.copy_gbps = done.gbps();
-        }
+        copy_needs(&needs, transport, &mut report)?;
         drop(keep_alive);
         Ok(Prepared {
             snapshot: snap,
@@ -739,6 +837,42 @@ impl Blueprint {
             report,
         })
     }
+}
+
+/// Copies `needs` (each from any of its holders), planned over the holders and pushed on the
+/// transport's low-priority copy streams; records plan time, bytes, the most bytes into one
+/// device, copy time and rate in `report`.
+fn copy_needs(
+    needs: &[Need],
+    transport: &CudaTransport,
+    report: &mut PrepareReport,
+) -> Result<(), CudaError> {
+    if needs.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let planner = Planner::new(LinkModel::nvlink4(), PlannerConfig::default())
+        .map_err(|e| scale_err("planning the copies")(e.to_string()))?;
+    let plan = planner
+        .plan(needs)
+        .map_err(|e| scale_err("planning the copies")(e.to_string()))?;
+    let mut into: BTreeMap<DeviceId, u64> = BTreeMap::new();
+    for need in needs {
+        *into.entry(need.dst.device).or_default() += need.len;
+    }
+    report.max_bytes_into_device = into.values().copied().max().unwrap_or(0);
+    report.bytes_moved = needs.iter().map(|n| n.len).sum();
+    report.plan_ms += ms(t.elapsed());
+    let t = Instant::now();
+    let ticket = transport
+        .submit(&plan.batch())
+        .map_err(|e| scale_err("submitting the copies")(e.to_string()))?;
+    let done = ticket
+        .wait()
+        .map_err(|e| scale_err("copying")(e.to_string()))?;
+    report.copy_ms = ms(t.elapsed());
+    report.copy_gbps = done.gbps();
+    Ok(())
 }
 
 /// A sequence whose KV moves from one rank to another.
@@ -1182,6 +1316,116 @@ impl CudaRunner {
     }
 }
 
+/// Why a target device set cannot take the extravagant baseline's new instance (it must be
+/// disjoint from the running set, on GPUs that exist).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceSetError {
+    /// No target device.
+    #[error("the target device set is empty")]
+    Empty,
+    /// Fewer free GPUs than the new instance needs.
+    #[error(
+        "the extravagant baseline needs {need} GPUs (a disjoint set of {to} beside the {running} \
+         serving); {have} present"
+    )]
+    TooFewGpus {
+        /// GPUs serving now.
+        running: usize,
+        /// GPUs the new instance asks for.
+        to: usize,
+        /// `running + to`.
+        need: usize,
+        /// GPUs present.
+        have: usize,
+    },
+    /// A target GPU that does not exist.
+    #[error("GPU {device} does not exist ({have} present)")]
+    NoSuchDevice {
+        /// The GPU asked for.
+        device: u32,
+        /// GPUs present.
+        have: usize,
+    },
+    /// A GPU named twice in the target.
+    #[error("GPU {device} is named twice in the target device set")]
+    Duplicate {
+        /// The GPU.
+        device: u32,
+    },
+    /// A target GPU that is serving now.
+    #[error(
+        "the target device set {target:?} shares GPU {device} with the running set {running:?}; \
+         the extravagant baseline needs a disjoint set"
+    )]
+    Overlap {
+        /// The first shared GPU.
+        device: u32,
+        /// The running GPUs.
+        running: Vec<u32>,
+        /// The target GPUs.
+        target: Vec<u32>,
+    },
+}
+
+/// The extravagant baseline's new device set: the `to` lowest-numbered of `gpus` GPUs that are
+/// not in `running` (1→2 from GPU 0 on 3 GPUs: GPUs 1 and 2; 2→1 from GPUs 0, 1: GPU 2).
+pub fn disjoint_devices(
+    running: &[DeviceId],
+    to: usize,
+    gpus: usize,
+) -> Result<Vec<DeviceId>, DeviceSetError> {
+    if to == 0 {
+        return Err(DeviceSetError::Empty);
+    }
+    let busy: BTreeSet<DeviceId> = running.iter().copied().collect();
+    let free: Vec<DeviceId> = (0..gpus as u32)
+        .map(DeviceId)
+        .filter(|d| !busy.contains(d))
+        .take(to)
+        .collect();
+    if free.len() < to {
+        return Err(DeviceSetError::TooFewGpus {
+            running: busy.len(),
+            to,
+            need: busy.len() + to,
+            have: gpus,
+        });
+    }
+    Ok(free)
+}
+
+/// Checks that `target` can take a new instance beside `running` on a machine of `gpus` GPUs:
+/// not empty, no GPU twice, every GPU present, none serving now. Returns it sorted.
+pub fn check_disjoint(
+    running: &[DeviceId],
+    target: &[DeviceId],
+    gpus: usize,
+) -> Result<Vec<DeviceId>, DeviceSetError> {
+    if target.is_empty() {
+        return Err(DeviceSetError::Empty);
+    }
+    let mut sorted = target.to_vec();
+    sorted.sort();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(DeviceSetError::Duplicate { device: w[0].0 });
+    }
+    if let Some(d) = sorted.iter().find(|d| d.index() >= gpus) {
+        return Err(DeviceSetError::NoSuchDevice {
+            device: d.0,
+            have: gpus,
+        });
+    }
+    if let Some(d) = sorted.iter().find(|d| running.contains(d)) {
+        return Err(DeviceSetError::Overlap {
+            device: d.0,
+            running: running.iter().map(|d| d.0).collect(),
+            target: target.iter().map(|d| d.0).collect(),
+        });
+    }
+    Ok(sorted)
+}
+
 /// GPUs `0..n`, as the device ids [`Blueprint::prepare`] and [`peer_bandwidth`] take.
 pub fn first_devices(n: usize) -> Vec<DeviceId> {
     (0..n as u32).map(DeviceId).collect()
@@ -1215,7 +1459,10 @@ pub fn peer_bandwidth(
 
 #[cfg(test)]
 mod tests {
-    use super::{block_runs, expert_range, moving_chunks, place, Move};
+    use super::{
+        block_runs, check_disjoint, disjoint_devices, expert_range, moving_chunks, place,
+        DeviceSetError, Move,
+    };
     use crate::cuda::DeviceId;
     use crate::cuda::{Ledger, RankLedger};
     use crate::engine::{RankId, RequestId};
@@ -1282,8 +1529,123 @@ mod tests {
         assert!(moving_chunks(&two, &[DeviceId(1), DeviceId(0)]).is_empty());
     }
 
+    fn devs(ids: &[u32]) -> Vec<DeviceId> {
+        ids.iter().copied().map(DeviceId).collect()
+    }
+
+    #[test]
+    fn disjoint_devices_take_the_lowest_free_gpus() {
+        // 1→2 on 3 GPUs from GPU 0: GPUs 1 and 2; 2→1 from GPUs 0, 1: GPU 2.
+        assert_eq!(disjoint_devices(&devs(&[0]), 2, 3), Ok(devs(&[1, 2])));
+        assert_eq!(disjoint_devices(&devs(&[0, 1]), 1, 3), Ok(devs(&[2])));
+        // 2→4 on 8: GPUs 2..6; a running set not at the start leaves the gaps first.
+        assert_eq!(
+            disjoint_devices(&devs(&[0, 1]), 4, 8),
+            Ok(devs(&[2, 3, 4, 5]))
+        );
+        assert_eq!(disjoint_devices(&devs(&[1, 2]), 2, 4), Ok(devs(&[0, 3])));
+    }
+
+    #[test]
+    fn disjoint_devices_refuse_too_few_gpus_and_an_empty_target() {
+        let err = disjoint_devices(&devs(&[0]), 2, 2).unwrap_err();
+        assert_eq!(
+            err,
+            DeviceSetError::TooFewGpus {
+                running: 1,
+                to: 2,
+                need: 3,
+                have: 2
+            }
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("needs 3 GPUs") && msg.contains("2 present"),
+            "{msg}"
+        );
+        assert_eq!(
+            disjoint_devices(&devs(&[0, 1]), 4, 5),
+            Err(DeviceSetError::TooFewGpus {
+                running: 2,
+                to: 4,
+                need: 6,
+                have: 5
+            })
+        );
+        assert_eq!(
+            disjoint_devices(&devs(&[0]), 0, 3),
+            Err(DeviceSetError::Empty)
+        );
+    }
+
+    #[test]
+    fn check_disjoint_refuses_overlap_duplicates_and_missing_gpus() {
+        assert_eq!(
+            check_disjoint(&devs(&[0]), &devs(&[2, 1]), 3),
+            Ok(devs(&[1, 2]))
+        );
+        let err = check_disjoint(&devs(&[0, 1]), &devs(&[1, 2]), 3).unwrap_err();
+        assert_eq!(
+            err,
+            DeviceSetError::Overlap {
+                device: 1,
+                running: vec![0, 1],
+                target: vec![1, 2]
+            }
+        );
+        assert!(err.to_string().contains("disjoint"), "{err}");
+        assert_eq!(
+            check_disjoint(&devs(&[0]), &devs(&[1, 1]), 3),
+            Err(DeviceSetError::Duplicate { device: 1 })
+        );
+        let err = check_disjoint(&devs(&[0]), &devs(&[1, 3]), 3).unwrap_err();
+        assert_eq!(err, DeviceSetError::NoSuchDevice { device: 3, have: 3 });
+        assert!(err.to_string().contains("GPU 3 does not exist"), "{err}");
+        assert_eq!(
+            check_disjoint(&devs(&[0]), &[], 3),
+            Err(DeviceSetError::Empty)
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The new set is disjoint from the running one, of the asked size, on GPUs that exist,
+        /// and the lowest free ones; it is refused exactly when too few GPUs are free, and
+        /// `check_disjoint` accepts it.
+        #[test]
+        fn disjoint_devices_are_free_lowest_and_checked(
+            gpus in 1usize..10,
+            running_mask in 0u32..1024,
+            to in 1usize..10,
+        ) {
+            let running: Vec<DeviceId> = (0..gpus as u32)
+                .filter(|d| running_mask & (1 << d) != 0)
+                .map(DeviceId)
+                .collect();
+            let free: Vec<DeviceId> = (0..gpus as u32)
+                .map(DeviceId)
+                .filter(|d| !running.contains(d))
+                .collect();
+            match disjoint_devices(&running, to, gpus) {
+                Ok(got) => {
+                    prop_assert_eq!(&got, &free[..to].to_vec());
+                    prop_assert_eq!(check_disjoint(&running, &got, gpus), Ok(got.clone()));
+                }
+                Err(e) => {
+                    prop_assert!(free.len() < to);
+                    prop_assert_eq!(
+                        e,
+                        DeviceSetError::TooFewGpus {
+                            running: running.len(),
+                            to,
+                            need: running.len() + to,
+                            have: gpus,
+                        }
+                    );
+                }
+            }
+        }
 
         /// Every expert whose owner changes is counted once, on its new owner, and no other.
         #[test]

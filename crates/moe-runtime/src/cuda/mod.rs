@@ -126,8 +126,8 @@ mod kernels;
 mod scaler;
 
 pub use elastic::{
-    first_devices, peer_bandwidth, Blueprint, CudaTransport, CudaWarmPool, PrepareReport, Prepared,
-    Retired, Snapshot, Staged, SwitchReport,
+    check_disjoint, disjoint_devices, first_devices, peer_bandwidth, Blueprint, CudaTransport,
+    CudaWarmPool, DeviceSetError, PrepareReport, Prepared, Retired, Snapshot, Staged, SwitchReport,
 };
 pub use scaler::{CudaScaler, ScaleOutcome};
 
@@ -262,6 +262,9 @@ pub enum CudaError {
     /// Elastic scaling could not prepare or install the next configuration (see `elastic`).
     #[error("elastic scaling: {0}")]
     Scale(String),
+    /// A target device set unusable for a new instance beside the running one.
+    #[error(transparent)]
+    DeviceSet(#[from] DeviceSetError),
 }
 
 impl CudaError {
@@ -1485,11 +1488,32 @@ impl CudaRunner {
         fill: Fill<'_>,
         vmm: Option<Vmm<CudaBackend>>,
     ) -> Result<Self, CudaError> {
+        let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
+        Self::build_on(cfg, config, fill, vmm, &devs)
+    }
+
+    /// [`CudaRunner::build`] on the GPUs `devs` (distinct, in rank order; `config.devices`
+    /// becomes their count): a runner beside another on a disjoint set (the extravagant
+    /// baseline, [`Blueprint::copy_runner`]).
+    fn build_on(
+        cfg: &ModelConfig,
+        mut config: CudaConfig,
+        fill: Fill<'_>,
+        vmm: Option<Vmm<CudaBackend>>,
+        devs: &[DeviceId],
+    ) -> Result<Self, CudaError> {
         let n_dev = device_count()?;
-        if config.devices == 0 || config.devices > n_dev {
+        config.devices = devs.len();
+        if devs.is_empty() || devs.len() > n_dev {
             return Err(CudaError::NoGpu(format!(
                 "{} GPU(s) asked for, {n_dev} present",
-                config.devices
+                devs.len()
+            )));
+        }
+        if let Some(d) = devs.iter().find(|d| d.index() >= n_dev) {
+            return Err(CudaError::NoGpu(format!(
+                "GPU {} asked for, {n_dev} present",
+                d.0
             )));
         }
         if config.block_tokens == 0
@@ -1581,14 +1605,13 @@ impl CudaRunner {
             Some(v) => v,
             None => Vmm::new(CudaBackend::new()?),
         };
-        let devs: Vec<DeviceId> = (0..config.devices as u32).map(DeviceId).collect();
         let layout = model.layout().clone();
         let mut ranks = Vec::with_capacity(devs.len());
         // Random weights: every rank's replicated tensors restart the seed counter, so every
         // rank holds the same model, and the experts continue after them whatever the device
         // count (a synthetic model is the same on 1 GPU and on 2).
         let mut seed_ctr = 0u64;
-        for &dev in &devs {
+        for &dev in devs {
             let mut rank_ctr = 0u64;
             ranks.push(Self::make_rank(
                 &vmm,
@@ -1616,7 +1639,7 @@ impl CudaRunner {
                     let rank = &ranks[owner];
                     rank.bind()?;
                     let access = if devs.len() > 1 {
-                        devs.clone()
+                        devs.to_vec()
                     } else {
                         Vec::new()
                     };

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`CudaScaler::elastic`] | only the switch: a pointer swap plus the KV of sequences on leaving GPUs (the snapshot is the one kept from the last switch, taken inside its boundary action; only without one does it wait for a boundary to take one) |
 //! | [`CudaScaler::colocated`] | a second runner loaded beside the first (KV budget halved by the caller in advance), then a switch that moves every running sequence's KV into it |
+//! | [`CudaScaler::extravagant`] | a second instance started on a disjoint set of GPUs beside the running one (needs `from + to` GPUs), its weights all copied peer-to-peer from the running instance, then a switch that moves every running sequence's KV into it; the old GPUs are released after |
 //! | [`CudaScaler::cold_restart`] | the loop is held while every chunk is released and the model reloads from disk; running sequences recompute |
 //!
 //! Ahead of a request, [`CudaScaler::prewarm`] readies ranks for joining GPUs and
@@ -19,7 +20,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::elastic::{first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot, Staged};
+use super::elastic::{
+    disjoint_devices, first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot, Staged,
+};
 use super::{CudaError, CudaRunner, DeviceId};
 use crate::engine::{Engine, Scheduler};
 use crate::model::weights::TensorSource;
@@ -263,6 +266,85 @@ impl CudaScaler {
             prewarmed_chunks: p.prewarmed_chunks as u64,
             kept_snapshot,
             staged_ahead,
+        }))
+    }
+
+    /// Baseline: start a new instance on `to` GPUs disjoint from the running ones (the
+    /// lowest-numbered free GPUs, [`disjoint_devices`]; with `from` GPUs serving the machine
+    /// needs `from + to`) with the running instance's KV budget, copy every weight byte into
+    /// it peer-to-peer from the running instance ([`Blueprint::copy_runner`]) while serving
+    /// goes on, then switch at a boundary with every running sequence's KV migrated
+    /// ([`CudaRunner::install_runner`]); the old instance's GPUs are released after the switch.
+    /// Serving is never paused.
+    pub fn extravagant(&mut self, to: usize) -> Result<ScaleOutcome, CudaError> {
+        self.bp.reset_peaks();
+        self.staged = None;
+        self.pool.release_expert_chunks();
+        let t0 = Instant::now();
+        let kept_snapshot = self.snapshot.is_some();
+        let snap = match self.snapshot.take() {
+            Some(s) => s,
+            None => self.at_boundary(|r, _| r.snapshot())?.0,
+        };
+        let snap_ms = ms(t0.elapsed());
+        let target = disjoint_devices(snap.devices(), to, self.bp.vmm().device_count());
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => {
+                self.snapshot = Some(snap);
+                return Err(e.into());
+            }
+        };
+        let kv = self.bp.config().kv_blocks_per_rank;
+        let (next, p) = match self.bp.copy_runner(&snap, &target, kv, &self.transport) {
+            Ok(x) => x,
+            Err(e) => {
+                self.snapshot = Some(snap);
+                return Err(e);
+            }
+        };
+        let transport = Arc::clone(&self.transport);
+        let t_sw = Instant::now();
+        let (out, held) = self.at_boundary(move |r, s| {
+            // The weights were copied from what `snap` describes: refuse if the runner changed.
+            if !snap.describes(r) {
+                return Err(CudaError::Scale(
+                    "the running instance changed while the new one was copied from it".into(),
+                ));
+            }
+            drop(snap);
+            // The running instance's switches carry over.
+            let mut next = next;
+            next.set_phase_timing(r.phase_timing);
+            next.set_expert_parallel(r.expert_parallel);
+            r.install_runner(next, &transport, s)
+                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
+        })?;
+        let switch_ms = ms(t_sw.elapsed());
+        let (sw, retired, ranks, snap) = out?;
+        self.snapshot = Some(snap);
+        let latency_ms = ms(t0.elapsed());
+        let retire = retired.release();
+        Ok(self.finish(ScaleOutcome {
+            latency_ms,
+            phases_ms: vec![
+                ("snapshot", snap_ms),
+                ("plan", p.plan_ms),
+                ("start_instance", p.workers_ms),
+                ("map", p.map_ms),
+                ("copy", p.copy_ms),
+                ("switch", switch_ms),
+                ("switch_boundary", ms(held)),
+                ("kv_copy", sw.kv_copy_ms),
+                ("retire", ms(retire)),
+            ],
+            bytes_moved: p.bytes_moved + sw.kv_bytes,
+            max_bytes_into_device: p.max_bytes_into_device,
+            kv_migrated: sw.migrated as u64,
+            requeued: sw.requeued as u64,
+            devices_after: ranks,
+            kept_snapshot,
+            ..ScaleOutcome::default()
         }))
     }
 
