@@ -133,8 +133,7 @@ pub use scaler::{CudaScaler, ScaleOutcome};
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -146,6 +145,7 @@ use hbm_vmm::{DeviceId, Mapping, Vmm, VmmError};
 use crate::compute::cpu::CpuCompute;
 use crate::compute::{KvGeometry, RopeStyle};
 use crate::config::ModelConfig;
+use crate::engine::lockstep::Lockstep;
 use crate::engine::{
     KvLedger, Need, RankId, RankKv, RequestId, RequestLimits, RowOutput, RunError, Runner, Work,
 };
@@ -3515,15 +3515,14 @@ impl CudaRunner {
         }
         let ep = owners.is_some();
         let from: Vec<usize> = (0..n).filter(|&r| steps[r].is_some()).collect();
-        let sync = Barrier::new(n);
-        let failed = AtomicBool::new(false);
+        let sync = Lockstep::new(n);
         let this = &*self;
         let rank_step = |g: usize, st: Option<&mut Step>| -> Result<RankDone, CudaError> {
             if st.is_none() && !ep {
                 return Ok(RankDone::default());
             }
             let mut st = st;
-            this.layers(g, st.as_deref_mut(), ep, &offs, &from, &sync, &failed)?;
+            this.layers(g, st.as_deref_mut(), ep, &offs, &from, &sync)?;
             let needs = st.as_ref().map_or(&[][..], |s| &s.needs[..]);
             let (out, expert_bytes) = this.collect(g, needs)?;
             let mut phases = [0.0; PHASES.len()];
@@ -3572,11 +3571,11 @@ impl CudaRunner {
 
     /// Rank `g`'s side of a step's layers and its end (see [`CudaRunner::step`]), on the rank's
     /// host thread; `st` is `None` when the rank has no rows (expert parallel, its GPU still runs
-    /// its experts for the others). Expert parallel, `sync` lines the ranks' threads up twice
-    /// per MoE layer: once every rank has pushed its rows (so a GPU's wait for them is queued
-    /// after they were recorded), once every GPU has pushed its outputs back. After a failure on
-    /// any rank (`failed`) a thread stops launching but still meets the others at every
-    /// barrier, so none is left waiting; the first error it saw is returned.
+    /// its experts for the others). Expert parallel, the ranks' threads meet (`sync`, a
+    /// [`Lockstep`]) twice per MoE layer: once every rank has pushed its rows (so a GPU's wait
+    /// for them is queued after they were recorded), once every GPU has pushed its outputs
+    /// back. After a failure on any rank a thread stops launching but still meets the others,
+    /// so none is left waiting; the first error it saw is returned.
     #[allow(clippy::too_many_arguments)]
     fn layers(
         &self,
@@ -3585,23 +3584,12 @@ impl CudaRunner {
         ep: bool,
         offs: &[i32],
         from: &[usize],
-        sync: &Barrier,
-        failed: &AtomicBool,
+        sync: &Lockstep,
     ) -> Result<(), CudaError> {
         let total = offs[self.ranks.len()] as usize;
         let mut first = None;
-        let mut run = |f: &mut dyn FnMut() -> Result<(), CudaError>| {
-            if failed.load(Ordering::Acquire) {
-                return;
-            }
-            if let Err(e) = f() {
-                failed.store(true, Ordering::Release);
-                first.get_or_insert(e);
-            }
-        };
         for l in 0..self.dims.layers {
-            let mut moe = self.cfg.is_moe_layer(l);
-            run(&mut || {
+            sync.run(&mut first, || {
                 if let Some(st) = st.as_deref_mut() {
                     self.attention(st, l)?;
                     if self.ffn_in(st, l)? && !ep {
@@ -3610,28 +3598,27 @@ impl CudaRunner {
                 }
                 Ok(())
             });
-            moe &= ep;
-            if !moe {
+            if !(ep && self.cfg.is_moe_layer(l)) {
                 continue;
             }
-            run(&mut || match st.as_deref_mut() {
+            sync.run(&mut first, || match st.as_deref_mut() {
                 Some(st) => self.ep_publish(st, l, offs[g] as usize),
                 None => Ok(()),
             });
-            sync.wait();
-            run(&mut || {
+            sync.meet();
+            sync.run(&mut first, || {
                 if self.ep_experts(g, l, total, from)? {
                     self.ep_finish(g, l, total)?;
                 }
                 Ok(())
             });
-            sync.wait();
-            run(&mut || match st.as_deref_mut() {
+            sync.meet();
+            sync.run(&mut first, || match st.as_deref_mut() {
                 Some(st) => self.ep_combine(st),
                 None => Ok(()),
             });
         }
-        run(&mut || match st.as_deref() {
+        sync.run(&mut first, || match st.as_deref() {
             Some(st) => self.finish(st),
             None => Ok(()),
         });

@@ -47,6 +47,9 @@
 
 mod handoff;
 mod intake;
+// Used by the CUDA runner's multi-GPU steps; host-side so that its loom models run everywhere.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) mod lockstep;
 pub(crate) mod loom;
 pub(crate) mod mesh;
 pub mod request;
