@@ -44,7 +44,7 @@ use moe_runtime::cuda::{
     Snapshot,
 };
 use moe_runtime::engine::{
-    Engine, EngineConfig, FinishReason, Request, RequestHandle, SchedulerConfig,
+    Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig,
 };
 use moe_runtime::model::weights::MemTensors;
 use moe_runtime::model::Model;
@@ -359,32 +359,67 @@ fn bi_engine(cfg: &ModelConfig, src: &MemTensors, devices: usize) -> Engine<Cuda
     )
 }
 
+/// A request the load finished: its tokens and why it ended.
+struct Done {
+    tokens: Vec<u32>,
+    finish: FinishReason,
+}
+
 /// Keeps `in_flight` requests (prompts `prompts(vocab, ..)` in order, `max_tokens` each) in
-/// flight on `e` until `stop` is set; returns every request's prompt index and completion.
+/// flight on `e` until `stop` is set; returns every request's prompt index and completion. It
+/// reads each request's stream as it goes (a handle only knows it has finished once its finish
+/// event has been received).
 fn load(
     e: Engine<CudaRunner>,
     all: Vec<Vec<u32>>,
     in_flight: usize,
     max_tokens: usize,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, moe_runtime::engine::Completion)> {
-    let mut live: Vec<(usize, RequestHandle)> = Vec::new();
+) -> Vec<(usize, Done)> {
+    let mut live: Vec<(usize, RequestHandle, Vec<u32>)> = Vec::new();
     let mut done = Vec::new();
     let mut next = 0;
     while !stop.load(Ordering::Acquire) && next < all.len() {
-        let (fin, keep): (Vec<_>, Vec<_>) = live.into_iter().partition(|(_, h)| h.is_finished());
-        live = keep;
-        done.extend(fin.into_iter().map(|(i, h)| (i, h.wait())));
+        let mut i = 0;
+        while i < live.len() {
+            let mut finish = None;
+            while let Some(ev) = live[i].1.try_recv() {
+                match ev {
+                    Event::Token(t) => live[i].2.push(t.token),
+                    Event::Finished { reason, .. } => {
+                        finish = Some(reason);
+                        break;
+                    }
+                }
+            }
+            match finish {
+                Some(finish) => {
+                    let (index, _, tokens) = live.swap_remove(i);
+                    done.push((index, Done { tokens, finish }));
+                }
+                None => i += 1,
+            }
+        }
         while live.len() < in_flight && next < all.len() {
             let h = e
                 .submit(Request::greedy(all[next].clone(), max_tokens))
                 .expect("submit");
-            live.push((next, h));
+            live.push((next, h, Vec::new()));
             next += 1;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    done.extend(live.into_iter().map(|(i, h)| (i, h.wait())));
+    for (index, h, mut tokens) in live {
+        let rest = h.wait();
+        tokens.extend(rest.tokens);
+        done.push((
+            index,
+            Done {
+                tokens,
+                finish: rest.finish,
+            },
+        ));
+    }
     done
 }
 
@@ -481,6 +516,11 @@ fn gpu_extravagant_scaling_moves_to_a_disjoint_set() {
         while e.metrics().generated_tokens < 100 && t.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(2));
         }
+        let m = e.metrics();
+        assert!(
+            m.generated_tokens >= 100 && m.running > 0,
+            "the load is not running: {m:?}"
+        );
         let o = scaler.extravagant(2).expect("extravagant 1->2");
         println!("{name} extravagant 1->2 under load: {o:?}");
         // Requests admitted after the switch run on the new instance.
