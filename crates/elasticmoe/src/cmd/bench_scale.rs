@@ -197,6 +197,9 @@ struct StepReport {
     serving_before: ServingStats,
     /// The engine's iterations in the second half of the *after* window.
     serving_after: ServingStats,
+    /// The engine's iterations from the request to one second after the switch (the *during*
+    /// window, as far as the metrics can cut it).
+    serving_during: ServingStats,
     /// Expert chunks created ahead of the request (warm pool) and used by the step.
     prewarmed_chunks: u64,
     /// Whether the step used the snapshot kept from the last switch (no boundary wait).
@@ -583,15 +586,24 @@ fn run_one(
     std::thread::sleep(Duration::from_secs_f64(args.before_s / 2.0));
     let (m1, w1) = (metrics(), w0.elapsed().as_secs_f64());
     let serving_before = ServingStats::between(&m0, &m1, w1);
-    trace(&format!("serving before: {serving_before:?}"));
+    trace(&format!(
+        "serving before: {serving_before:?}; queue {}, running {}, KV blocks per rank {:?}",
+        m1.queue_depth,
+        m1.running,
+        m1.kv
+            .iter()
+            .map(|k| (k.rank.0, k.used_blocks))
+            .collect::<Vec<_>>()
+    ));
     let phases = session.runner_phases();
     if !phases.is_empty() {
         trace(&format!("runner phases (s) before: {phases:?}"));
     }
     let t_start = start.elapsed().as_secs_f64();
+    let (m_req, w_req) = (metrics(), Instant::now());
     trace(&format!(
         "scaling {from}->{to}; {} tokens so far",
-        metrics().generated_tokens
+        m_req.generated_tokens
     ));
     let measured = session.scale(to);
     let t_end = start.elapsed().as_secs_f64();
@@ -602,8 +614,24 @@ fn run_one(
     if let Ok(m) = &measured {
         devices_now.store(m.devices_after, Ordering::Release);
     }
+    // The during window's serving split: from the request to one second after the switch (or
+    // the first half of the after window, if shorter).
+    let first = (args.after_s / 2.0).min(1.0);
+    std::thread::sleep(Duration::from_secs_f64(first));
+    let m_during = metrics();
+    let serving_during = ServingStats::between(&m_req, &m_during, w_req.elapsed().as_secs_f64());
+    trace(&format!(
+        "serving during: {serving_during:?}; queue {}, running {}, KV blocks per rank {:?}",
+        m_during.queue_depth,
+        m_during.running,
+        m_during
+            .kv
+            .iter()
+            .map(|k| (k.rank.0, k.used_blocks))
+            .collect::<Vec<_>>()
+    ));
     // The after window's serving split, over its second half (the new configuration settled).
-    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
+    std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0 - first));
     let _ = session.runner_phases();
     let (m2, w2) = (metrics(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0));
@@ -681,6 +709,7 @@ fn run_one(
         throughput_request_to_switch: rate(t_start, t_end),
         serving_before,
         serving_after,
+        serving_during,
         prewarmed_chunks: measured.prewarmed_chunks,
         kept_snapshot: measured.kept_snapshot,
         staged_ahead: measured.staged_ahead,
