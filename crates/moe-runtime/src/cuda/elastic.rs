@@ -789,7 +789,9 @@ impl Blueprint {
                     .ok_or_else(|| CudaError::Scale("an expert was left without a slot".into()))?,
             );
         }
-        // Scale-down: staying ranks' KV, writable by the leaving GPUs.
+        // Scale-down: staying ranks' KV, writable by the leaving GPUs. Scale-up: joining ranks'
+        // KV, writable by the staying GPUs (the switch moves a share of the running sequences
+        // onto the joining ranks, see `CudaRunner::install`).
         let mut kv_alias = BTreeMap::new();
         if !leaving.is_empty() {
             for &i in &staying {
@@ -797,6 +799,12 @@ impl Blueprint {
                 let mut access = leaving.clone();
                 access.push(d);
                 kv_alias.insert(d, alias(&self.vmm, &snap.kv[i], &access)?);
+            }
+        } else {
+            for r in &joining {
+                let mut access: Vec<DeviceId> = staying.iter().map(|&i| snap.devices[i]).collect();
+                access.push(r.dev);
+                kv_alias.insert(r.dev, alias(&self.vmm, &BufRef::of(&r.kv), &access)?);
             }
         }
         report.map_ms = ms(t.elapsed());
@@ -898,6 +906,31 @@ fn moves_of(sched: &Scheduler, ledger: &Ledger, ranks: &[RankId]) -> Vec<Move> {
                 src_blocks,
             });
         }
+    }
+    out
+}
+
+/// Scale-up by `joining` ranks: from each of `staying` running more than its even share
+/// (`ceil(total / (staying + joining))`), the sequences beyond it, those with the fewest KV
+/// blocks first (the least to copy).
+fn balance_moves(
+    sched: &Scheduler,
+    ledger: &Ledger,
+    staying: &[RankId],
+    joining: usize,
+) -> Vec<Move> {
+    let total: usize = staying.iter().map(|&r| sched.running_on(r).len()).sum();
+    let ranks = staying.len() + joining;
+    if joining == 0 || ranks == 0 {
+        return Vec::new();
+    }
+    let share = total.div_ceil(ranks);
+    let mut out = Vec::new();
+    for &from in staying {
+        let mut here = moves_of(sched, ledger, &[from]);
+        let extra = here.len().saturating_sub(share);
+        here.sort_by_key(|m| (m.src_blocks.len(), m.seq));
+        out.extend(here.into_iter().take(extra));
     }
     out
 }
@@ -1077,9 +1110,20 @@ impl CudaRunner {
         for &r in &leaving {
             let _ = sched.close_rank(r);
         }
-        let moves = moves_of(sched, &self.ledger, &leaving);
+        let joined: Vec<RankId> = next.joining.iter().map(|r| RankId(r.dev.0)).collect();
+        let (moves, targets) = if leaving.is_empty() {
+            // Scale-up: the joining ranks take an even share of the running sequences now,
+            // instead of only the new arrivals (which would leave every step, in lock step across
+            // the ranks, waiting for the old ranks' larger batches until the load evens out).
+            (
+                balance_moves(sched, &self.ledger, &staying, joined.len()),
+                &joined,
+            )
+        } else {
+            (moves_of(sched, &self.ledger, &leaving), &staying)
+        };
         let bt = self.config.block_tokens;
-        let placed = place(&moves, &mut self.ledger, &staying, bt);
+        let placed = place(&moves, &mut self.ledger, targets, bt);
         let src_kv: BTreeMap<RankId, (DeviceId, u64)> = self
             .ranks
             .iter()
@@ -1460,12 +1504,13 @@ pub fn peer_bandwidth(
 #[cfg(test)]
 mod tests {
     use super::{
-        block_runs, check_disjoint, disjoint_devices, expert_range, moving_chunks, place,
-        DeviceSetError, Move,
+        balance_moves, block_runs, check_disjoint, disjoint_devices, expert_range, moving_chunks,
+        place, DeviceSetError, Move,
     };
     use crate::cuda::DeviceId;
     use crate::cuda::{Ledger, RankLedger};
     use crate::engine::{RankId, RequestId};
+    use crate::engine::{Scheduler, SchedulerConfig};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -1502,6 +1547,47 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_scale_up_moves_each_rank_s_shortest_sequences_beyond_an_even_share() {
+        let ranks = [RankId(0), RankId(1)];
+        let mut l = ledger(&[(0, 256), (1, 256)]);
+        let config = SchedulerConfig {
+            max_batch_tokens: 4096,
+            max_running_per_rank: 16,
+        };
+        let mut s = Scheduler::new(config, ranks);
+        for i in 0..11u64 {
+            s.add(RequestId(i), 3 + 5 * i as usize).unwrap();
+        }
+        let _ = s.schedule(&mut l);
+        let counts: Vec<usize> = ranks.iter().map(|&r| s.running_on(r).len()).collect();
+        let total: usize = counts.iter().sum();
+        assert!(total >= 8, "the scheduler admitted {counts:?}");
+        let moves = balance_moves(&s, &l, &ranks, 2);
+        let share = total.div_ceil(4);
+        let want: usize = counts.iter().map(|c| c.saturating_sub(share)).sum();
+        assert_eq!(moves.len(), want, "{counts:?}, share {share}");
+        let blocks = |r: RankId, q: RequestId| l.rank(r).unwrap().tables[&q].len();
+        for &r in &ranks {
+            let moved: Vec<RequestId> = moves
+                .iter()
+                .filter(|m| m.from == r)
+                .map(|m| m.seq)
+                .collect();
+            for m in moves.iter().filter(|m| m.from == r) {
+                assert_eq!(m.src_blocks.len(), blocks(r, m.seq));
+            }
+            // What stays has at least as many blocks as anything that moves.
+            for &kept in s.running_on(r).iter().filter(|q| !moved.contains(q)) {
+                for &q in &moved {
+                    assert!(blocks(r, q) <= blocks(r, kept), "{q} moved before {kept}");
+                }
+            }
+        }
+        // Nothing joins: nothing moves.
+        assert!(balance_moves(&s, &l, &ranks, 0).is_empty());
     }
 
     /// Experts of `layers` layers of `experts` each, placed over `n` devices as the runner does.
