@@ -22,10 +22,22 @@ use std::time::{Duration, Instant};
 
 use super::elastic::{
     disjoint_devices, first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot, Staged,
+    SwitchReport,
 };
 use super::{CudaError, CudaRunner, DeviceId};
 use crate::engine::{Engine, Scheduler};
 use crate::model::weights::TensorSource;
+
+/// What [`CudaScaler::switch_to`] measured.
+struct Switched {
+    sw: SwitchReport,
+    switch_ms: f64,
+    held_ms: f64,
+    ranks: usize,
+    /// When the new runner served (before the old one was retired).
+    at: Instant,
+    retire_ms: f64,
+}
 
 /// What one transition measured.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -303,17 +315,49 @@ impl CudaScaler {
                 return Err(e);
             }
         };
+        let w = self.switch_to(next, Some(snap))?;
+        Ok(self.finish(ScaleOutcome {
+            latency_ms: ms(w.at - t0),
+            phases_ms: vec![
+                ("snapshot", snap_ms),
+                ("plan", p.plan_ms),
+                ("start_instance", p.workers_ms),
+                ("map", p.map_ms),
+                ("copy", p.copy_ms),
+                ("switch", w.switch_ms),
+                ("switch_boundary", w.held_ms),
+                ("kv_copy", w.sw.kv_copy_ms),
+                ("retire", w.retire_ms),
+            ],
+            bytes_moved: p.bytes_moved + w.sw.kv_bytes,
+            max_bytes_into_device: p.max_bytes_into_device,
+            kv_migrated: w.sw.migrated as u64,
+            requeued: w.sw.requeued as u64,
+            devices_after: w.ranks,
+            kept_snapshot,
+            ..ScaleOutcome::default()
+        }))
+    }
+
+    /// Switches the engine at a boundary to `next`, built beside the running runner, with every
+    /// running sequence's KV migrated ([`CudaRunner::install_runner`]); the running runner's
+    /// phase timing and expert-parallel setting carry over. With `copied_from` (the snapshot
+    /// `next`'s weights were copied from), refuses if the running runner changed since. Keeps
+    /// the new runner's snapshot and retires the old one.
+    fn switch_to(
+        &mut self,
+        next: CudaRunner,
+        copied_from: Option<Snapshot>,
+    ) -> Result<Switched, CudaError> {
         let transport = Arc::clone(&self.transport);
         let t_sw = Instant::now();
         let (out, held) = self.at_boundary(move |r, s| {
-            // The weights were copied from what `snap` describes: refuse if the runner changed.
-            if !snap.describes(r) {
+            if copied_from.as_ref().is_some_and(|snap| !snap.describes(r)) {
                 return Err(CudaError::Scale(
                     "the running instance changed while the new one was copied from it".into(),
                 ));
             }
-            drop(snap);
-            // The running instance's switches carry over.
+            drop(copied_from);
             let mut next = next;
             next.set_phase_timing(r.phase_timing);
             next.set_expert_parallel(r.expert_parallel);
@@ -323,29 +367,16 @@ impl CudaScaler {
         let switch_ms = ms(t_sw.elapsed());
         let (sw, retired, ranks, snap) = out?;
         self.snapshot = Some(snap);
-        let latency_ms = ms(t0.elapsed());
-        let retire = retired.release();
-        Ok(self.finish(ScaleOutcome {
-            latency_ms,
-            phases_ms: vec![
-                ("snapshot", snap_ms),
-                ("plan", p.plan_ms),
-                ("start_instance", p.workers_ms),
-                ("map", p.map_ms),
-                ("copy", p.copy_ms),
-                ("switch", switch_ms),
-                ("switch_boundary", ms(held)),
-                ("kv_copy", sw.kv_copy_ms),
-                ("retire", ms(retire)),
-            ],
-            bytes_moved: p.bytes_moved + sw.kv_bytes,
-            max_bytes_into_device: p.max_bytes_into_device,
-            kv_migrated: sw.migrated as u64,
-            requeued: sw.requeued as u64,
-            devices_after: ranks,
-            kept_snapshot,
-            ..ScaleOutcome::default()
-        }))
+        let at = Instant::now();
+        let retire_ms = ms(retired.release());
+        Ok(Switched {
+            sw,
+            switch_ms,
+            held_ms: ms(held),
+            ranks,
+            at,
+            retire_ms,
+        })
     }
 
     /// Baseline: hold the loop, release everything, reload GPUs `0..to` from `src`; running
@@ -402,30 +433,20 @@ impl CudaScaler {
         let t0 = Instant::now();
         let next = self.bp.load_runner(src, to, kv_blocks_per_rank)?;
         let load_ms = ms(t0.elapsed());
-        let transport = Arc::clone(&self.transport);
-        let t_sw = Instant::now();
-        let (out, held) = self.at_boundary(move |r, s| {
-            r.install_runner(next, &transport, s)
-                .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
-        })?;
-        let switch_ms = ms(t_sw.elapsed());
-        let (sw, retired, ranks, snap) = out?;
-        self.snapshot = Some(snap);
-        let latency_ms = ms(t0.elapsed());
-        let retire = retired.release();
+        let w = self.switch_to(next, None)?;
         Ok(self.finish(ScaleOutcome {
-            latency_ms,
+            latency_ms: ms(w.at - t0),
             phases_ms: vec![
                 ("load_beside", load_ms),
-                ("switch", switch_ms),
-                ("switch_boundary", ms(held)),
-                ("kv_copy", sw.kv_copy_ms),
-                ("retire", ms(retire)),
+                ("switch", w.switch_ms),
+                ("switch_boundary", w.held_ms),
+                ("kv_copy", w.sw.kv_copy_ms),
+                ("retire", w.retire_ms),
             ],
-            bytes_moved: sw.kv_bytes,
-            kv_migrated: sw.migrated as u64,
-            requeued: sw.requeued as u64,
-            devices_after: ranks,
+            bytes_moved: w.sw.kv_bytes,
+            kv_migrated: w.sw.migrated as u64,
+            requeued: w.sw.requeued as u64,
+            devices_after: w.ranks,
             ..ScaleOutcome::default()
         }))
     }
