@@ -1696,6 +1696,53 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
+        /// After a scale-up's moves every staying rank keeps at most the even share, keeps all
+        /// it had if it had no more, and gives up its shortest sequences; every move names a
+        /// sequence running on its rank with that rank's blocks, and no sequence moves twice.
+        #[test]
+        fn scale_up_moves_leave_every_rank_at_most_an_even_share(
+            prompts in proptest::collection::vec(1usize..40, 0..24),
+            staying in 1usize..4,
+            joining in 0usize..4,
+        ) {
+            let ranks: Vec<RankId> = (0..staying as u32).map(RankId).collect();
+            let free: Vec<(u32, u32)> = (0..staying as u32).map(|r| (r, 512)).collect();
+            let mut l = ledger(&free);
+            let config = SchedulerConfig {
+                max_batch_tokens: 4096,
+                max_running_per_rank: 64,
+            };
+            let mut s = Scheduler::new(config, ranks.clone());
+            for (i, &n) in prompts.iter().enumerate() {
+                s.add(RequestId(i as u64), n).unwrap();
+            }
+            let _ = s.schedule(&mut l);
+            let moves = balance_moves(&s, &l, &ranks, joining);
+            let total: usize = ranks.iter().map(|&r| s.running_on(r).len()).sum();
+            if joining == 0 {
+                prop_assert!(moves.is_empty());
+                return Ok(());
+            }
+            let share = total.div_ceil(staying + joining);
+            let mut seen = std::collections::BTreeSet::new();
+            for m in &moves {
+                prop_assert!(seen.insert(m.seq), "{} moves twice", m.seq);
+                prop_assert!(s.running_on(m.from).contains(&m.seq));
+                prop_assert_eq!(&m.src_blocks, &l.rank(m.from).unwrap().tables[&m.seq]);
+            }
+            for &r in &ranks {
+                let here = s.running_on(r);
+                let moved: Vec<RequestId> =
+                    moves.iter().filter(|m| m.from == r).map(|m| m.seq).collect();
+                prop_assert_eq!(here.len() - moved.len(), here.len().min(share));
+                let blocks = |q: &RequestId| l.rank(r).unwrap().tables[q].len();
+                let longest_moved = moved.iter().map(blocks).max().unwrap_or(0);
+                for q in here.iter().filter(|q| !moved.contains(q)) {
+                    prop_assert!(blocks(q) >= longest_moved);
+                }
+            }
+        }
+
         /// The new set is disjoint from the running one, of the asked size, on GPUs that exist,
         /// and the lowest free ones; it is refused exactly when too few GPUs are free, and
         /// `check_disjoint` accepts it.
