@@ -1300,7 +1300,12 @@ fn padded_capacity(rows: usize, top_k: usize, experts: usize) -> usize {
 /// 14.68 vs 22.71 at 64). 4 lies between the measured points.
 pub const DEVICE_DISPATCH_MAX_ROWS: usize = 4;
 
-/// Names of the phases [`CudaRunner::take_phase_times`] reports, in order.
+/// Names of the phases [`CudaRunner::take_phase_times`] reports, in order: attention (norm to
+/// output projection), the dense MLP layers, the router (plus the padded path's dispatch;
+/// expert parallel, plus pushing the rows and routes to every GPU and the shared experts), the
+/// routed experts with their dispatch and the combine (expert parallel: until every GPU's
+/// outputs are back), and the final norm, LM head and read-back. Summed over ranks; each mark
+/// synchronises the rank's own stream.
 pub const PHASES: [&str; 5] = [
     "attention",
     "dense_mlp",
