@@ -50,7 +50,7 @@ use crate::compute::cpu::CpuCompute;
 use crate::compute::KvGeometry;
 use crate::config::ModelConfig;
 use crate::engine::{KvLedger, RankId, RequestId, Scheduler};
-use crate::model::weights::TensorSource;
+use crate::model::weights::{TensorSource, WeightLayout};
 use crate::model::Model;
 
 fn scale_err(what: &str) -> impl Fn(String) -> CudaError + '_ {
@@ -566,35 +566,9 @@ impl Blueprint {
             a.push(dev);
             a
         };
-        let glen = (layout.global().floats() * es) as u64;
+        let every: Vec<usize> = (0..snap.devices.len()).collect();
         for r in &next.ranks {
-            let access = access_for(r.dev);
-            let g = alias(&self.vmm, &BufRef::of(&r.global), &access)?;
-            needs.push(Need::new(
-                Location::new(r.dev, g.addr()),
-                glen,
-                snap.global
-                    .iter()
-                    .map(|b| Location::new(b.dev, b.addr))
-                    .collect(),
-            ));
-            keep_alive.push(g);
-            for (l, buf) in r.layers.iter().enumerate() {
-                let len = (layout.layer(l).map_or(0, |c| c.floats()) * es) as u64;
-                if len == 0 {
-                    continue;
-                }
-                let a = alias(&self.vmm, &BufRef::of(buf), &access)?;
-                needs.push(Need::new(
-                    Location::new(r.dev, a.addr()),
-                    len,
-                    snap.layers
-                        .iter()
-                        .filter_map(|ls| ls.get(l).map(|b| Location::new(b.dev, b.addr)))
-                        .collect(),
-                ));
-                keep_alive.push(a);
-            }
+            self.replicated_needs(snap, &every, r, &layout, &mut needs, &mut keep_alive)?;
         }
         let ebytes = (layout.expert_floats() * es) as u64;
         for (new_layer, old_layer) in next.experts.iter().zip(&snap.experts) {
@@ -612,6 +586,51 @@ impl Blueprint {
         copy_needs(&needs, transport, &mut report)?;
         drop(keep_alive);
         Ok((next, report))
+    }
+
+    /// Peer-copy needs for a new rank's replicated weights (the global chunk and every layer's),
+    /// each to be read from every holder (`holders`: rank indices of `snap`): `r`'s buffers are
+    /// aliased writable by the holders' GPUs (a destination is written by its source GPU's copy
+    /// engine), the aliases kept in `keep_alive` until the copies end.
+    fn replicated_needs(
+        &self,
+        snap: &Snapshot,
+        holders: &[usize],
+        r: &Rank,
+        layout: &WeightLayout,
+        needs: &mut Vec<Need>,
+        keep_alive: &mut Vec<DevBuf>,
+    ) -> Result<(), CudaError> {
+        let es = self.dims.es;
+        let from = |pick: &dyn Fn(usize) -> Option<u64>| -> Vec<Location> {
+            holders
+                .iter()
+                .filter_map(|&i| pick(i).map(|a| Location::new(snap.devices[i], a)))
+                .collect()
+        };
+        let mut access: Vec<DeviceId> = holders.iter().map(|&i| snap.devices[i]).collect();
+        access.push(r.dev);
+        let g = alias(&self.vmm, &BufRef::of(&r.global), &access)?;
+        needs.push(Need::new(
+            Location::new(r.dev, g.addr()),
+            (layout.global().floats() * es) as u64,
+            from(&|i| snap.global.get(i).map(|b| b.addr)),
+        ));
+        keep_alive.push(g);
+        for (l, buf) in r.layers.iter().enumerate() {
+            let len = (layout.layer(l).map_or(0, |c| c.floats()) * es) as u64;
+            if len == 0 {
+                continue;
+            }
+            let a = alias(&self.vmm, &BufRef::of(buf), &access)?;
+            needs.push(Need::new(
+                Location::new(r.dev, a.addr()),
+                len,
+                from(&|i| snap.layers.get(i).and_then(|ls| ls.get(l)).map(|b| b.addr)),
+            ));
+            keep_alive.push(a);
+        }
+        Ok(())
     }
 
     /// Builds the configuration for `target` beside the running one described by `snap`
@@ -701,37 +720,8 @@ impl Blueprint {
         let mut needs: Vec<Need> = Vec::new();
         let mut keep_alive: Vec<DevBuf> = Vec::new();
         // Replicated weights of joining ranks, from every staying holder.
-        let holders_of = |pick: &dyn Fn(usize) -> Option<u64>| -> Vec<Location> {
-            staying
-                .iter()
-                .filter_map(|&i| pick(i).map(|a| Location::new(snap.devices[i], a)))
-                .collect()
-        };
-        let sources: Vec<DeviceId> = staying.iter().map(|&i| snap.devices[i]).collect();
         for r in &joining {
-            let mut access = sources.clone();
-            access.push(r.dev);
-            let g = alias(&self.vmm, &BufRef::of(&r.global), &access)?;
-            let glen = (layout.global().floats() * es) as u64;
-            needs.push(Need::new(
-                Location::new(r.dev, g.addr()),
-                glen,
-                holders_of(&|i| Some(snap.global[i].addr)),
-            ));
-            keep_alive.push(g);
-            for (l, buf) in r.layers.iter().enumerate() {
-                let len = (layout.layer(l).map_or(0, |c| c.floats()) * es) as u64;
-                if len == 0 {
-                    continue;
-                }
-                let a = alias(&self.vmm, &BufRef::of(buf), &access)?;
-                needs.push(Need::new(
-                    Location::new(r.dev, a.addr()),
-                    len,
-                    holders_of(&|i| snap.layers[i].get(l).map(|b| b.addr)),
-                ));
-                keep_alive.push(a);
-            }
+            self.replicated_needs(&snap, &staying, r, &layout, &mut needs, &mut keep_alive)?;
         }
         // Routed experts: new contiguous ranges per (layer, device).
         let ebytes = (layout.expert_floats() * es) as u64;
