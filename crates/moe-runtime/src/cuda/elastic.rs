@@ -14,13 +14,17 @@
 //!     its bytes are copied peer-to-peer from its current holder. Every new range grants access
 //!     to every device of the old and new sets.
 //!   - For a scale-down, each staying rank's KV chunk is mapped a second time with access for
-//!     the leaving devices, so their sequences' blocks can be pushed into it at the switch.
+//!     the leaving devices, so their sequences' blocks can be pushed into it at the switch; for
+//!     a scale-up, each joining rank's KV chunk is mapped with access for the staying devices.
 //!   - KV pools of staying ranks stay where they are.
 //! - **Switch** ([`CudaRunner::install`], meant for `Engine::at_boundary`): a pointer swap of
 //!   the expert table and the rank list. Sequences running on leaving ranks get blocks on the
 //!   staying rank with the most free blocks and their KV blocks are copied there peer-to-peer
 //!   (contiguous runs coalesced) before the next iteration: they continue without recompute.
-//!   A sequence that fits nowhere is re-queued (counted in [`SwitchReport::requeued`]).
+//!   At a scale-up, each staying rank's sequences beyond an even share (its shortest first)
+//!   move onto the joining ranks the same way, so the ranks, which run each step in lock step,
+//!   start balanced. A sequence that fits nowhere is re-queued (counted in
+//!   [`SwitchReport::requeued`]).
 //! - **Retire**: [`Retired`] holds the old expert mappings and the leaving ranks; dropping it
 //!   (off the serving path) synchronises their streams and unmaps. Physical chunks still mapped
 //!   in the new configuration stay alive through their new mappings.
@@ -28,7 +32,8 @@
 //! The baselines run on the same engine: [`CudaRunner::restart_from`] (cold restart: release
 //! everything, reload from the checkpoint, called inside the boundary action that holds the
 //! loop) and [`CudaRunner::install_runner`] (colocated: a second runner built beside the first
-//! with [`Blueprint::load_runner`], switched in with KV migration).
+//! with [`Blueprint::load_runner`]; extravagant: one on a disjoint GPU set with every weight
+//! copied peer-to-peer by [`Blueprint::copy_runner`]; either switched in with KV migration).
 //!
 //! Invariant: nothing here runs on the serving path except `install`/`install_runner`, whose
 //! only device work is the KV blocks of sequences that change rank.

@@ -2450,8 +2450,9 @@ impl CudaRunner {
     }
 
     /// The per-step tables every rank that computes experts reads: the expert addresses
-    /// (`[layer][expert]`, and the down projections' for the padded path), and zeroed
-    /// active-expert counts (layers not routed on the device report none).
+    /// (`[layer][expert]`; the padded path's down-projection table is uploaded by
+    /// [`CudaRunner::begin`]), and zeroed active-expert counts (layers not routed on the device
+    /// report none).
     fn upload_tables(&self, ri: usize, etable: &[u64]) -> Result<(), CudaError> {
         let rank = &self.ranks[ri];
         rank.bind()?;
@@ -2460,8 +2461,8 @@ impl CudaRunner {
     }
 
     /// Starts a step on rank `ri`: checks and uploads its rows (tokens, positions, block tables,
-    /// sampled rows) and embeds them. `None` when the rank has no rows in this step.
-    fn begin(&self, ri: usize, items: &[Item]) -> Result<Option<Step>, CudaError> {
+    /// sampled rows) and embeds them; `etable` is the step's expert address table (the padded path derives its down-projection table from it). `None` when the rank has no rows in this step.
+    fn begin(&self, ri: usize, items: &[Item], etable: &[u64]) -> Result<Option<Step>, CudaError> {
         let d = self.dims;
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         if rows == 0 {
@@ -2537,8 +2538,7 @@ impl CudaRunner {
             }
             rank.htod(s.pptrs, &p)?;
             let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
-            let etable_down: Vec<u64> = self
-                .expert_table()
+            let etable_down: Vec<u64> = etable
                 .iter()
                 .map(|&a| if a == 0 { 0 } else { a + es_ie })
                 .collect();
@@ -3494,8 +3494,9 @@ impl CudaRunner {
     fn step(&mut self, per_rank: &[Vec<Item>]) -> Result<Vec<Vec<RowOutput>>, CudaError> {
         let n = self.ranks.len();
         let mut steps = Vec::with_capacity(n);
+        let etable = self.expert_table();
         for (ri, items) in per_rank.iter().enumerate() {
-            steps.push(self.begin(ri, items)?);
+            steps.push(self.begin(ri, items, &etable)?);
         }
         let owners = if steps.iter().any(Option::is_some) {
             self.expert_owners()
@@ -3503,7 +3504,6 @@ impl CudaRunner {
             None
         };
         // Expert parallel, every GPU computes (its experts, for every rank's rows).
-        let etable = self.expert_table();
         for (r, st) in steps.iter().enumerate() {
             if owners.is_some() || st.is_some() {
                 self.upload_tables(r, &etable)?;
