@@ -1206,7 +1206,9 @@ impl CudaRunner {
     /// The colocated baseline's switch: replaces this runner by `next` (built beside it on the
     /// same memory manager with [`Blueprint::load_runner`]), moving every running sequence's
     /// KV to `next`'s rank on the same GPU, or to its rank with the most free blocks where its
-    /// GPU leaves. The old runner comes back in the [`Retired`].
+    /// GPU leaves. `next` takes this runner's settings (phase timing, expert parallelism,
+    /// dispatch thresholds), as [`CudaRunner::restart_from`]'s reloaded runner does. The old
+    /// runner comes back in the [`Retired`].
     pub fn install_runner(
         &mut self,
         mut next: CudaRunner,
@@ -1221,6 +1223,7 @@ impl CudaRunner {
                     .into(),
             ));
         }
+        next.adopt_settings(self);
         let old_ranks: Vec<RankId> = self.ranks.iter().map(|r| RankId(r.dev.0)).collect();
         let new_ranks: Vec<RankId> = next.ranks.iter().map(|r| RankId(r.dev.0)).collect();
         let union: Vec<DeviceId> = self
@@ -1335,10 +1338,11 @@ impl CudaRunner {
         self.experts.clear();
         self.ranks.clear();
         let kv = self.config.kv_blocks_per_rank;
-        let (next, err) = match bp.load_runner(src, devices, kv) {
+        let (mut next, err) = match bp.load_runner(src, devices, kv) {
             Ok(n) => (n, None),
             Err(e) => (bp.load_runner(src, old_count, kv)?, Some(e)),
         };
+        next.adopt_settings(self);
         let new: Vec<RankId> = next.ranks.iter().map(|r| RankId(r.dev.0)).collect();
         for r in old.iter().filter(|r| !new.contains(r)) {
             let _ = sched.close_rank(*r);

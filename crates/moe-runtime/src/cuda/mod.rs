@@ -3156,6 +3156,17 @@ impl CudaRunner {
         Ok(())
     }
 
+    /// Takes `from`'s tuning (phase timing, expert parallelism, the dispatch thresholds and a
+    /// forced expert capacity): a runner that replaces another at a switch or a restart serves
+    /// the way it did.
+    pub(crate) fn adopt_settings(&mut self, from: &CudaRunner) {
+        self.phase_timing = from.phase_timing;
+        self.expert_parallel = from.expert_parallel;
+        self.device_dispatch_max_rows = from.device_dispatch_max_rows;
+        self.padded_dispatch_max_rows = from.padded_dispatch_max_rows;
+        self.forced_capacity = from.forced_capacity;
+    }
+
     /// Whether steps run expert parallel (see [`CudaRunner::set_expert_parallel`]).
     pub fn expert_parallel(&self) -> bool {
         self.expert_parallel

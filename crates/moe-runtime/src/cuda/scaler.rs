@@ -340,8 +340,8 @@ impl CudaScaler {
     }
 
     /// Switches the engine at a boundary to `next`, built beside the running runner, with every
-    /// running sequence's KV migrated ([`CudaRunner::install_runner`]); the running runner's
-    /// phase timing and expert-parallel setting carry over. With `copied_from` (the snapshot
+    /// running sequence's KV migrated ([`CudaRunner::install_runner`], which carries the running
+    /// runner's settings over). With `copied_from` (the snapshot
     /// `next`'s weights were copied from), refuses if the running runner changed since. Keeps
     /// the new runner's snapshot and retires the old one.
     fn switch_to(
@@ -358,9 +358,6 @@ impl CudaScaler {
                 ));
             }
             drop(copied_from);
-            let mut next = next;
-            next.set_phase_timing(r.phase_timing);
-            next.set_expert_parallel(r.expert_parallel);
             r.install_runner(next, &transport, s)
                 .map(|(sw, ret)| (sw, ret, r.rank_count(), r.snapshot()))
         })?;
