@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's automation, in Rust so that it runs wherever cargo does.
 //!
 //! - `cargo xtask ci`: fmt check, clippy (twice: as is and with every crate's `cuda` feature),
-//!   workspace tests, the GPU-free unit tests of `moe-runtime`'s CUDA elastic scaling, and the
+//!   workspace tests, the GPU-free unit tests of `moe-cuda`'s elastic scaling, and the
 //!   loom models of the crates that have them.
 //! - `cargo xtask hil [--run] [FILTER]`: build the GPU bundle into `target/hil/` (test and bench
 //!   binaries built with `--features cuda`, plus `run.sh`, and `scale.sh` for the elastic scaling
@@ -119,11 +119,11 @@ fn ci(args: &[String]) -> Result<()> {
     run(cargo().args([
         "test",
         "--package",
-        "moe-runtime",
+        "moe-cuda",
         "--features",
         "cuda",
         "--lib",
-        "cuda::elastic",
+        "elastic::",
     ]))?;
     if !args.iter().any(|a| a == "--no-loom") {
         for pkg in loom_packages(&pkgs) {

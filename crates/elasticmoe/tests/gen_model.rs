@@ -1,10 +1,10 @@
 //! `elasticmoe gen-model` end to end: every tiny preset, layer override, determinism, and clear
 //! errors for bad arguments.
 
-use moe_runtime::checkpoint::{Checkpoint, INDEX_FILE};
-use moe_runtime::config::{DType, ModelConfig};
-use moe_runtime::presets::{self, Preset};
-use moe_runtime::schema::ModelSchema;
+use moe_model::checkpoint::{Checkpoint, INDEX_FILE};
+use moe_model::config::{DType, ModelConfig};
+use moe_model::presets::{self, Preset};
+use moe_model::schema::ModelSchema;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -83,7 +83,7 @@ fn layers_seed_and_dtype_are_honoured() {
     let cfg = ModelConfig::from_dir(a.path()).unwrap();
     assert_eq!(
         cfg,
-        moe_runtime::synth::model_dir_config(
+        moe_model::synth::model_dir_config(
             &presets::with_layers(&Preset::TinyDeepseek.config(), 2).unwrap(),
             DType::BF16
         )

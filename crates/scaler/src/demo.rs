@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, TryRecvError};
-use moe_runtime::config::ModelConfig;
-use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
-use moe_runtime::engine::{
+use moe_engine::{
     EngineConfig, EngineMetrics, Event as TokenStreamEvent, FinishReason, Request, RequestHandle,
     SchedulerConfig, TokenId,
 };
-use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use moe_host::deployment::{DeploymentConfig, PlacementKind};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_model::config::ModelConfig;
 use serde::Serialize;
 
 use crate::device::{DeviceId, DeviceSet};
@@ -168,7 +168,7 @@ impl DemoConfig {
 pub enum DemoError {
     /// The engine could not be built.
     #[error("building the host engine failed: {0}")]
-    Engine(#[from] moe_runtime::deployment::DeploymentError),
+    Engine(#[from] moe_host::deployment::DeploymentError),
     /// The policy configuration is invalid.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyConfigError),
@@ -177,7 +177,7 @@ pub enum DemoError {
     Exec(#[from] ExecError),
     /// A request was refused.
     #[error("a trace request was refused: {0}")]
-    Request(#[from] moe_runtime::engine::RequestError),
+    Request(#[from] moe_engine::RequestError),
     /// The trace is empty.
     #[error("the trace has no requests")]
     EmptyTrace,

@@ -1,5 +1,5 @@
 //! The host executor: carries out a [`Transition`]'s actions on a live
-//! `moe_runtime` engine.
+//! `moe_engine::Engine`.
 //!
 //! [`HostExecutor::run`] drives one transition to its end on the calling thread while the
 //! engine's own run loop ([`Engine::start`]) keeps serving and admitting on another. What each
@@ -46,14 +46,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use expert_placement::{ExpertLoad, Placement};
 use hbm_vmm::DeviceId as HDev;
-use moe_runtime::compute::cpu::CpuCompute;
-use moe_runtime::deployment::{
+use moe_engine::{Engine, RankId, Request, RequestError, RequestHandle, Scheduler};
+use moe_host::compute::cpu::CpuCompute;
+use moe_host::deployment::{
     Deployment, DeploymentConfig, DeploymentError, PlacementKind, WeightKey, WeightStore,
 };
-use moe_runtime::engine::{Engine, RankId, Request, RequestError, RequestHandle, Scheduler};
-use moe_runtime::model::weights::TensorSource;
-use moe_runtime::model::Model;
-use moe_runtime::worker::{DeploymentRunner, KvBudgetChange, KvPrecopy, RunnerConfig, SwapReport};
+use moe_host::model::Model;
+use moe_host::worker::{DeploymentRunner, KvBudgetChange, KvPrecopy, RunnerConfig, SwapReport};
+use moe_model::weights::TensorSource;
 
 use crate::action::{Action, Event, KvBudget, Step, WorkerSource};
 use crate::device::{DeviceId, DeviceSet};
@@ -613,7 +613,7 @@ impl HostExecutor {
                             .deployment()
                             .ranks()
                             .iter()
-                            .map(moe_runtime::deployment::Rank::id)
+                            .map(moe_host::deployment::Rank::id)
                             .collect();
                         for &rank in old.difference(&new) {
                             s.remove_rank(rank, r);

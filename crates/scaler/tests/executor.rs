@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
-use moe_runtime::engine::{
+use moe_engine::{
     Completion, Engine, EngineConfig, FinishReason, Request, RequestHandle, SchedulerConfig,
     TokenId,
 };
-use moe_runtime::model::weights::MemTensors;
-use moe_runtime::presets::Preset;
-use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use moe_host::deployment::{DeploymentConfig, PlacementKind};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_model::presets::Preset;
+use moe_model::weights::MemTensors;
 use scaler::executor::{Checkpoint, Faults, HostExecutor, HostExecutorConfig, ScaleEvent};
 use scaler::{DeviceSet, Phase, Strategy, TransitionKind, TransitionSpec};
 
@@ -329,7 +329,7 @@ fn bad_commands_are_typed_errors_and_change_nothing() {
 }
 
 /// Bytes of the weight chunks `store` holds on `device`.
-fn weight_bytes(store: &moe_runtime::deployment::WeightStore, device: u32) -> u64 {
+fn weight_bytes(store: &moe_host::deployment::WeightStore, device: u32) -> u64 {
     store
         .keys()
         .into_iter()
@@ -435,7 +435,7 @@ fn colocated_2_3_2_mid_stream_duplicates_weights_halves_kv_and_changes_no_output
         swap.migrated.iter().all(|(_, _, b)| b.0 < 2),
         "device 2's sequences moved to the staying ranks: {swap:?}"
     );
-    assert_eq!(swap.removed, vec![moe_runtime::engine::RankId(2)]);
+    assert_eq!(swap.removed, vec![moe_engine::RankId(2)]);
     let done = finish_all(handles);
     run.stop();
     for c in &done {

@@ -22,12 +22,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use moe_runtime::checkpoint::Checkpoint;
-use moe_runtime::config::ModelConfig;
-use moe_runtime::engine::{Engine, EngineConfig, Request, Runner, SchedulerConfig};
-use moe_runtime::model::weights::MemTensors;
-use moe_runtime::presets::{self, Preset};
-use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use moe_engine::{Engine, EngineConfig, Request, Runner, SchedulerConfig};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::ModelConfig;
+use moe_model::presets::{self, Preset};
+use moe_model::weights::MemTensors;
 
 use super::generate::{parse_devices, Devices};
 
@@ -199,7 +199,7 @@ fn cuda_rows(
     batches: &[usize],
     args: &Args,
 ) -> Result<(Vec<Row>, String)> {
-    use moe_runtime::cuda::{CudaConfig, CudaRunner};
+    use moe_cuda::{CudaConfig, CudaRunner};
     let max_batch = engine_cfg.scheduler.max_batch_tokens;
     // Context a sequence reaches: prompt, warm-up and timed tokens, and one spare.
     let context = args.warmup.max(1) + args.steps + 2;
@@ -346,7 +346,7 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_runtime::synth::{write_model, SynthOptions};
+    use moe_model::synth::{write_model, SynthOptions};
 
     fn args(extra: &[&str]) -> Args {
         use clap::Parser;
@@ -459,7 +459,7 @@ mod tests {
 
     #[cfg(feature = "cuda")]
     fn moe_runtime_has_no_gpu() -> bool {
-        moe_runtime::cuda::device_count().is_err()
+        moe_cuda::device_count().is_err()
     }
 
     #[cfg(not(feature = "cuda"))]

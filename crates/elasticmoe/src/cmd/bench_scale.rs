@@ -25,7 +25,7 @@
 //!
 //! `host:N` runs the host backend through `scaler`'s `HostExecutor` (the colocated baseline is
 //! not implemented there and is skipped with a note). `cuda:0,1,...` (binary built with the
-//! `cuda` feature) runs `moe_runtime::cuda::CudaScaler` (elastic scaling and its baselines).
+//! `cuda` feature) runs `moe_cuda::CudaScaler` (elastic scaling and its baselines).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,12 +35,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use moe_runtime::checkpoint::Checkpoint;
-use moe_runtime::config::ModelConfig;
-use moe_runtime::engine::{
+use moe_engine::{
     EngineMetrics, Event, FinishReason, Request, RequestError, RequestHandle, SchedulerConfig,
     TokenId,
 };
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::ModelConfig;
 use serde::Serialize;
 
 use super::demo::StrategyArg;
@@ -1109,9 +1109,9 @@ mod host {
     //! The host backend: `scaler`'s `HostExecutor` on host devices.
 
     use super::*;
-    use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
-    use moe_runtime::engine::{Engine, EngineConfig};
-    use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+    use moe_engine::{Engine, EngineConfig};
+    use moe_host::deployment::{DeploymentConfig, PlacementKind};
+    use moe_host::worker::{DeploymentRunner, HostEngineConfig};
     use scaler::executor::{HostExecutor, HostExecutorConfig};
     use scaler::{DeviceSet, Strategy, TransitionKind, TransitionSpec};
 
@@ -1162,7 +1162,7 @@ mod host {
         exec: HostExecutor,
         strategy: Strategy,
         n: usize,
-        serving: Option<moe_runtime::engine::RunLoop>,
+        serving: Option<moe_engine::RunLoop>,
     }
 
     impl Session for HostSession {
@@ -1321,12 +1321,12 @@ mod host {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    //! The CUDA backend: `moe_runtime::cuda`'s elastic scaling and baselines.
+    //! The CUDA backend: `moe_cuda`'s elastic scaling and baselines.
 
     use super::*;
-    use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
-    use moe_runtime::engine::{Engine, EngineConfig, RunLoop};
-    use moe_runtime::model::weights::TensorSource;
+    use moe_cuda::{self as cuda, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
+    use moe_engine::{Engine, EngineConfig, RunLoop};
+    use moe_model::weights::TensorSource;
 
     pub(super) struct CudaBench {
         cfg: ModelConfig,

@@ -13,7 +13,7 @@
 //!
 //! `--devices host:N` (default `host:4`) runs the host executor on N host devices.
 //! `--devices cuda:0,1,...` runs the same trace and policy on that many GPUs: an
-//! `Engine<CudaRunner>` serves on its own thread and `moe_runtime::cuda::CudaScaler` carries out
+//! `Engine<CudaRunner>` serves on its own thread and `moe_cuda::CudaScaler` carries out
 //! the policy's decisions (elastic, cold restart or colocated; the extravagant baseline is not
 //! implemented on CUDA). The report has the same keys, with `backend: "cuda"`. On GPUs the model
 //! runs in f32 (`Precision::F32`) and every step takes the same expert-dispatch path, so a
@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use moe_runtime::checkpoint::Checkpoint;
-use moe_runtime::config::ModelConfig;
-use moe_runtime::presets::Preset;
-use moe_runtime::synth::{write_model, SynthOptions};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::ModelConfig;
+use moe_model::presets::Preset;
+use moe_model::synth::{write_model, SynthOptions};
 use scaler::demo::{self, DemoConfig, DemoRun, Report, Trace};
 use scaler::Strategy;
 
@@ -258,9 +258,9 @@ mod gpu {
 
     use std::time::Duration;
 
-    use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
-    use moe_runtime::engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
-    use moe_runtime::model::weights::TensorSource;
+    use moe_cuda::{self as cuda, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
+    use moe_engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
+    use moe_model::weights::TensorSource;
     use scaler::demo::{DemoEvent, PhasesMs, ScaleEventReport};
     use scaler::DeviceSet;
 

@@ -1,9 +1,9 @@
 //! `elasticmoe gen-model`: write a synthetic model directory for a preset.
 
 use anyhow::{Context, Result};
-use moe_runtime::config::DType;
-use moe_runtime::presets::{self, Preset};
-use moe_runtime::synth::{self, SynthOptions};
+use moe_model::config::DType;
+use moe_model::presets::{self, Preset};
+use moe_model::synth::{self, SynthOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> Result<()> {
         dtype,
         max_shard_bytes: shard_mib << 20,
     };
-    let total = moe_runtime::schema::ModelSchema::new(&cfg).total_bytes(dtype);
+    let total = moe_model::schema::ModelSchema::new(&cfg).total_bytes(dtype);
     eprintln!(
         "gen-model: {preset} ({}, {} layers, {} experts/layer, top-{}), {dtype}, {}, seed {} -> {}",
         cfg.architecture,

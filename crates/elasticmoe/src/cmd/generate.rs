@@ -18,13 +18,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use moe_runtime::checkpoint::Checkpoint;
-use moe_runtime::config::ModelConfig;
-use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
-use moe_runtime::engine::{
+use moe_engine::{
     Completion, Engine, EngineConfig, EngineMetrics, Request, Runner, SamplingParams,
 };
-use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use moe_host::deployment::{DeploymentConfig, PlacementKind};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::ModelConfig;
 
 /// Expert placement on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -265,7 +265,7 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         Devices::Cuda(n) => {
-            use moe_runtime::cuda::{CudaConfig, CudaRunner};
+            use moe_cuda::{CudaConfig, CudaRunner};
             let runner = CudaRunner::load(
                 &cfg,
                 &checkpoint,
@@ -287,7 +287,7 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
     report(args, devices, &prompts, &done, &m, loaded, out)?;
     if let Some(c) = done
         .iter()
-        .find(|c| matches!(c.finish, moe_runtime::engine::FinishReason::Error(_)))
+        .find(|c| matches!(c.finish, moe_engine::FinishReason::Error(_)))
     {
         bail!("a request failed: {:?}", c.finish);
     }
@@ -392,8 +392,8 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_runtime::presets::Preset;
-    use moe_runtime::synth::{write_model, SynthOptions};
+    use moe_model::presets::Preset;
+    use moe_model::synth::{write_model, SynthOptions};
 
     fn args(model: &std::path::Path, extra: &[&str]) -> Args {
         use clap::Parser;
@@ -522,7 +522,7 @@ mod tests {
         let a = args(dir.path(), &["--prompt", "x", "--devices", "cuda:0"]);
         let r = generate(&a, &mut Vec::new());
         #[cfg(feature = "cuda")]
-        if moe_runtime::cuda::device_count().is_ok() {
+        if moe_cuda::device_count().is_ok() {
             // On a GPU machine the CUDA runner serves.
             r.unwrap();
             return;

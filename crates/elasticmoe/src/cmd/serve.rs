@@ -11,7 +11,7 @@
 //! `data: [DONE]`), `/v1/models`, `/health`, `/ready`, `/metrics` (Prometheus text), and, when
 //! `--admin-token-file` is given, `/admin/scale` and `/admin/status` behind a bearer token.
 //!
-//! The engine runs on its own thread ([`moe_runtime::engine::Engine::start`]); each request's
+//! The engine runs on its own thread ([`moe_engine::Engine::start`]); each request's
 //! token events are pumped from the engine's blocking handle into the async response by a
 //! blocking task, which cancels the request (freeing its KV) as soon as the client goes away.
 //! Scaling goes through the [`scale::ScaleControl`] seam, carried out by the scaler's host
@@ -50,13 +50,13 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use moe_runtime::checkpoint::Checkpoint;
-use moe_runtime::config::ModelConfig;
-use moe_runtime::engine::{
+use moe_engine::{
     Engine, EngineConfig, Event, FinishReason, Request, RequestError, RequestId, RequestLimits,
     RunLoop, TokenId,
 };
-use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::ModelConfig;
 use scaler::executor::{HostExecutor, HostExecutorConfig};
 use scaler::{ScaleCommand, SloPolicyConfig};
 
@@ -557,11 +557,7 @@ async fn generate(
 
 /// Moves a request's events from the engine to the response; cancels it when the response is
 /// gone (the client disconnected).
-fn pump(
-    state: &AppState,
-    mut handle: moe_runtime::engine::RequestHandle,
-    tx: &mpsc::Sender<Event>,
-) {
+fn pump(state: &AppState, mut handle: moe_engine::RequestHandle, tx: &mpsc::Sender<Event>) {
     let id = handle.id();
     loop {
         if tx.is_closed() {
@@ -591,12 +587,7 @@ fn pump(
 }
 
 impl Live {
-    fn record(
-        &self,
-        reason: &FinishReason,
-        tokens: usize,
-        t: &moe_runtime::engine::RequestTimings,
-    ) {
+    fn record(&self, reason: &FinishReason, tokens: usize, t: &moe_engine::RequestTimings) {
         self.state.metrics.finished(
             openai::finish_reason(reason),
             self.prompt_tokens,

@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moe_runtime::engine::EngineMetrics;
+use moe_engine::EngineMetrics;
 use scaler::{
     ClusterView, Decision, LoadObservation, Observation, Policy, PolicyConfigError,
     RequestObservation, ScaleCommand, SloPolicy, SloPolicyConfig, Time,

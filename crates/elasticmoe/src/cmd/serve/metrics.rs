@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use moe_runtime::engine::EngineMetrics;
+use moe_engine::EngineMetrics;
 
 use super::scale::ScaleStatus;
 

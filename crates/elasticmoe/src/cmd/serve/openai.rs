@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use moe_runtime::engine::{FinishReason, RequestLimits, SamplingParams, TokenId};
+use moe_engine::{FinishReason, RequestLimits, SamplingParams, TokenId};
 
 use super::text::{ChatMessage, TextCodec};
 

@@ -8,9 +8,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use moe_runtime::engine::EngineConfig;
-use moe_runtime::presets::Preset;
-use moe_runtime::synth::{write_model, SynthOptions};
+use moe_engine::EngineConfig;
+use moe_model::presets::Preset;
+use moe_model::synth::{write_model, SynthOptions};
 use serde_json::{json, Value};
 
 use super::autoscale::AutoscaleConfig;
@@ -779,7 +779,7 @@ fn shutdown_finishes_running_streams_and_refuses_new_ones() {
     h.rt.block_on(done).unwrap().unwrap();
     assert!(state
         .engine()
-        .submit(moe_runtime::engine::Request::greedy(vec![1], 1))
+        .submit(moe_engine::Request::greedy(vec![1], 1))
         .is_err());
     assert!(TcpStream::connect(a).is_err() || get_refused(a));
 }

@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn renders_gen_models_chatml_template() {
-        let t = ChatTemplate::parse(moe_runtime::synth::CHAT_TEMPLATE).unwrap();
+        let t = ChatTemplate::parse(moe_model::synth::CHAT_TEMPLATE).unwrap();
         assert_eq!(
             t.render(&msgs()),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
