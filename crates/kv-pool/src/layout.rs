@@ -1,7 +1,7 @@
 //! Where each byte of a KV block lives.
 //!
 //! A block holds `block_tokens` consecutive tokens of one sequence, for **every** layer. Inside a block
-//! the bytes are laid out layer-major, then token-major (the layout `moe-runtime`'s kernels read):
+//! the bytes are laid out layer-major, then token-major (the layout `moe-host`'s kernels read):
 //! token `slot` of `layer` starts at `(layer * block_tokens + slot) * token_bytes`, and holds
 //!
 //! - **GQA** (K and V per KV head): `[K: kv_heads * head_dim][V: kv_heads * head_dim]`;

@@ -4,7 +4,7 @@
 //!
 //! - [`KvLayout`]: where each byte of a block lives, for GQA (K and V per KV head) and MLA
 //!   (DeepSeek-V2's compressed latent plus rope key) models. A block holds `block_tokens` tokens
-//!   of one sequence for every layer, in the layout `moe-runtime`'s kernels read.
+//!   of one sequence for every layer, in the layout `moe-host`'s kernels read.
 //! - [`BlockPool`]: the blocks of one rank, in chunks mapped into an [`hbm_vmm::PagedRegion`]. It
 //!   grows by mapping chunks at the tail and shrinks by unmapping free chunks at the tail; block
 //!   addresses never change while a block lives, so running sequences are never disturbed.

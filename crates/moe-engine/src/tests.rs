@@ -1,7 +1,7 @@
 //! Engine tests on a small deterministic stand-in model (the real model is tested in
-//! `tests/engine_*.rs`). The stand-in keeps a rolling hash per KV position, so a sequence's logits
-//! depend on its whole history and a wrong chunk start, a lost KV entry or a bad recompute changes
-//! the output.
+//! `moe-host`'s `tests/engine_*.rs`). The stand-in keeps a rolling hash per KV position, so a
+//! sequence's logits depend on its whole history and a wrong chunk start, a lost KV entry or a bad
+//! recompute changes the output.
 
 use super::*;
 

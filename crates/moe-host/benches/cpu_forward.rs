@@ -1,6 +1,6 @@
 //! CPU reference forward pass throughput per tiny preset (report only; nothing is asserted).
 //!
-//! `cargo bench -p moe-runtime --bench cpu_forward` prints, per preset: prefill tokens/s (one
+//! `cargo bench -p moe-host --bench cpu_forward` prints, per preset: prefill tokens/s (one
 //! 64-token prompt), decode tokens/s for one sequence, and decode tokens/s for a batch of 8.
 
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Serving-engine throughput on the CPU reference backend, per tiny preset and device count
 //! (report only; nothing is asserted).
 //!
-//! `cargo bench -p moe-runtime --bench engine_throughput` runs, for each tiny preset on `host:1`
+//! `cargo bench -p moe-host --bench engine_throughput` runs, for each tiny preset on `host:1`
 //! to `host:4` (balanced placement), 32 greedy requests of 16 prompt tokens and 32 generated
 //! tokens each through the whole engine (scheduler, device workers, all-to-all expert exchange,
 //! sampling), and prints generated tokens/s, iterations and mean time per iteration. With

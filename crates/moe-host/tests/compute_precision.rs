@@ -460,7 +460,7 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 /// Teacher-forced greedy decode on two CPU backends, with the prompts and steps of
-/// `tests/gpu_runtime.rs` (6 prompts of 1..23 tokens prefilled as one batch, then 11 batched
+/// `moe-cuda`'s `tests/gpu_runtime.rs` (6 prompts of 1..23 tokens prefilled as one batch, then 11 batched
 /// decodes: 72 positions); both follow `a`'s greedy tokens. Per position: `max |b - a| / max |a|`,
 /// and whether the argmax agrees.
 fn teacher_forced<B: Compute>(cfg: &ModelConfig, a: CpuCompute, b: B) -> Vec<(f64, bool)> {

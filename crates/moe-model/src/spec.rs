@@ -4,6 +4,14 @@
 //! block geometry, the rope style); the kernels that use them live in the backends
 //! (`moe-host`'s `compute` for the CPU reference, `moe-cuda` for GPUs).
 //!
+//! # The paged KV layout
+//!
+//! A KV block holds `block_tokens` tokens for every layer, layer-major then token-major
+//! ([`KvGeometry::token_offset`]). Per token, GQA stores
+//! `[K: kv_heads*head_dim][V: kv_heads*head_dim]` and MLA stores
+//! `[latent: kv_lora_rank (after kv_a_layernorm)][rope key: qk_rope_head_dim (after rope)]`.
+//! `kv-pool`'s `KvLayout` lays its blocks out the same way.
+//!
 //! ```
 //! use moe_model::spec::{KvGeometry, KvKind};
 //! let geo = KvGeometry {

@@ -1,6 +1,6 @@
 //! The machine's vocabulary: [`Action`]s out, [`Event`]s in.
 //!
-//! An executor (the engine side, built on `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-runtime`)
+//! An executor (the engine side, built on `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-host`)
 //! carries out each action and reports back with events.
 //!
 //! # The executor's contract

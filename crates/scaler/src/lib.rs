@@ -27,7 +27,7 @@
 //!
 //! - **No I/O and no clock.** Nothing here touches a device, a file, a thread (other than the
 //!   caller's, in [`WarmPool`]) or the system clock. The executor carries out actions with
-//!   `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-runtime`; time comes in as [`Time`].
+//!   `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-host`; time comes in as [`Time`].
 //! - **Never pause intake, never block the serving loop.** The elastic strategy emits no action
 //!   that pauses request intake ([`Action::pauses_intake`]); only the cold-restart baseline
 //!   does. The switch is one [`Action::RequestSwitch`], an O(1) pointer swap that the engine

@@ -25,7 +25,7 @@
 //!
 //! # Activation precision: the CUDA runner's bf16 contract on the CPU
 //!
-//! The CUDA runner's serving mode (`cuda::Precision::Bf16`) rounds activations to bf16
+//! The CUDA runner's serving mode (`moe_cuda::Precision::Bf16`) rounds activations to bf16
 //! (round-to-nearest-even) exactly where they become inputs of its cuBLAS GEMMs, and keeps
 //! everything else in `f32`. [`cpu::CpuCompute`] follows the same contract when built with
 //! [`ActPrecision::Bf16Gemm`] (the default, [`ActPrecision::F32`], rounds nothing). The rounding
@@ -48,8 +48,8 @@
 //!
 //! Architecture invariant: the CPU `Bf16Gemm` mode rounds at exactly the CUDA `Bf16` points
 //! listed above, no more and no fewer. A change to where the CUDA runner stores an activation as
-//! bf16 must change this table and [`cpu::CpuCompute`] with it; `tests/gpu_runtime.rs` checks the
-//! pair on the GPU machine.
+//! bf16 must change this table and [`cpu::CpuCompute`] with it; `moe-cuda`'s
+//! `tests/gpu_runtime.rs` checks the pair on the GPU machine.
 //!
 //! Architecture invariant: kernels never allocate device memory that outlives a call and never see
 //! requests, devices or placements; they see rows, weights and KV blocks.
