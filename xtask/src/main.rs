@@ -277,14 +277,22 @@ log="$HIL_RESULTS/hil.log"
 : > "$log"
 failed=0
 export PATH="$here/bin:$PATH"
-{ echo "== host: $(hostname) $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1; } | tee -a "$log"
+# A GPU test or benchmark without its GPUs fails instead of passing: demand every GPU this machine
+# has (a machine without the driver demands none, and its sections are logged as SKIPPED).
+export HIL_REQUIRE_GPUS="${HIL_REQUIRE_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+{ echo "== host: $(hostname) $(date -u +%FT%TZ), HIL_REQUIRE_GPUS=$HIL_REQUIRE_GPUS"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1; } | tee -a "$log"
+skipped=0
 step() {
   local name="$1"; shift
   if [ -n "$filter" ] && [[ "$name" != *"$filter"* ]]; then return; fi
   echo "== step $name" | tee -a "$log"
-  local t0=$(date +%s%N)
-  if (cd "$HIL_RESULTS" && "$here/bin/$name" "$@") 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
-    echo "== ok $name ($(( ($(date +%s%N) - t0) / 1000000 )) ms)" | tee -a "$log"
+  local t0=$(date +%s%N) slog="$HIL_RESULTS/.step.log"
+  if (cd "$HIL_RESULTS" && "$here/bin/$name" "$@") 2>&1 | tee "$slog" | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    if grep -q '^SKIPPED' "$slog"; then
+      echo "== SKIPPED $name ($(grep -c '^SKIPPED' "$slog") section(s) skipped)" | tee -a "$log"; skipped=$((skipped+1))
+    else
+      echo "== ok $name ($(( ($(date +%s%N) - t0) / 1000000 )) ms)" | tee -a "$log"
+    fi
   else
     echo "== FAILED $name" | tee -a "$log"; failed=$((failed+1))
   fi
@@ -342,7 +350,7 @@ exit $((failed > 0))
 "#;
 
 const HIL_FOOTER: &str = r#"
-echo "== done: $failed failed step(s)" | tee -a "$log"
+echo "== done: $failed failed step(s), $skipped skipped step(s)" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
   cp "$log" "$OUT/hil.log"
   tar -czf "$OUT/results.tar.gz" -C "$HIL_RESULTS" .

@@ -64,7 +64,12 @@ struct Device {
     granularity: usize,
 }
 
-/// The CUDA backend: one entry per visible GPU, `DeviceId(i)` being CUDA ordinal `i`.
+/// The CUDA backend: one entry per device, `DeviceId(i)` being a *logical* device on a CUDA
+/// ordinal. [`CudaBackend::new`] gives every visible GPU once (`DeviceId(i)` on ordinal `i`);
+/// [`CudaBackend::logical`] places any number of logical devices on any GPUs, several on one
+/// GPU included (`[0, 0, 0, 0]`: four devices on GPU 0). Each logical device has its own
+/// chunks, reservations and accounting above this layer; a copy between two logical devices of
+/// one GPU is a device-local copy, and access grants name each GPU once.
 pub struct CudaBackend {
     devices: Vec<Device>,
 }
@@ -132,11 +137,38 @@ fn alloc_prop(ordinal: c_int, exportable: bool) -> sys::CUmemAllocationProp {
 }
 
 impl CudaBackend {
-    /// Initialises the driver and retains the primary context of every visible GPU.
+    /// Initialises the driver and retains the primary context of every visible GPU, one logical
+    /// device per GPU.
     ///
     /// Errors: [`VmmError::NoDriver`] when `libcuda` is missing, the driver fails to initialise,
     /// or no GPU is visible.
     pub fn new() -> Result<Self, VmmError> {
+        let count = Self::init()?;
+        let all: Vec<u32> = (0..count as u32).collect();
+        Self::open(&all)
+    }
+
+    /// Logical devices on the GPUs `ordinals`: `DeviceId(i)` lives on CUDA ordinal
+    /// `ordinals[i]`. An ordinal may repeat (several logical devices on one GPU, which then
+    /// share its primary context and memory).
+    ///
+    /// Errors: [`VmmError::NoDriver`] as [`CudaBackend::new`], or when `ordinals` is empty or
+    /// names a GPU the driver does not see.
+    pub fn logical(ordinals: &[u32]) -> Result<Self, VmmError> {
+        let count = Self::init()?;
+        if ordinals.is_empty() {
+            return Err(VmmError::NoDriver("no logical device asked for".into()));
+        }
+        if let Some(o) = ordinals.iter().find(|&&o| o as usize >= count) {
+            return Err(VmmError::NoDriver(format!(
+                "GPU {o} asked for, the driver sees {count}"
+            )));
+        }
+        Self::open(ordinals)
+    }
+
+    /// Loads and initialises the driver; returns the number of visible GPUs.
+    fn init() -> Result<usize, VmmError> {
         // SAFETY: only tries to dlopen the driver library; it has no other effect.
         if !unsafe { sys::is_culib_present() } {
             return Err(VmmError::NoDriver(
@@ -160,10 +192,17 @@ impl CudaBackend {
         if count <= 0 {
             return Err(VmmError::NoDriver("the driver sees no CUDA device".into()));
         }
+        Ok(count as usize)
+    }
+
+    /// Retains the primary context of each ordinal (once per logical device; the driver counts
+    /// retains) and reads its granularity. The ordinals are below the driver's count.
+    fn open(ordinals: &[u32]) -> Result<Self, VmmError> {
         let mut backend = CudaBackend {
-            devices: Vec::with_capacity(count as usize),
+            devices: Vec::with_capacity(ordinals.len()),
         };
-        for ordinal in 0..count {
+        for &ordinal in ordinals {
+            let ordinal = ordinal as c_int;
             let mut cu: CUdevice = 0;
             // SAFETY: `cu` is a valid out-pointer; `ordinal` is below the device count.
             check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut cu, ordinal) })?;
@@ -217,6 +256,16 @@ impl CudaBackend {
         Ok(self.device(dev)?.ctx.0)
     }
 
+    /// The CUDA ordinal of the GPU that logical device `dev` lives on.
+    pub fn ordinal(&self, dev: DeviceId) -> Result<u32, VmmError> {
+        Ok(self.device(dev)?.ordinal as u32)
+    }
+
+    /// Whether logical devices `a` and `b` live on the same GPU.
+    pub fn same_gpu(&self, a: DeviceId, b: DeviceId) -> Result<bool, VmmError> {
+        Ok(self.device(a)?.ordinal == self.device(b)?.ordinal)
+    }
+
     /// The driver's device handle of `dev`.
     pub fn cu_device(&self, dev: DeviceId) -> Result<CUdevice, VmmError> {
         Ok(self.device(dev)?.cu)
@@ -251,7 +300,7 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         for d in &self.devices {
-            // SAFETY: each device's primary context was retained exactly once in `new`. Errors
+            // SAFETY: each entry retained its primary context exactly once in `open`. Errors
             // are ignored: Drop must not panic and there is nobody left to tell.
             let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(d.cu) };
         }
@@ -381,15 +430,18 @@ impl Backend for CudaBackend {
                 AccessFlags::CU_MEM_ACCESS_FLAGS_PROT_NONE,
             )]
         } else {
-            devices
-                .iter()
-                .map(|&d| {
-                    Ok(desc(
-                        self.device(d)?.ordinal,
-                        AccessFlags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-                    ))
-                })
-                .collect::<Result<_, VmmError>>()?
+            // Logical devices of one GPU share its grant: name each GPU once.
+            let mut ordinals = Vec::with_capacity(devices.len());
+            for &d in devices {
+                let o = self.device(d)?.ordinal;
+                if !ordinals.contains(&o) {
+                    ordinals.push(o);
+                }
+            }
+            ordinals
+                .into_iter()
+                .map(|o| desc(o, AccessFlags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE))
+                .collect()
         };
         self.bind(r.dev)?;
         // SAFETY: the range lies inside our reservation; `descs` is valid for the call.

@@ -72,9 +72,16 @@ fn decode_ms(r: &mut CudaRunner, batch: usize, vocab: usize, next_id: &mut u64) 
 }
 
 fn main() {
-    if let Err(e) = cuda::device_count() {
-        println!("no GPU ({e}): skipping the batch-invariance cost benchmark");
-        return;
+    match cuda::hil_gpus() {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            println!("SKIPPED the batch-invariance cost benchmark: no GPU");
+            return;
+        }
+        Err(e) => {
+            eprintln!("the batch-invariance cost benchmark: {e}");
+            std::process::exit(1);
+        }
     }
     let mut rows = Vec::new();
     let mut card = String::new();
@@ -87,6 +94,7 @@ fn main() {
                 1,
                 CudaConfig {
                     devices: 1,
+                    gpus: cuda::GpuMap::every_gpu(),
                     block_tokens: 16,
                     kv_blocks_per_rank: 512,
                     max_batch_tokens: 256,

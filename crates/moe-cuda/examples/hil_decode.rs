@@ -43,9 +43,16 @@ const WARMUP_MIN_S: f64 = 0.3;
 const STEPS: usize = 10;
 
 fn main() {
-    if let Err(e) = cuda::device_count() {
-        println!("no GPU ({e}): skipping the decode benchmark");
-        return;
+    match cuda::hil_gpus() {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            println!("SKIPPED the decode benchmark: no GPU");
+            return;
+        }
+        Err(e) => {
+            eprintln!("the decode benchmark: {e}");
+            std::process::exit(1);
+        }
     }
     let mut rows = Vec::new();
     let mut card = String::new();
@@ -67,6 +74,7 @@ fn main() {
             1,
             CudaConfig {
                 devices: 1,
+                gpus: cuda::GpuMap::every_gpu(),
                 block_tokens: 16,
                 kv_blocks_per_rank: 1024,
                 max_batch_tokens: 256,

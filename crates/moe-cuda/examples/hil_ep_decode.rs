@@ -67,11 +67,16 @@ fn step(r: &mut CudaRunner, seqs: &[(RequestId, RankId)], tokens: &mut [u32], po
 }
 
 fn main() {
-    let present = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping the expert-parallel decode benchmark");
+    // Real GPUs only: expert parallelism across logical ranks of one GPU measures nothing.
+    let present = match cuda::hil_gpus() {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            println!("SKIPPED the expert-parallel decode benchmark: no GPU");
             return;
+        }
+        Err(e) => {
+            eprintln!("the expert-parallel decode benchmark: {e}");
+            std::process::exit(1);
         }
     };
     let max_gpus: usize = std::env::var("HIL_EP_MAX_GPUS")
@@ -94,6 +99,7 @@ fn main() {
                 1,
                 CudaConfig {
                     devices: gpus,
+                    gpus: cuda::GpuMap::every_gpu(),
                     block_tokens: 16,
                     kv_blocks_per_rank: 1024,
                     max_batch_tokens: 256,

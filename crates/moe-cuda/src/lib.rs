@@ -355,6 +355,27 @@ pub fn device_count() -> Result<usize, CudaError> {
     Ok(n as usize)
 }
 
+/// The GPUs a hardware-in-the-loop test or benchmark may use: `Ok(Some(n))` with `n` GPUs,
+/// `Ok(None)` without a usable GPU (the caller reports it as SKIPPED), or an error when the
+/// environment variable `HIL_REQUIRE_GPUS=N` demands at least `N` GPUs and they are not there
+/// (no GPU, a missing CUDA library, or fewer GPUs): a GPU run must never pass vacuously.
+pub fn hil_gpus() -> Result<Option<usize>, CudaError> {
+    let need: usize = std::env::var("HIL_REQUIRE_GPUS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    match device_count() {
+        Ok(n) if n >= need => Ok(Some(n)),
+        Ok(n) => Err(CudaError::NoGpu(format!(
+            "HIL_REQUIRE_GPUS={need} but the driver sees {n} GPU(s)"
+        ))),
+        Err(e) if need > 0 => Err(CudaError::NoGpu(format!(
+            "HIL_REQUIRE_GPUS={need} but no GPU can be used: {e}"
+        ))),
+        Err(_) => Ok(None),
+    }
+}
+
 /// How weights and GEMM inputs are stored on the device. Accumulation, the residual stream, norms,
 /// attention, the router and the KV cache are `f32` in both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -381,11 +402,109 @@ impl Precision {
     }
 }
 
+/// Which GPU each logical device lives on: the machine as the CUDA path sees it.
+///
+/// [`GpuMap::every_gpu`] (the default) is one logical device per visible GPU. [`GpuMap::new`]
+/// places logical devices on any GPUs, several on one included: `[0, 0, 0, 0]` runs four ranks
+/// on GPU 0, each with its own KV, its own experts and its own stream, so that the multi-rank
+/// and elastic paths run on a one-GPU machine; copies between them are device-local. It is
+/// `Copy` (at most [`GpuMap::MAX`] logical devices) so that [`CudaConfig`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct GpuMap {
+    len: u8,
+    ordinals: [u8; GpuMap::MAX],
+}
+
+impl GpuMap {
+    /// The most logical devices a map holds.
+    pub const MAX: usize = 64;
+
+    /// One logical device per visible GPU (`DeviceId(i)` on GPU `i`).
+    pub const fn every_gpu() -> Self {
+        Self {
+            len: 0,
+            ordinals: [0; Self::MAX],
+        }
+    }
+
+    /// Logical device `i` on GPU `ordinals[i]`; ordinals may repeat.
+    ///
+    /// Errors: [`CudaError::Unsupported`] for an empty list, more than [`GpuMap::MAX`] devices
+    /// or an ordinal above 255.
+    pub fn new(ordinals: &[u32]) -> Result<Self, CudaError> {
+        if ordinals.is_empty() || ordinals.len() > Self::MAX {
+            return Err(CudaError::Unsupported(format!(
+                "a GPU map holds 1 to {} logical devices, not {}",
+                Self::MAX,
+                ordinals.len()
+            )));
+        }
+        let mut map = Self::every_gpu();
+        for (i, &o) in ordinals.iter().enumerate() {
+            map.ordinals[i] = u8::try_from(o)
+                .map_err(|_| CudaError::Unsupported(format!("GPU ordinal {o} is above 255")))?;
+        }
+        map.len = ordinals.len() as u8;
+        Ok(map)
+    }
+
+    /// A machine of at least `ranks` logical devices on the GPUs present: every GPU once where
+    /// there are enough of them, otherwise `ranks` logical devices dealt round-robin over the
+    /// GPUs (on one GPU, all of them there). This is how multi-rank code runs on a machine with
+    /// fewer GPUs than ranks.
+    ///
+    /// Errors: [`CudaError::NoGpu`] without a GPU or the CUDA libraries.
+    pub fn for_ranks(ranks: usize) -> Result<Self, CudaError> {
+        let gpus = device_count()?;
+        if gpus >= ranks {
+            return Ok(Self::every_gpu());
+        }
+        let ordinals: Vec<u32> = (0..ranks).map(|i| (i % gpus) as u32).collect();
+        Self::new(&ordinals)
+    }
+
+    /// The GPU of each logical device, or `None` for [`GpuMap::every_gpu`].
+    pub fn ordinals(&self) -> Option<Vec<u32>> {
+        (self.len > 0).then(|| {
+            self.ordinals[..self.len as usize]
+                .iter()
+                .map(|&o| u32::from(o))
+                .collect()
+        })
+    }
+
+    /// The memory manager of this machine: a CUDA backend with these logical devices.
+    pub fn vmm(&self) -> Result<Vmm<CudaBackend>, CudaError> {
+        let backend = match self.ordinals() {
+            None => CudaBackend::new()?,
+            Some(o) => CudaBackend::logical(&o)?,
+        };
+        Ok(Vmm::new(backend))
+    }
+}
+
+impl Default for GpuMap {
+    fn default() -> Self {
+        Self::every_gpu()
+    }
+}
+
+impl std::fmt::Debug for GpuMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ordinals() {
+            None => f.write_str("GpuMap(every GPU)"),
+            Some(o) => write!(f, "GpuMap({o:?})"),
+        }
+    }
+}
+
 /// Settings of a [`CudaRunner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CudaConfig {
-    /// GPUs (ranks) to use: devices `0..devices`.
+    /// Ranks to use: logical devices `0..devices` of [`CudaConfig::gpus`].
     pub devices: usize,
+    /// Which GPU each logical device lives on (default: one per visible GPU).
+    pub gpus: GpuMap,
     /// Tokens per KV block.
     pub block_tokens: usize,
     /// KV blocks per rank.
@@ -409,6 +528,7 @@ impl Default for CudaConfig {
     fn default() -> Self {
         Self {
             devices: 1,
+            gpus: GpuMap::every_gpu(),
             block_tokens: 16,
             kv_blocks_per_rank: 1024,
             max_batch_tokens: 256,
@@ -1540,17 +1660,23 @@ impl CudaRunner {
         vmm: Option<Vmm<CudaBackend>>,
         devs: &[DeviceId],
     ) -> Result<Self, CudaError> {
-        let n_dev = device_count()?;
+        device_count()?;
+        let vmm = match vmm {
+            Some(v) => v,
+            None => config.gpus.vmm()?,
+        };
+        // Logical devices: one per GPU, or several on one (`GpuMap`).
+        let n_dev = vmm.device_count();
         config.devices = devs.len();
         if devs.is_empty() || devs.len() > n_dev {
             return Err(CudaError::NoGpu(format!(
-                "{} GPU(s) asked for, {n_dev} present",
+                "{} device(s) asked for, {n_dev} present",
                 devs.len()
             )));
         }
         if let Some(d) = devs.iter().find(|d| d.index() >= n_dev) {
             return Err(CudaError::NoGpu(format!(
-                "GPU {} asked for, {n_dev} present",
+                "device {} asked for, {n_dev} present",
                 d.0
             )));
         }
@@ -1639,10 +1765,6 @@ impl CudaRunner {
                  (at most 48 KiB); lower max_context"
             )));
         }
-        let vmm = match vmm {
-            Some(v) => v,
-            None => Vmm::new(CudaBackend::new()?),
-        };
         let layout = model.layout().clone();
         let mut ranks = Vec::with_capacity(devs.len());
         // Random weights: every rank's replicated tensors restart the seed counter, so every
@@ -1795,7 +1917,10 @@ impl CudaRunner {
         fill: &Fill<'_>,
         seed_ctr: &mut u64,
     ) -> Result<Rank, CudaError> {
-        let ctx = CudaContext::new(dev.0 as usize).map_err(CudaError::driver("cuCtxCreate"))?;
+        // A logical device's GPU: several ranks may share one (their own streams, handles and
+        // kernels, in the GPU's primary context).
+        let ordinal = vmm.backend().ordinal(dev)? as usize;
+        let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("cuCtxCreate"))?;
         let stream = ctx
             .new_stream()
             .map_err(CudaError::driver("cuStreamCreate"))?;

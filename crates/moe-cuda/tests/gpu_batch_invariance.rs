@@ -1,5 +1,7 @@
 //! Batch invariance of the CUDA runner (`CudaConfig::batch_invariant`; feature `cuda`, run
-//! through `cargo xtask hil`). Without a GPU the test prints why it skips and returns.
+//! through `cargo xtask hil`). The 2-rank schedules run on two logical ranks of one GPU where the
+//! machine has one (`GpuMap::for_ranks`). Without a GPU it prints SKIPPED, and fails when
+//! `HIL_REQUIRE_GPUS` is set.
 //!
 //! A fixed set of target sequences (prompts of several lengths, then greedy decoding) runs under
 //! several schedules, and every target's sampled logits must be bitwise the same in all of them:
@@ -35,9 +37,11 @@
 
 #![cfg(feature = "cuda")]
 
+mod gpu_support;
+
 use hbm_vmm::host::{HostBackend, HostConfig};
 use hbm_vmm::{DeviceId, Vmm};
-use moe_cuda::{self as cuda, CudaConfig, CudaRunner, Precision};
+use moe_cuda::{CudaConfig, CudaRunner, GpuMap, Precision};
 use moe_engine::{Chunk, RankId, RequestId, Runner, Work};
 use moe_host::compute::cpu::CpuCompute;
 use moe_host::compute::ActPrecision;
@@ -276,9 +280,13 @@ fn differences(runs: &Runs) -> Vec<(&'static str, usize, usize, usize)> {
         .collect()
 }
 
+/// The machine the test runs on (set once it found a GPU).
+static MACHINE: std::sync::OnceLock<GpuMap> = std::sync::OnceLock::new();
+
 fn config(devices: usize, batch_invariant: bool, precision: Precision) -> CudaConfig {
     CudaConfig {
         devices,
+        gpus: *MACHINE.get().expect("the test sets the machine first"),
         block_tokens: 16,
         kv_blocks_per_rank: 256,
         max_batch_tokens: 256,
@@ -321,16 +329,12 @@ fn against_cpu(
 
 #[test]
 fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
-    let n = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            return;
-        }
+    let Some(map) =
+        gpu_support::machine("gpu_batch_invariant_outputs_do_not_depend_on_the_batch", 2)
+    else {
+        return;
     };
-    if n < 2 {
-        println!("only {n} GPU: the 2-GPU schedule is skipped");
-    }
+    MACHINE.get_or_init(|| map);
     let models: Vec<(String, ModelConfig, bool)> = vec![
         ("tiny-qwen3".into(), Preset::TinyQwen3.config(), true),
         ("tiny-mixtral".into(), Preset::TinyMixtral.config(), true),
@@ -370,7 +374,7 @@ fn gpu_batch_invariant_outputs_do_not_depend_on_the_batch() {
                 .unwrap()
             };
             let mut one = make(1);
-            let mut two = (n >= 2).then(|| make(2));
+            let mut two = Some(make(2));
             if let (Some(t), Some(l)) = (&two, cfg.moe_layers().next()) {
                 let last = cfg.moe.num_experts - 1;
                 assert_eq!(t.expert_device(l, 0), Some(DeviceId(0)));

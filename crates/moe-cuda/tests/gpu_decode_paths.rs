@@ -8,11 +8,14 @@
 //! - rows that need logits still get them, bit for bit, in a mixed batch;
 //! - the router kernel picks exactly the CPU router's experts, ties and group limit included.
 //!
-//! Without a GPU it prints a line and returns.
+//! On 1 and 2 ranks (logical ranks on one GPU where the machine has one). Without a GPU it prints
+//! SKIPPED, and fails when `HIL_REQUIRE_GPUS` is set.
 
 #![cfg(feature = "cuda")]
 
-use moe_cuda::{self as cuda, CudaConfig, CudaRunner, Precision};
+mod gpu_support;
+
+use moe_cuda::{CudaConfig, CudaRunner, GpuMap, Precision};
 use moe_engine::sampling::{sample, SamplingError};
 use moe_engine::{Chunk, Need, RankId, RequestId, RowOutput, Runner, SamplingParams, Work};
 use moe_host::compute::cpu::CpuCompute;
@@ -31,6 +34,15 @@ enum Path {
     PaddedOverflow,
 }
 
+/// The machine of the test that runs first (every test asks for the same one).
+static MACHINE: std::sync::OnceLock<GpuMap> = std::sync::OnceLock::new();
+
+/// The machine (2 ranks), or `None` after printing SKIPPED.
+fn machine(test: &str) -> Option<GpuMap> {
+    let map = gpu_support::machine(test, 2)?;
+    Some(*MACHINE.get_or_init(|| map))
+}
+
 fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Path) -> CudaRunner {
     let src = MemTensors::seeded(cfg, 5);
     let mut r = CudaRunner::load(
@@ -38,6 +50,7 @@ fn runner(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Path) -> C
         &src,
         CudaConfig {
             devices: gpus,
+            gpus: *MACHINE.get().expect("the test sets the machine first"),
             block_tokens: 16,
             kv_blocks_per_rank: 64,
             max_batch_tokens: 128,
@@ -161,16 +174,12 @@ fn compare_paths(cfg: &ModelConfig, gpus: usize, precision: Precision, path: Pat
 
 #[test]
 fn gpu_decode_paths_agree() {
-    let n = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            return;
-        }
-    };
+    if machine("gpu_decode_paths_agree").is_none() {
+        return;
+    }
     for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
         let cfg = preset.config();
-        for gpus in [1usize, 2].into_iter().filter(|&g| g <= n) {
+        for gpus in [1usize, 2] {
             for (precision, path) in [Precision::F32, Precision::Bf16]
                 .into_iter()
                 .flat_map(|p| [Path::Gemv, Path::Padded, Path::PaddedOverflow].map(|d| (p, d)))
@@ -198,8 +207,7 @@ fn gpu_decode_paths_agree() {
 
 #[test]
 fn gpu_greedy_breaks_ties_like_the_host_sampler() {
-    if let Err(e) = cuda::device_count() {
-        println!("no GPU ({e}): skipping");
+    if machine("gpu_greedy_breaks_ties_like_the_host_sampler").is_none() {
         return;
     }
     let cfg = Preset::TinyQwen3.config();
@@ -267,8 +275,7 @@ fn gpu_greedy_breaks_ties_like_the_host_sampler() {
 /// last bits.
 #[test]
 fn gpu_router_matches_the_cpu_router() {
-    if let Err(e) = cuda::device_count() {
-        println!("no GPU ({e}): skipping");
+    if machine("gpu_router_matches_the_cpu_router").is_none() {
         return;
     }
     for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {

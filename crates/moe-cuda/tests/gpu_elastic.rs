@@ -1,6 +1,7 @@
 //! GPU elastic scaling of a live CUDA runner inside the engine (feature `cuda`; run through
-//! `cargo xtask hil`). Without a GPU the test prints why it skips and returns; checks that need
-//! two GPUs say so and skip on one.
+//! `cargo xtask hil`). The scenarios need up to 3 devices; on a machine with fewer GPUs they run
+//! on logical ranks (several ranks on one GPU, `GpuMap::for_ranks`) with the same assertions.
+//! Without a GPU the test prints SKIPPED, and fails when `HIL_REQUIRE_GPUS` is set.
 //!
 //! Each scenario serves the same greedy requests as a reference engine that never scales, and
 //! performs its transition between two iterations (the engine is stepped on this thread, so the
@@ -32,14 +33,16 @@
 
 #![cfg(feature = "cuda")]
 
+mod gpu_support;
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hbm_vmm::DeviceId;
 use moe_cuda::{
     self as cuda, CudaConfig, CudaError, CudaRunner, CudaScaler, CudaWarmPool, DeviceSetError,
-    Precision, Snapshot,
+    GpuMap, Precision, Snapshot,
 };
 use moe_engine::{
     Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig,
@@ -52,9 +55,27 @@ use moe_model::weights::MemTensors;
 
 const KV_BLOCKS: usize = 256;
 
+/// The most devices a scenario uses (the extravagant 1->2 beside the running one).
+const MACHINE_DEVICES: usize = 3;
+
+/// The machine every scenario runs on, set by the test that starts first.
+static MACHINE: OnceLock<GpuMap> = OnceLock::new();
+
+/// The machine's device count, or `None` (after printing SKIPPED) without a GPU.
+fn machine(test: &str) -> Option<usize> {
+    let map = gpu_support::machine(test, MACHINE_DEVICES)?;
+    let map = *MACHINE.get_or_init(|| map);
+    Some(
+        map.vmm()
+            .expect("the machine's memory manager")
+            .device_count(),
+    )
+}
+
 fn config(devices: usize) -> CudaConfig {
     CudaConfig {
         devices,
+        gpus: *MACHINE.get().expect("machine() runs first"),
         block_tokens: 16,
         kv_blocks_per_rank: KV_BLOCKS,
         max_batch_tokens: 128,
@@ -169,13 +190,10 @@ fn elastic_from(
 
 #[test]
 fn gpu_elastic_scaling_keeps_outputs_identical() {
-    let n = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            return;
-        }
+    let Some(n) = machine("gpu_elastic_scaling_keeps_outputs_identical") else {
+        return;
     };
+    assert!(n >= 2, "the machine has {n} devices");
     for preset in [Preset::TinyQwen3, Preset::TinyDeepseek] {
         let cfg = preset.config();
         let src = MemTensors::seeded(&cfg, 21);
@@ -218,10 +236,6 @@ fn gpu_elastic_scaling_keeps_outputs_identical() {
         });
         check(&format!("{name} cold restart 1->1"), &got, &reference);
 
-        if n < 2 {
-            println!("only {n} GPU: skipping the elastic and 2-GPU checks of {name}");
-            continue;
-        }
         // Elastic 1→2 with a warm rank, then 2→1.
         let e = engine(&cfg, &src, 1);
         let mut pool = CudaWarmPool::new();
@@ -425,20 +439,12 @@ fn load(
 
 #[test]
 fn gpu_extravagant_scaling_moves_to_a_disjoint_set() {
-    let n = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping the extravagant test");
-            return;
-        }
-    };
-    if n < 3 {
-        println!(
-            "only {n} GPU(s): the extravagant 1->2 step needs 3 (GPU 0 serving, a new instance \
-             on GPUs 1 and 2): skipping"
-        );
+    // The extravagant 1->2 step needs 3 devices (0 serving, a new instance on 1 and 2): logical
+    // ranks where the machine has fewer GPUs.
+    let Some(n) = machine("gpu_extravagant_scaling_moves_to_a_disjoint_set") else {
         return;
-    }
+    };
+    assert!(n >= 3, "the machine has {n} devices");
     let new_set = [DeviceId(1), DeviceId(2)];
     for preset in [Preset::TinyQwen3, Preset::TinyDeepseek] {
         let cfg = preset.config();

@@ -1,5 +1,7 @@
 //! GPU correctness of the CUDA runner against the CPU reference (feature `cuda`; run through
-//! `cargo xtask hil`). Without a GPU the test prints why it skips and returns.
+//! `cargo xtask hil`). It runs on 1, 2 and 3 ranks, as logical ranks on one GPU where the machine
+//! has fewer GPUs (`GpuMap::for_ranks`). Without a GPU it prints SKIPPED, and fails when
+//! `HIL_REQUIRE_GPUS` is set.
 //!
 //! Both sides run the same bf16-rounded synthetic weights, so the comparison measures the CUDA
 //! kernels, not weight quantisation. Decoding is teacher-forced with the reference's greedy tokens
@@ -23,9 +25,11 @@
 
 #![cfg(feature = "cuda")]
 
+mod gpu_support;
+
 use hbm_vmm::host::{HostBackend, HostConfig};
 use hbm_vmm::{DeviceId, Vmm};
-use moe_cuda::{self as cuda, CudaConfig, CudaRunner, Precision};
+use moe_cuda::{CudaConfig, CudaRunner, GpuMap, Precision};
 use moe_engine::{Chunk, RankId, RequestId, Runner, Work};
 use moe_host::compute::cpu::CpuCompute;
 use moe_host::compute::ActPrecision;
@@ -34,6 +38,9 @@ use moe_host::model::weights::{MemTensors, RoundedToBf16};
 use moe_host::model::Model;
 use moe_model::config::ModelConfig;
 use moe_model::presets::Preset;
+
+/// The machine the test runs on (set once it found a GPU).
+static MACHINE: std::sync::OnceLock<GpuMap> = std::sync::OnceLock::new();
 
 fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
@@ -128,6 +135,7 @@ fn compare_layers(
         &src,
         CudaConfig {
             devices: gpus,
+            gpus: *MACHINE.get().expect("the test sets the machine first"),
             block_tokens: 16,
             kv_blocks_per_rank: 128,
             max_batch_tokens: 128,
@@ -244,13 +252,10 @@ fn diagnose(cfg: &ModelConfig, gpus: usize, precision: Precision, act: ActPrecis
 
 #[test]
 fn gpu_runtime_matches_cpu_reference() {
-    let n = match cuda::device_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            return;
-        }
+    let Some(map) = gpu_support::machine("gpu_runtime_matches_cpu_reference", 3) else {
+        return;
     };
+    MACHINE.get_or_init(|| map);
     // (GPU precision, CPU references: the first is the asserted pair and drives the tokens).
     let pairs = [
         (Precision::F32, vec![ActPrecision::F32]),
@@ -263,10 +268,6 @@ fn gpu_runtime_matches_cpu_reference() {
     let mut failures = Vec::new();
     for preset in [Preset::TinyQwen3, Preset::TinyMixtral, Preset::TinyDeepseek] {
         for gpus in [1usize, 2, 3] {
-            if gpus > n {
-                println!("only {n} GPU(s): skipping the {gpus}-GPU check");
-                continue;
-            }
             for (precision, refs) in &pairs {
                 let cfg = preset.config();
                 let outcomes = compare(&cfg, gpus, *precision, refs);

@@ -272,6 +272,7 @@ mod gpu {
     fn config(devices: usize, kv_blocks: usize) -> CudaConfig {
         CudaConfig {
             devices,
+            gpus: cuda::GpuMap::every_gpu(),
             block_tokens: 16,
             kv_blocks_per_rank: kv_blocks,
             max_batch_tokens: SchedulerConfig::default().max_batch_tokens,
