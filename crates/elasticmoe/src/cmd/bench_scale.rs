@@ -1112,8 +1112,8 @@ mod host {
     use moe_runtime::deployment::{DeploymentConfig, PlacementKind};
     use moe_runtime::engine::{Engine, EngineConfig};
     use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
-    use scaler::executor::{HostExecutor, HostExecutorConfig};
     use scaler::{DeviceSet, Strategy, TransitionKind, TransitionSpec};
+    use scaler_exec::executor::{HostExecutor, HostExecutorConfig};
 
     pub(super) struct HostBench {
         cfg: ModelConfig,
@@ -1177,7 +1177,7 @@ mod host {
         fn scale(&mut self, to: usize) -> Result<Measured> {
             let from = self.exec.devices();
             let from_n = from.len();
-            let target = scaler::demo::target_devices(self.strategy, &from, to, self.n as u32)
+            let target = scaler_exec::demo::target_devices(self.strategy, &from, to, self.n as u32)
                 .with_context(|| format!("no {to} free devices for {:?}", self.strategy))?;
             let kind = if to > from.len() {
                 TransitionKind::ScaleUp
@@ -1278,7 +1278,7 @@ mod host {
             let engine = self.engine(from, self.scheduler)?;
             let exec = HostExecutor::new(
                 engine.clone(),
-                Arc::clone(&self.ckpt) as scaler::executor::Checkpoint,
+                Arc::clone(&self.ckpt) as scaler_exec::executor::Checkpoint,
                 HostExecutorConfig {
                     deployment: DeploymentConfig::default(),
                     ..HostExecutorConfig::default()

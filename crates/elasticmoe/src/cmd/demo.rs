@@ -30,8 +30,8 @@ use moe_runtime::checkpoint::Checkpoint;
 use moe_runtime::config::ModelConfig;
 use moe_runtime::presets::Preset;
 use moe_runtime::synth::{write_model, SynthOptions};
-use scaler::demo::{self, DemoConfig, DemoRun, Report, Trace};
 use scaler::Strategy;
+use scaler_exec::demo::{self, DemoConfig, DemoRun, Report, Trace};
 
 /// A strategy on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -167,7 +167,7 @@ pub fn run(args: &Args) -> Result<()> {
     let dir = model_dir(&args.cache, args.quiet)?;
     let cfg = ModelConfig::from_dir(&dir)
         .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
-    let checkpoint: scaler::executor::Checkpoint =
+    let checkpoint: scaler_exec::executor::Checkpoint =
         Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
     let trace = Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
     let base = DemoConfig::new(Strategy::Elastic, devices, PRESET.name());
@@ -261,8 +261,8 @@ mod gpu {
     use moe_runtime::cuda::{self, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
     use moe_runtime::engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
     use moe_runtime::model::weights::TensorSource;
-    use scaler::demo::{DemoEvent, PhasesMs, ScaleEventReport};
     use scaler::DeviceSet;
+    use scaler_exec::demo::{DemoEvent, PhasesMs, ScaleEventReport};
 
     use super::*;
 
@@ -496,7 +496,7 @@ mod gpu {
                     report: event_report(spec.kind.as_str(), spec.from.len(), strategy, &o),
                     after: DeviceSet::first(o.devices_after as u32),
                 })
-                .map_err(|e| scaler::demo::DemoError::Transition(e.to_string()))
+                .map_err(|e| scaler_exec::demo::DemoError::Transition(e.to_string()))
             }),
             stop: Box::new(move || serving.stop()),
         };

@@ -57,8 +57,8 @@ use moe_runtime::engine::{
     RunLoop, TokenId,
 };
 use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
-use scaler::executor::{HostExecutor, HostExecutorConfig};
 use scaler::{ScaleCommand, SloPolicyConfig};
+use scaler_exec::executor::{HostExecutor, HostExecutorConfig};
 
 use self::autoscale::{AutoscaleConfig, Autoscaler};
 use self::executor_scale::ExecutorScale;
@@ -237,7 +237,7 @@ impl Setup {
         let cfg = ModelConfig::from_dir(model)
             .with_context(|| format!("reading the config of {}", model.display()))?;
         let codec = TextCodec::from_dir(model)?;
-        let checkpoint: scaler::executor::Checkpoint = Arc::new(
+        let checkpoint: scaler_exec::executor::Checkpoint = Arc::new(
             Checkpoint::open(model)
                 .with_context(|| format!("opening the checkpoint in {}", model.display()))?,
         );

@@ -12,8 +12,8 @@ use moe_runtime::engine::{
 use moe_runtime::model::weights::MemTensors;
 use moe_runtime::presets::Preset;
 use moe_runtime::worker::{DeploymentRunner, HostEngineConfig};
-use scaler::executor::{Checkpoint, Faults, HostExecutor, HostExecutorConfig, ScaleEvent};
 use scaler::{DeviceSet, Phase, Strategy, TransitionKind, TransitionSpec};
+use scaler_exec::executor::{Checkpoint, Faults, HostExecutor, HostExecutorConfig, ScaleEvent};
 
 const PRESET: Preset = Preset::TinyQwen3;
 const TOKENS: usize = 12;
