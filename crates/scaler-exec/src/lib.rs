@@ -18,6 +18,10 @@
 //!   load generator), the policy fed from the engine's metrics, one transition at a time on a
 //!   scaler thread, and the report. It runs over a [`demo::Backend`] of closures, so the host
 //!   engine here and the CUDA runner in the `elasticmoe` binary share it.
+//! - [`device_spec`]: the one parser of the `--devices` spec ([`DeviceSpec`]: `host:N`, or
+//!   `cuda:I,J,...` with one rank per listed GPU index, repeats meaning logical ranks on one
+//!   GPU) with typed errors ([`DeviceSpecError`]). It only parses; what a command or a runner
+//!   can run on is theirs to check.
 //!
 //! # Architecture invariants
 //!
@@ -77,4 +81,7 @@
 #![warn(missing_docs)]
 
 pub mod demo;
+pub mod device_spec;
 pub mod executor;
+
+pub use device_spec::{DeviceKind, DeviceSpec, DeviceSpecError};
