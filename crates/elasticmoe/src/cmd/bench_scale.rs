@@ -41,6 +41,7 @@ use moe_runtime::engine::{
     EngineMetrics, Event, FinishReason, Request, RequestError, RequestHandle, SchedulerConfig,
     TokenId,
 };
+use scaler_exec::DeviceKind;
 use serde::Serialize;
 
 use super::demo::StrategyArg;
@@ -334,31 +335,10 @@ fn parse_steps(s: &str) -> Result<Vec<(usize, usize)>> {
 
 /// `host:N` → `(host, N)`; `cuda:0,1` → `(cuda, 2)` (GPUs must be `0..n`).
 fn parse_devices(s: &str) -> Result<(&'static str, usize)> {
-    let (kind, rest) = s
-        .split_once(':')
-        .with_context(|| format!("--devices {s:?}: use host:N or cuda:0,1,..."))?;
-    match kind {
-        "host" => {
-            let n: usize = rest
-                .parse()
-                .with_context(|| format!("--devices {s:?}: N must be a number"))?;
-            if n == 0 {
-                bail!("--devices {s:?}: at least one device is needed");
-            }
-            Ok(("host", n))
-        }
-        "cuda" => {
-            let ids: Vec<usize> = rest
-                .split(',')
-                .map(|x| x.trim().parse::<usize>())
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("--devices {s:?}: GPU ids must be numbers"))?;
-            if ids.is_empty() || ids.iter().enumerate().any(|(i, &d)| i != d) {
-                bail!("--devices {s:?}: list the GPUs from 0 up, without gaps (cuda:0,1)");
-            }
-            Ok(("cuda", ids.len()))
-        }
-        _ => bail!("--devices {s:?}: unknown device kind {kind:?}; use host:N or cuda:0,1,..."),
+    let spec = super::parse_device_spec(s)?;
+    match spec.kind() {
+        DeviceKind::Host => Ok((DeviceKind::Host.as_str(), spec.ranks())),
+        DeviceKind::Cuda => Ok((DeviceKind::Cuda.as_str(), super::first_gpus(&spec)?)),
     }
 }
 
