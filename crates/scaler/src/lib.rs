@@ -26,8 +26,10 @@
 //! # Architecture invariants
 //!
 //! - **No I/O and no clock.** Nothing here touches a device, a file, a thread (other than the
-//!   caller's, in [`WarmPool`]) or the system clock. The executor carries out actions with
-//!   `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-host`; time comes in as [`Time`].
+//!   caller's, in [`WarmPool`]) or the system clock, and the crate depends on no engine (no
+//!   engine crate, no `hbm-vmm`). The drivers live above it in `scaler-exec`: its executor
+//!   carries out actions with `hbm-vmm`, `p2p-xfer`, `kv-pool` and `moe-host`, and its demo
+//!   loop feeds the policy; time comes in as [`Time`].
 //! - **Never pause intake, never block the serving loop.** The elastic strategy emits no action
 //!   that pauses request intake ([`Action::pauses_intake`]); only the cold-restart baseline
 //!   does. The switch is one [`Action::RequestSwitch`], an O(1) pointer swap that the engine
@@ -72,9 +74,7 @@
 
 mod action;
 mod coordinator;
-pub mod demo;
 mod device;
-pub mod executor;
 mod loom;
 mod placement_plan;
 mod plan;

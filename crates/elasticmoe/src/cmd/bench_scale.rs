@@ -41,6 +41,7 @@ use moe_engine::{
 };
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
+use scaler_exec::DeviceKind;
 use serde::Serialize;
 
 use super::demo::StrategyArg;
@@ -334,31 +335,10 @@ fn parse_steps(s: &str) -> Result<Vec<(usize, usize)>> {
 
 /// `host:N` → `(host, N)`; `cuda:0,1` → `(cuda, 2)` (GPUs must be `0..n`).
 fn parse_devices(s: &str) -> Result<(&'static str, usize)> {
-    let (kind, rest) = s
-        .split_once(':')
-        .with_context(|| format!("--devices {s:?}: use host:N or cuda:0,1,..."))?;
-    match kind {
-        "host" => {
-            let n: usize = rest
-                .parse()
-                .with_context(|| format!("--devices {s:?}: N must be a number"))?;
-            if n == 0 {
-                bail!("--devices {s:?}: at least one device is needed");
-            }
-            Ok(("host", n))
-        }
-        "cuda" => {
-            let ids: Vec<usize> = rest
-                .split(',')
-                .map(|x| x.trim().parse::<usize>())
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("--devices {s:?}: GPU ids must be numbers"))?;
-            if ids.is_empty() || ids.iter().enumerate().any(|(i, &d)| i != d) {
-                bail!("--devices {s:?}: list the GPUs from 0 up, without gaps (cuda:0,1)");
-            }
-            Ok(("cuda", ids.len()))
-        }
-        _ => bail!("--devices {s:?}: unknown device kind {kind:?}; use host:N or cuda:0,1,..."),
+    let spec = super::parse_device_spec(s)?;
+    match spec.kind() {
+        DeviceKind::Host => Ok((DeviceKind::Host.as_str(), spec.ranks())),
+        DeviceKind::Cuda => Ok((DeviceKind::Cuda.as_str(), super::first_gpus(&spec)?)),
     }
 }
 
@@ -1112,8 +1092,8 @@ mod host {
     use moe_engine::{Engine, EngineConfig};
     use moe_host::deployment::{DeploymentConfig, PlacementKind};
     use moe_host::worker::{DeploymentRunner, HostEngineConfig};
-    use scaler::executor::{HostExecutor, HostExecutorConfig};
     use scaler::{DeviceSet, Strategy, TransitionKind, TransitionSpec};
+    use scaler_exec::executor::{HostExecutor, HostExecutorConfig};
 
     pub(super) struct HostBench {
         cfg: ModelConfig,
@@ -1177,7 +1157,7 @@ mod host {
         fn scale(&mut self, to: usize) -> Result<Measured> {
             let from = self.exec.devices();
             let from_n = from.len();
-            let target = scaler::demo::target_devices(self.strategy, &from, to, self.n as u32)
+            let target = scaler_exec::demo::target_devices(self.strategy, &from, to, self.n as u32)
                 .with_context(|| format!("no {to} free devices for {:?}", self.strategy))?;
             let kind = if to > from.len() {
                 TransitionKind::ScaleUp
@@ -1278,7 +1258,7 @@ mod host {
             let engine = self.engine(from, self.scheduler)?;
             let exec = HostExecutor::new(
                 engine.clone(),
-                Arc::clone(&self.ckpt) as scaler::executor::Checkpoint,
+                Arc::clone(&self.ckpt) as scaler_exec::executor::Checkpoint,
                 HostExecutorConfig {
                     deployment: DeploymentConfig::default(),
                     ..HostExecutorConfig::default()

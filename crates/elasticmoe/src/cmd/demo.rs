@@ -30,8 +30,9 @@ use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
 use moe_model::presets::Preset;
 use moe_model::synth::{write_model, SynthOptions};
-use scaler::demo::{self, DemoConfig, DemoRun, Report, Trace};
 use scaler::Strategy;
+use scaler_exec::demo::{self, DemoConfig, DemoRun, Report, Trace};
+use scaler_exec::DeviceKind;
 
 /// A strategy on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,41 +88,6 @@ pub struct Args {
     pub devices: String,
 }
 
-/// Where the demo runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Host(u32),
-    Cuda(u32),
-}
-
-/// `host:N` → `Host(N)`; `cuda:0,1` → `Cuda(2)` (GPUs must be listed from 0 up).
-fn parse_devices(s: &str) -> Result<Backend> {
-    let (kind, rest) = s
-        .split_once(':')
-        .with_context(|| format!("--devices {s:?}: use host:N or cuda:0,1,..."))?;
-    match kind {
-        "host" => {
-            let n: u32 = rest
-                .parse()
-                .ok()
-                .filter(|&n| n >= 1)
-                .with_context(|| format!("--devices {s:?}: N must be a positive integer"))?;
-            Ok(Backend::Host(n))
-        }
-        "cuda" => {
-            let ids: Vec<u32> = rest
-                .split(',')
-                .map(|x| x.trim().parse::<u32>())
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("--devices {s:?}: GPU ids must be integers"))?;
-            if ids.is_empty() || ids.iter().enumerate().any(|(i, &d)| d as usize != i) {
-                bail!("--devices {s:?}: list the GPUs from 0 up, without gaps (cuda:0,1)");
-            }
-            Ok(Backend::Cuda(ids.len() as u32))
-        }
-        _ => bail!("--devices {s:?}: unknown device kind {kind:?}; use host:N or cuda:0,1,..."),
-    }
-}
 const PRESET: Preset = Preset::TinyQwen3;
 const SEED: u64 = 8;
 
@@ -160,14 +126,15 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         vec![args.strategy.into()]
     };
-    let devices = match parse_devices(&args.devices)? {
-        Backend::Host(n) => n,
-        Backend::Cuda(n) => return cuda_demo(args, &strategies, n),
+    let spec = super::parse_device_spec(&args.devices)?;
+    let devices = match spec.kind() {
+        DeviceKind::Host => spec.ranks() as u32,
+        DeviceKind::Cuda => return cuda_demo(args, &strategies, super::first_gpus(&spec)? as u32),
     };
     let dir = model_dir(&args.cache, args.quiet)?;
     let cfg = ModelConfig::from_dir(&dir)
         .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
-    let checkpoint: scaler::executor::Checkpoint =
+    let checkpoint: scaler_exec::executor::Checkpoint =
         Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
     let trace = Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
     let base = DemoConfig::new(Strategy::Elastic, devices, PRESET.name());
@@ -261,8 +228,8 @@ mod gpu {
     use moe_cuda::{self as cuda, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
     use moe_engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
     use moe_model::weights::TensorSource;
-    use scaler::demo::{DemoEvent, PhasesMs, ScaleEventReport};
     use scaler::DeviceSet;
+    use scaler_exec::demo::{DemoEvent, PhasesMs, ScaleEventReport};
 
     use super::*;
 
@@ -497,7 +464,7 @@ mod gpu {
                     report: event_report(spec.kind.as_str(), spec.from.len(), strategy, &o),
                     after: DeviceSet::first(o.devices_after as u32),
                 })
-                .map_err(|e| scaler::demo::DemoError::Transition(e.to_string()))
+                .map_err(|e| scaler_exec::demo::DemoError::Transition(e.to_string()))
             }),
             stop: Box::new(move || serving.stop()),
         };

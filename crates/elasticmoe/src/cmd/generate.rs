@@ -25,6 +25,7 @@ use moe_host::deployment::{DeploymentConfig, PlacementKind};
 use moe_host::worker::{DeploymentRunner, HostEngineConfig};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
+use scaler_exec::DeviceKind;
 
 /// Expert placement on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,39 +118,12 @@ impl std::fmt::Display for Devices {
     }
 }
 
-/// Parses `host:N` or `cuda:0,1,...`.
+/// Parses `host:N` or `cuda:0,1,...` (the CUDA runner takes the first n GPUs).
 pub(crate) fn parse_devices(s: &str) -> Result<Devices> {
-    let Some((kind, rest)) = s.split_once(':') else {
-        bail!("--devices {s:?} is not of the form host:N or cuda:0,1,...");
-    };
-    match kind {
-        "host" => {
-            let n: usize = rest
-                .parse()
-                .with_context(|| format!("--devices {s:?}: N must be a number"))?;
-            if n == 0 {
-                bail!("--devices {s:?}: at least one device is needed");
-            }
-            Ok(Devices::Host(n))
-        }
-        "cuda" => {
-            let ids = rest
-                .split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<usize>()
-                        .with_context(|| format!("--devices {s:?}: {t:?} is not a GPU index"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if ids.iter().copied().ne(0..ids.len()) {
-                bail!(
-                    "--devices {s:?}: the CUDA runner uses the first n GPUs; give them in order \
-                     from 0 (cuda:0 or cuda:0,1,...), or choose GPUs with CUDA_VISIBLE_DEVICES"
-                );
-            }
-            Ok(Devices::Cuda(ids.len()))
-        }
-        _ => bail!("--devices {s:?}: the device kind must be host (host:N) or cuda (cuda:0,1,...)"),
+    let spec = super::parse_device_spec(s)?;
+    match spec.kind() {
+        DeviceKind::Host => Ok(Devices::Host(spec.ranks())),
+        DeviceKind::Cuda => Ok(Devices::Cuda(super::first_gpus(&spec)?)),
     }
 }
 
@@ -511,9 +485,18 @@ mod tests {
         assert_eq!(parse_devices("cuda:0,1,2").unwrap(), Devices::Cuda(3));
         assert_eq!(Devices::Cuda(2).to_string(), "cuda:0,1");
         assert_eq!(Devices::Host(4).to_string(), "host:4");
-        for bad in ["cuda:", "cuda:1,0", "cuda:0,0", "host:0", "host:x", "cpu:1"] {
+        for bad in ["cuda:", "cuda:1,0", "host:0", "host:x", "cpu:1"] {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
+        // Two logical ranks on GPU 0 are a valid spec, but the CUDA runner cannot run them
+        // yet (Devices::Cuda(2) would mean GPUs 0 and 1), so generate refuses them clearly.
+        let logical: scaler_exec::DeviceSpec = "cuda:0,0".parse().unwrap();
+        assert_eq!((logical.ranks(), logical.gpus()), (2, &[0, 0][..]));
+        let e = format!("{:#}", parse_devices("cuda:0,0").unwrap_err());
+        assert!(
+            e.contains("logical ranks") && e.contains("not supported"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,35 @@ pub mod gen_model;
 pub mod generate;
 pub mod serve;
 
+use anyhow::{bail, Context, Result};
+use scaler_exec::DeviceSpec;
+
+/// Parses `--devices` with the one device-spec parser ([`DeviceSpec`]); the error names the
+/// argument and says what to write instead.
+pub(crate) fn parse_device_spec(s: &str) -> Result<DeviceSpec> {
+    s.parse().with_context(|| format!("--devices {s:?}"))
+}
+
+/// The GPU count of a `cuda:` spec, for the CUDA runner as it is today: it runs one rank on
+/// each of the first n GPUs (`cuda:0,1,...`). Other GPU lists parse but are refused here, with
+/// what to write instead.
+pub(crate) fn first_gpus(spec: &DeviceSpec) -> Result<usize> {
+    if let Some(n) = spec.first_gpus() {
+        return Ok(n);
+    }
+    let s = spec.to_string();
+    if spec.shares_a_gpu() {
+        bail!(
+            "--devices {s:?}: several ranks on one GPU (logical ranks) are not supported by the \
+             CUDA runner yet; list each GPU once, from 0 up (cuda:0 or cuda:0,1,...)"
+        );
+    }
+    bail!(
+        "--devices {s:?}: the CUDA runner uses the first n GPUs; list them from 0 up, without \
+         gaps (cuda:0 or cuda:0,1,...), or choose GPUs with CUDA_VISIBLE_DEVICES"
+    )
+}
+
 /// `elasticmoe bench ...`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

@@ -57,8 +57,9 @@ use moe_engine::{
 use moe_host::worker::{DeploymentRunner, HostEngineConfig};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
-use scaler::executor::{HostExecutor, HostExecutorConfig};
 use scaler::{ScaleCommand, SloPolicyConfig};
+use scaler_exec::executor::{HostExecutor, HostExecutorConfig};
+use scaler_exec::DeviceKind;
 
 use self::autoscale::{AutoscaleConfig, Autoscaler};
 use self::executor_scale::ExecutorScale;
@@ -132,20 +133,10 @@ pub struct Args {
 
 /// Parses `--devices`: `host:N` gives N; CUDA is refused with a clear message.
 pub fn parse_devices(s: &str) -> Result<usize> {
-    let Some((kind, rest)) = s.split_once(':') else {
-        bail!("--devices {s:?} is not of the form host:N");
-    };
-    match kind {
-        "host" => {
-            let n: usize = rest
-                .parse()
-                .with_context(|| format!("--devices {s:?}: N must be a number"))?;
-            if n == 0 {
-                bail!("--devices {s:?}: at least one device is needed");
-            }
-            Ok(n)
-        }
-        "cuda" => {
+    let spec = super::parse_device_spec(s)?;
+    match spec.kind() {
+        DeviceKind::Host => Ok(spec.ranks()),
+        DeviceKind::Cuda => {
             if cfg!(feature = "cuda") {
                 bail!(
                     "--devices {s:?}: CUDA serving is not available yet (the engine's device \
@@ -158,7 +149,6 @@ pub fn parse_devices(s: &str) -> Result<usize> {
                 )
             }
         }
-        _ => bail!("--devices {s:?}: unknown device kind {kind:?}; use host:N"),
     }
 }
 
@@ -237,7 +227,7 @@ impl Setup {
         let cfg = ModelConfig::from_dir(model)
             .with_context(|| format!("reading the config of {}", model.display()))?;
         let codec = TextCodec::from_dir(model)?;
-        let checkpoint: scaler::executor::Checkpoint = Arc::new(
+        let checkpoint: scaler_exec::executor::Checkpoint = Arc::new(
             Checkpoint::open(model)
                 .with_context(|| format!("opening the checkpoint in {}", model.display()))?,
         );

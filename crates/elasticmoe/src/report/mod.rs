@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use scaler::demo::DemoRun;
+use scaler_exec::demo::DemoRun;
 
 const W: f64 = 900.0;
 const PANEL_H: f64 = 120.0;
@@ -15,7 +15,7 @@ const GAP: f64 = 28.0;
 struct Panel<'a> {
     title: &'a str,
     unit: &'a str,
-    value: fn(&scaler::demo::Sample) -> f64,
+    value: fn(&scaler_exec::demo::Sample) -> f64,
 }
 
 const PANELS: [Panel<'static>; 4] = [
@@ -49,7 +49,7 @@ pub struct Line<'a> {
     /// The legend (the strategy).
     pub name: &'a str,
     /// One sample per tick.
-    pub timeline: &'a [scaler::demo::Sample],
+    pub timeline: &'a [scaler_exec::demo::Sample],
     /// Completed scale events.
     pub marks: Vec<(f64, String)>,
 }

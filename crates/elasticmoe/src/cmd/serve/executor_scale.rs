@@ -1,4 +1,4 @@
-//! [`ScaleControl`] over `scaler::executor::HostExecutor`: the host executor scales the live
+//! [`ScaleControl`] over `scaler_exec::executor::HostExecutor`: the host executor scales the live
 //! engine on a thread of its own while the engine keeps serving.
 //!
 //! A command is turned into an absolute device count when it is accepted (relative to the count
@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
-use scaler::executor::HostExecutor;
 use scaler::{DeviceId, DeviceSet, ScaleCommand, Strategy, TransitionKind, TransitionSpec};
+use scaler_exec::executor::HostExecutor;
 
 use super::scale::{ScaleAccepted, ScaleControl, ScaleError, ScaleEventCount, ScaleStatus};
 

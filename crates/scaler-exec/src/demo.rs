@@ -24,15 +24,15 @@ use moe_host::worker::{DeploymentRunner, HostEngineConfig};
 use moe_model::config::ModelConfig;
 use serde::Serialize;
 
-use crate::device::{DeviceId, DeviceSet};
 use crate::executor::{Checkpoint, ExecError, HostExecutor, HostExecutorConfig, ScaleEvent};
-use crate::policy::{
+use scaler::TransitionSpec;
+use scaler::{millis, Time};
+use scaler::{
     ClusterView, Decision, LoadObservation, Observation, Policy, RequestObservation, SloPolicy,
     SloPolicyConfig,
 };
-use crate::strategy::{Strategy, TransitionKind};
-use crate::time::{millis, Time};
-use crate::transition::TransitionSpec;
+use scaler::{DeviceId, DeviceSet};
+use scaler::{Strategy, TransitionKind};
 
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,7 +171,7 @@ pub enum DemoError {
     Engine(#[from] moe_host::deployment::DeploymentError),
     /// The policy configuration is invalid.
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyConfigError),
+    Policy(#[from] scaler::PolicyConfigError),
     /// A transition could not be carried out.
     #[error(transparent)]
     Exec(#[from] ExecError),

@@ -55,14 +55,14 @@ use moe_host::model::Model;
 use moe_host::worker::{DeploymentRunner, KvBudgetChange, KvPrecopy, RunnerConfig, SwapReport};
 use moe_model::weights::TensorSource;
 
-use crate::action::{Action, Event, KvBudget, Step, WorkerSource};
-use crate::device::{DeviceId, DeviceSet};
-use crate::plan::TransitionPlan;
-use crate::report::{Phase, TransitionReport};
-use crate::strategy::{Strategy, TransitionKind};
-use crate::time::{millis, Time};
-use crate::transition::{SpecError, Transition, TransitionError, TransitionSpec};
-use crate::warm_pool::{WarmPool, WarmPoolConfig, WorkerFactory};
+use scaler::TransitionPlan;
+use scaler::{millis, Time};
+use scaler::{Action, Event, KvBudget, Step, WorkerSource};
+use scaler::{DeviceId, DeviceSet};
+use scaler::{Phase, TransitionReport};
+use scaler::{SpecError, Transition, TransitionError, TransitionSpec};
+use scaler::{Strategy, TransitionKind};
+use scaler::{WarmPool, WarmPoolConfig, WorkerFactory};
 
 fn hdev(d: DeviceId) -> HDev {
     HDev(d.0)

@@ -12,8 +12,8 @@ use moe_host::deployment::{DeploymentConfig, PlacementKind};
 use moe_host::worker::{DeploymentRunner, HostEngineConfig};
 use moe_model::presets::Preset;
 use moe_model::weights::MemTensors;
-use scaler::executor::{Checkpoint, Faults, HostExecutor, HostExecutorConfig, ScaleEvent};
 use scaler::{DeviceSet, Phase, Strategy, TransitionKind, TransitionSpec};
+use scaler_exec::executor::{Checkpoint, Faults, HostExecutor, HostExecutorConfig, ScaleEvent};
 
 const PRESET: Preset = Preset::TinyQwen3;
 const TOKENS: usize = 12;
