@@ -4,17 +4,26 @@
 //!
 //! Every physical chunk of device memory and every virtual range it is mapped into:
 //!
-//! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import as
-//!   an fd, release) with associated types in the style of wgpu-hal, and two backends:
-//!   [`host`] (always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
-//!   capacity budget per "device") and `cuda` (feature `cuda`: the CUDA driver's VMM API,
-//!   through cudarc's `driver::sys`);
+//! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import
+//!   of a shareable handle, release), with associated types in the style of wgpu-hal. There are
+//!   three backends:
+//!   - [`host`], always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
+//!     capacity budget per "device";
+//!   - `cuda`, behind the feature `cuda`: the CUDA driver's VMM API through cudarc's
+//!     `driver::sys`;
+//!   - `ascend`, behind the feature `ascend`: ACL's VMM API in `libascendcl.so`, loaded with
+//!     `dlopen`. It builds without CANN and has not yet run on an NPU.
+//!
+//!   The [`backend`] module docs map every trait method to its CUDA, host and ACL calls. They
+//!   also say how the trait absorbs ACL's stricter rules: [`Capabilities`], an associated
+//!   [`ShareableHandle`] type, and export to named [`ProcessId`]s;
 //! - the safe layer: [`Vmm`] (the cheap-to-clone entry point), RAII [`PhysChunk`],
 //!   [`Reservation`] and [`Mapping`], and [`PagedRegion`] (a reserved range of equal slots, each
 //!   mappable, unmappable and remappable to a chunk);
 //! - [`Hmm`], the HBM manager: a per-device registry of chunks under an opaque key, with
 //!   refcounts, usage and peak accounting, and deferred release by epochs;
-//! - [`ipc`]: sharing chunks with another process over a Unix socket (fds via `SCM_RIGHTS`).
+//! - [`ipc`]: sharing chunks with another process over a Unix socket. Fds go via `SCM_RIGHTS`;
+//!   ACL's `u64` handles go in the message, after the importer has announced its process id.
 //!
 //! # Architecture invariants
 //!
@@ -62,6 +71,8 @@ mod loom;
 mod paged;
 mod vmm;
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
