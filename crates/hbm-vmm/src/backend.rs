@@ -230,7 +230,7 @@ impl Capabilities {
 
 /// How an exported chunk crosses a process boundary.
 ///
-/// [`crate::ipc`] is generic over it. An [`WireHandle::Fd`] rides in `SCM_RIGHTS` and grants
+/// [`crate::ipc`] is generic over it. A [`WireHandle::Fd`] rides in `SCM_RIGHTS` and grants
 /// access by being held. A [`WireHandle::Token`] is a plain number in the message and grants
 /// nothing by itself: the exporter must whitelist the importer first, so the importer says who it
 /// is before the exporter exports ([`ShareableHandle::NAMES_IMPORTER`]).
