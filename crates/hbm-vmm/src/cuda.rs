@@ -20,7 +20,9 @@
 //!
 //! A missing driver library is [`VmmError::NoDriver`], never a panic.
 
-use crate::{check_aligned, check_range, Backend, DeviceId, Mapping, PagedRegion, VmmError};
+use crate::{
+    check_aligned, check_range, Backend, DeviceId, Mapping, PagedRegion, ProcessId, VmmError,
+};
 use cudarc::driver::sys::{
     self, cudaError_enum as CUresult, CUcontext, CUdevice, CUdeviceptr,
     CUmemAccess_flags_enum as AccessFlags, CUmemAllocationGranularity_flags_enum as GranFlags,
@@ -310,6 +312,7 @@ impl Drop for CudaBackend {
 impl Backend for CudaBackend {
     type Chunk = CudaChunk;
     type Reservation = CudaReservation;
+    type ShareableHandle = OwnedFd;
 
     fn device_count(&self) -> usize {
         self.devices.len()
@@ -450,7 +453,8 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn export(&self, c: &CudaChunk) -> Result<OwnedFd, VmmError> {
+    /// A POSIX fd. `importers` is ignored: whoever holds the fd may import.
+    fn export(&self, c: &CudaChunk, _importers: &[ProcessId]) -> Result<OwnedFd, VmmError> {
         if !c.exportable {
             return Err(VmmError::NotExportable);
         }

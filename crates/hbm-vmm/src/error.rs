@@ -100,6 +100,40 @@ pub enum VmmError {
     /// The chunk was created without `exportable` and cannot be shared.
     #[error("chunk was not created exportable; pass exportable = true to create_chunk")]
     NotExportable,
+    /// The backend maps only whole chunks (ACL's `aclrtMapMem`), and part of one was asked for.
+    #[error(
+        "this backend maps only whole chunks: asked for {len} bytes at chunk offset \
+         {chunk_offset} of a {chunk_size}-byte chunk; allocate chunks of the size you map"
+    )]
+    PartialMapUnsupported {
+        /// The offset into the chunk that was asked for.
+        chunk_offset: usize,
+        /// The length that was asked for.
+        len: usize,
+        /// The chunk's size.
+        chunk_size: usize,
+    },
+    /// The backend cannot map chunks made here and chunks imported from another process into
+    /// one reservation (ACL).
+    #[error(
+        "{device}: this backend cannot mix chunks created here and imported chunks in one \
+         reservation; reserve a separate range for the {adding} chunk"
+    )]
+    MixedOrigins {
+        /// The reservation's device.
+        device: DeviceId,
+        /// The origin of the chunk that was refused: `"imported"` or `"local"`.
+        adding: &'static str,
+    },
+    /// The backend shares chunks only with named processes (ACL's whitelist), and none was named.
+    #[error(
+        "this backend exports only to named processes; pass the importers' process ids \
+         (ipc::send_chunks asks the peer for its id)"
+    )]
+    NoImporters,
+    /// The backend's device API cannot do this at all.
+    #[error("not supported by this backend: {0}")]
+    Unsupported(&'static str),
     /// The granularity asked for is not a power of two at least the page size.
     #[error(
         "granularity {granularity} must be a power of two and at least the page size ({page_size})"
@@ -126,7 +160,7 @@ pub enum VmmError {
         /// Its `errno`.
         errno: i32,
     },
-    /// A device driver call failed (CUDA backend).
+    /// A device driver call failed (CUDA or ACL backend).
     #[error("driver call {call} failed with code {code}")]
     Driver {
         /// The driver function.

@@ -383,6 +383,7 @@ mod loom_models {
     impl Backend for CountingBackend {
         type Chunk = usize;
         type Reservation = usize;
+        type ShareableHandle = OwnedFd;
         fn device_count(&self) -> usize {
             1
         }
@@ -418,7 +419,7 @@ mod loom_models {
         ) -> Result<(), VmmError> {
             Ok(())
         }
-        fn export(&self, _: &usize) -> Result<OwnedFd, VmmError> {
+        fn export(&self, _: &usize, _: &[crate::ProcessId]) -> Result<OwnedFd, VmmError> {
             Err(VmmError::NotExportable)
         }
         fn import(&self, _: DeviceId, _: OwnedFd, _: usize) -> Result<usize, VmmError> {

@@ -16,7 +16,7 @@
 //! Differences from CUDA: all host devices share one address space and one CPU, so access
 //! granted to any non-empty set of devices means "readable and writable by this process".
 
-use crate::{check_aligned, check_range, Backend, DeviceId, VmmError};
+use crate::{check_aligned, check_range, Backend, DeviceId, ProcessId, VmmError};
 use parking_lot::Mutex;
 use rustix::fs::{FileType, MemfdFlags};
 use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
@@ -199,6 +199,7 @@ impl HostBackend {
 impl Backend for HostBackend {
     type Chunk = HostChunk;
     type Reservation = HostReservation;
+    type ShareableHandle = OwnedFd;
 
     fn device_count(&self) -> usize {
         self.config.capacities.len()
@@ -376,7 +377,8 @@ impl Backend for HostBackend {
             .map_err(|e| VmmError::os("mprotect", e))
     }
 
-    fn export(&self, c: &HostChunk) -> Result<OwnedFd, VmmError> {
+    /// A `dup` of the memfd. `importers` is ignored: whoever holds the fd may import.
+    fn export(&self, c: &HostChunk, _importers: &[ProcessId]) -> Result<OwnedFd, VmmError> {
         if !c.exportable {
             return Err(VmmError::NotExportable);
         }
@@ -514,9 +516,9 @@ mod tests {
         let (b, g) = backend();
         let d0 = DeviceId(0);
         let plain = b.create(d0, g, false).unwrap();
-        assert_eq!(b.export(&plain).unwrap_err(), VmmError::NotExportable);
+        assert_eq!(b.export(&plain, &[]).unwrap_err(), VmmError::NotExportable);
         let shared = b.create(d0, g, true).unwrap();
-        let fd = b.export(&shared).unwrap();
+        let fd = b.export(&shared, &[]).unwrap();
         let imported = b.import(DeviceId(1), fd, g).unwrap();
         assert_eq!(b.mem_info(DeviceId(1)).unwrap().0, 8 * g);
         assert_eq!(b.mem_info(d0).unwrap().0, 6 * g);

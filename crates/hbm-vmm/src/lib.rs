@@ -4,17 +4,26 @@
 //!
 //! Every physical chunk of device memory and every virtual range it is mapped into:
 //!
-//! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import as
-//!   an fd, release) with associated types in the style of wgpu-hal, and two backends:
-//!   [`host`] (always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
-//!   capacity budget per "device") and `cuda` (feature `cuda`: the CUDA driver's VMM API,
-//!   through cudarc's `driver::sys`);
+//! - the [`Backend`] trait (granularity, create, reserve, map, unmap, set-access, export/import
+//!   of a shareable handle, release), with associated types in the style of wgpu-hal. There are
+//!   three backends:
+//!   - [`host`], always compiled: `memfd` chunks mapped into `PROT_NONE` reservations, with a
+//!     capacity budget per "device";
+//!   - `cuda`, behind the feature `cuda`: the CUDA driver's VMM API through cudarc's
+//!     `driver::sys`;
+//!   - `ascend`, behind the feature `ascend`: ACL's VMM API in `libascendcl.so`, loaded with
+//!     `dlopen`. It builds without CANN and has not yet run on an NPU.
+//!
+//!   The [`backend`] module docs map every trait method to its CUDA, host and ACL calls. They
+//!   also say how the trait absorbs ACL's stricter rules: [`Capabilities`], an associated
+//!   [`ShareableHandle`] type, and export to named [`ProcessId`]s;
 //! - the safe layer: [`Vmm`] (the cheap-to-clone entry point), RAII [`PhysChunk`],
 //!   [`Reservation`] and [`Mapping`], and [`PagedRegion`] (a reserved range of equal slots, each
 //!   mappable, unmappable and remappable to a chunk);
 //! - [`Hmm`], the HBM manager: a per-device registry of chunks under an opaque key, with
 //!   refcounts, usage and peak accounting, and deferred release by epochs;
-//! - [`ipc`]: sharing chunks with another process over a Unix socket (fds via `SCM_RIGHTS`).
+//! - [`ipc`]: sharing chunks with another process over a Unix socket. Fds go via `SCM_RIGHTS`;
+//!   ACL's `u64` handles go in the message, after the importer has announced its process id.
 //!
 //! # Architecture invariants
 //!
@@ -52,6 +61,7 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod backend;
 mod error;
 pub mod hmm;
 pub mod host;
@@ -61,9 +71,12 @@ mod loom;
 mod paged;
 mod vmm;
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use backend::{Backend, Capabilities, HandleToken, ProcessId, ShareableHandle, WireHandle};
 pub use error::VmmError;
 pub use hmm::{EpochGuard, Hmm};
 pub use host_access::{HostRead, HostWrite};
@@ -71,7 +84,6 @@ pub use paged::PagedRegion;
 pub use vmm::{ChunkId, Mapping, PhysChunk, Reservation, Vmm};
 
 use std::fmt;
-use std::os::fd::OwnedFd;
 
 /// A device, by index into its backend (`dev0`, `dev1`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -88,64 +100,6 @@ impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "dev{}", self.0)
     }
-}
-
-/// A device virtual-memory backend: the raw layer under [`Vmm`].
-///
-/// Each method validates its arguments (device, alignment, bounds) and returns a typed error.
-/// State-dependent rules (is this range already mapped, is this chunk still in use) are the safe
-/// layer's job; a backend may or may not check them.
-///
-/// All sizes and offsets must be multiples of [`Backend::granularity`].
-pub trait Backend: Send + Sync + fmt::Debug + 'static {
-    /// A physical chunk of device memory.
-    type Chunk: Send + Sync + fmt::Debug;
-    /// A reserved range of device virtual addresses.
-    type Reservation: Send + Sync + fmt::Debug;
-
-    /// How many devices this backend drives (`dev0..devN`).
-    fn device_count(&self) -> usize;
-    /// The allocation granularity of `dev` in bytes (a power of two).
-    fn granularity(&self, dev: DeviceId) -> Result<usize, VmmError>;
-    /// Allocates a physical chunk of `size` bytes on `dev`. `exportable` chunks can be shared with
-    /// other processes through [`Backend::export`].
-    fn create(&self, dev: DeviceId, size: usize, exportable: bool)
-        -> Result<Self::Chunk, VmmError>;
-    /// Releases a chunk. Mappings of it that still exist keep the memory until they are unmapped.
-    fn release(&self, chunk: Self::Chunk) -> Result<(), VmmError>;
-    /// Reserves `size` bytes of virtual address space, aligned to the granularity, for `dev`.
-    fn reserve(&self, dev: DeviceId, size: usize) -> Result<Self::Reservation, VmmError>;
-    /// Frees a reservation. Everything in it must have been unmapped first.
-    fn free(&self, r: Self::Reservation) -> Result<(), VmmError>;
-    /// Maps `c[chunk_offset..chunk_offset + len]` at `r.base() + offset`. The mapped range is not
-    /// accessible until [`Backend::set_access`] grants it.
-    fn map(
-        &self,
-        r: &Self::Reservation,
-        offset: usize,
-        c: &Self::Chunk,
-        chunk_offset: usize,
-        len: usize,
-    ) -> Result<(), VmmError>;
-    /// Unmaps `[offset, offset + len)` of `r`. The range goes back to reserved, inaccessible address
-    /// space (never a hole another allocation could take).
-    fn unmap(&self, r: &Self::Reservation, offset: usize, len: usize) -> Result<(), VmmError>;
-    /// Makes the mapped range `[offset, offset + len)` of `r` readable and writable from `devices`.
-    fn set_access(
-        &self,
-        r: &Self::Reservation,
-        offset: usize,
-        len: usize,
-        devices: &[DeviceId],
-    ) -> Result<(), VmmError>;
-    /// Exports an exportable chunk as a file descriptor another process can import.
-    fn export(&self, c: &Self::Chunk) -> Result<OwnedFd, VmmError>;
-    /// Imports a chunk of `size` bytes on `dev` from an fd made by [`Backend::export`].
-    fn import(&self, dev: DeviceId, fd: OwnedFd, size: usize) -> Result<Self::Chunk, VmmError>;
-    /// The device virtual address of the start of `r`.
-    fn base(&self, r: &Self::Reservation) -> u64;
-    /// `(free, total)` bytes of `dev`'s memory.
-    fn mem_info(&self, dev: DeviceId) -> Result<(usize, usize), VmmError>;
 }
 
 /// Checks that `value` is a multiple of `granularity` (a power of two).

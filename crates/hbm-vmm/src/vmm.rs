@@ -1,10 +1,9 @@
 //! The safe layer: [`Vmm`], [`PhysChunk`], [`Reservation`] and [`Mapping`].
 
-use crate::{check_aligned, check_range, Backend, DeviceId, VmmError};
+use crate::{check_aligned, check_range, Backend, Capabilities, DeviceId, ProcessId, VmmError};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -75,6 +74,11 @@ impl<B: Backend> Vmm<B> {
         &self.inner.backend
     }
 
+    /// What the backend allows beyond the common rules (see [`Capabilities`]).
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.backend.capabilities()
+    }
+
     /// How many devices the backend drives.
     pub fn device_count(&self) -> usize {
         self.inner.devices.len()
@@ -130,16 +134,17 @@ impl<B: Backend> Vmm<B> {
         Ok(self.wrap_chunk(raw, dev, size, exportable, true))
     }
 
-    /// Imports a chunk exported by another process (see [`PhysChunk::export`] and [`crate::ipc`]).
+    /// Imports a chunk exported by another process (see [`PhysChunk::export_to`] and
+    /// [`crate::ipc`]). The handle is an fd on host and CUDA, a [`crate::HandleToken`] on ACL.
     /// Imported chunks do not count toward [`Vmm::usage`]: their memory is the exporter's.
     pub fn import_chunk(
         &self,
         dev: DeviceId,
-        fd: OwnedFd,
+        handle: B::ShareableHandle,
         size: usize,
     ) -> Result<PhysChunk<B>, VmmError> {
         self.device(dev)?;
-        let raw = self.inner.backend.import(dev, fd, size)?;
+        let raw = self.inner.backend.import(dev, handle, size)?;
         Ok(self.wrap_chunk(raw, dev, size, true, false))
     }
 
@@ -183,6 +188,7 @@ impl<B: Backend> Vmm<B> {
                 state: Mutex::new(ResState {
                     mapped: BTreeMap::new(),
                     access: vec![dev],
+                    origin: None,
                 }),
             }),
         })
@@ -341,6 +347,11 @@ impl<B: Backend> PhysChunk<B> {
         self.inner.exportable
     }
 
+    /// Whether it was imported from another process (its memory is the exporter's).
+    pub fn is_imported(&self) -> bool {
+        !self.inner.charged
+    }
+
     /// The manager that owns it.
     pub fn vmm(&self) -> &Vmm<B> {
         &self.inner.vmm
@@ -356,12 +367,21 @@ impl<B: Backend> PhysChunk<B> {
         Arc::strong_count(&self.inner)
     }
 
-    /// Exports the chunk as an fd that another process can import with [`Vmm::import_chunk`].
-    pub fn export(&self) -> Result<OwnedFd, VmmError> {
+    /// Exports the chunk without naming importers: an fd that another process can import with
+    /// [`Vmm::import_chunk`] on host and CUDA. On a backend that whitelists importers (ACL) this
+    /// is [`VmmError::NoImporters`]; use [`PhysChunk::export_to`] (or [`crate::ipc`], which asks
+    /// the peer for its id).
+    pub fn export(&self) -> Result<B::ShareableHandle, VmmError> {
+        self.export_to(&[])
+    }
+
+    /// Exports the chunk for `importers` to import with [`Vmm::import_chunk`]. Backends whose
+    /// handle is an fd ignore the list (holding the fd is the permission).
+    pub fn export_to(&self, importers: &[ProcessId]) -> Result<B::ShareableHandle, VmmError> {
         if !self.inner.exportable {
             return Err(VmmError::NotExportable);
         }
-        self.inner.vmm.backend().export(self.raw())
+        self.inner.vmm.backend().export(self.raw(), importers)
     }
 
     pub(crate) fn raw(&self) -> &B::Chunk {
@@ -398,6 +418,32 @@ struct ResState {
     mapped: BTreeMap<usize, usize>,
     /// Devices granted access to every mapping of this reservation (always includes the owner).
     access: Vec<DeviceId>,
+    /// Whether the live mappings are of imported chunks (`None` while nothing is mapped). Kept
+    /// for backends without [`Capabilities::mixed_origins`].
+    origin: Option<Origin>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Imported,
+}
+
+impl Origin {
+    fn of<B: Backend>(chunk: &PhysChunk<B>) -> Self {
+        if chunk.is_imported() {
+            Origin::Imported
+        } else {
+            Origin::Local
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Origin::Local => "local",
+            Origin::Imported => "imported",
+        }
+    }
 }
 
 impl<B: Backend> ResInner<B> {
@@ -471,6 +517,11 @@ impl<B: Backend> Reservation<B> {
     /// Maps `chunk[chunk_offset..chunk_offset + len]` at `base() + offset` and makes it
     /// accessible to [`Reservation::access`]. The mapping lasts until the returned [`Mapping`]
     /// is dropped. The chunk must be on this reservation's device.
+    ///
+    /// On a backend without [`Capabilities::partial_map`] (ACL) only the whole chunk can be
+    /// mapped ([`VmmError::PartialMapUnsupported`] otherwise); without
+    /// [`Capabilities::mixed_origins`], a reservation holds either local or imported chunks at a
+    /// time ([`VmmError::MixedOrigins`]).
     pub fn map(
         &self,
         offset: usize,
@@ -498,7 +549,22 @@ impl<B: Backend> Reservation<B> {
         check_aligned("len", len, r.granularity)?;
         check_range("reservation", offset, len, r.len)?;
         check_range("chunk", chunk_offset, len, chunk.size())?;
+        let caps = r.vmm.capabilities();
+        if !caps.partial_map && (chunk_offset != 0 || len != chunk.size()) {
+            return Err(VmmError::PartialMapUnsupported {
+                chunk_offset,
+                len,
+                chunk_size: chunk.size(),
+            });
+        }
+        let origin = Origin::of(chunk);
         let mut state = r.state.lock();
+        if !caps.mixed_origins && state.origin.is_some_and(|o| o != origin) {
+            return Err(VmmError::MixedOrigins {
+                device: r.dev,
+                adding: origin.name(),
+            });
+        }
         let end = offset + len;
         if let Some((&o, &l)) = state.mapped.range(..end).next_back() {
             if o + l > offset {
@@ -518,6 +584,7 @@ impl<B: Backend> Reservation<B> {
             return Err(e);
         }
         state.mapped.insert(offset, len);
+        state.origin = Some(origin);
         let addr = r.base + offset as u64;
         r.vmm.device(r.dev)?.live.lock().insert(addr, len);
         Ok(Mapping {
@@ -542,11 +609,13 @@ impl<B: Backend> Reservation<B> {
         access.sort();
         access.dedup();
         let mut state = r.state.lock();
-        // Apply per run of adjacent mappings: fewer, larger driver calls.
+        // Apply per run of adjacent mappings (fewer, larger driver calls) where the backend
+        // allows it; otherwise once per mapping (ACL).
+        let spans = r.vmm.capabilities().access_spans_mappings;
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (&o, &l) in &state.mapped {
             match runs.last_mut() {
-                Some((ro, rl)) if *ro + *rl == o => *rl += l,
+                Some((ro, rl)) if spans && *ro + *rl == o => *rl += l,
                 _ => runs.push((o, l)),
             }
         }
@@ -629,6 +698,9 @@ impl<B: Backend> Mapping<B> {
         let r = &self.res;
         let mut state = r.state.lock();
         state.mapped.remove(&self.offset);
+        if state.mapped.is_empty() {
+            state.origin = None;
+        }
         if let Ok(d) = r.vmm.device(r.dev) {
             d.live.lock().remove(&(r.base + self.offset as u64));
         }

@@ -1,7 +1,7 @@
 //! `hbm_vmm::ipc` within one process (over a socket pair): batches, manifests and bad input.
 
 use hbm_vmm::host::{page_size, HostBackend, HostConfig};
-use hbm_vmm::{ipc, DeviceId, Vmm, VmmError};
+use hbm_vmm::{ipc, DeviceId, Vmm, VmmError, WireHandle};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
@@ -80,18 +80,93 @@ fn garbage_and_hangups_are_protocol_errors() {
         Err(VmmError::Protocol(_))
     ));
 
-    // A header that promises a chunk but carries no fd.
+    // A well-formed manifest that promises an fd handle but carries no fd.
     let (mut a, b) = UnixStream::pair().unwrap();
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&1u32.to_le_bytes());
+    entry.push(b'k');
+    entry.extend_from_slice(&4096u64.to_le_bytes());
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    entry.push(0); // handle kind: fd
     let mut msg = Vec::from(*b"HVMM");
-    msg.extend_from_slice(&1u16.to_le_bytes());
+    msg.extend_from_slice(&2u16.to_le_bytes());
     msg.extend_from_slice(&1u16.to_le_bytes());
     msg.extend_from_slice(&1u32.to_le_bytes());
-    msg.extend_from_slice(&0u32.to_le_bytes());
+    msg.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&entry);
     a.write_all(&msg).unwrap();
-    assert!(matches!(
-        ipc::recv_chunks(&b, &vmm),
-        Err(VmmError::Protocol(_))
-    ));
+    let err = ipc::recv_chunks(&b, &vmm).unwrap_err();
+    assert!(
+        matches!(&err, VmmError::Protocol(m) if m.contains("fd handles")),
+        "{err}"
+    );
+
+    // The same message from an older peer (wire version 1) is refused by version.
+    let (mut a, b) = UnixStream::pair().unwrap();
+    msg[4..6].copy_from_slice(&1u16.to_le_bytes());
+    a.write_all(&msg).unwrap();
+    let err = ipc::recv_chunks(&b, &vmm).unwrap_err();
+    assert!(
+        matches!(&err, VmmError::Protocol(m) if m.contains("version 1")),
+        "{err}"
+    );
+}
+
+/// Fds and tokens can share a batch: each fd goes to its entry, in order, and tokens keep their
+/// values.
+#[test]
+fn fd_and_token_handles_share_a_batch_in_order() {
+    let (vmm, g) = host_vmm(1, 8);
+    let chunks: Vec<_> = (0..2)
+        .map(|i| {
+            let c = vmm.create_chunk(DeviceId(0), g, true).unwrap();
+            let m = vmm
+                .reserve(DeviceId(0), g)
+                .unwrap()
+                .map(0, &c, 0, g)
+                .unwrap();
+            m.as_mut_slice()[0] = 50 + i;
+            c
+        })
+        .collect();
+    let manifest = |key: &str| ipc::ChunkManifest {
+        key: key.into(),
+        size: g,
+        device: DeviceId(0),
+    };
+    let entries = vec![
+        (manifest("t0"), WireHandle::Token(7)),
+        (manifest("f0"), WireHandle::Fd(chunks[0].export().unwrap())),
+        (manifest("t1"), WireHandle::Token(u64::MAX)),
+        (manifest("f1"), WireHandle::Fd(chunks[1].export().unwrap())),
+    ];
+    let (a, b) = UnixStream::pair().unwrap();
+    ipc::send_handles(&a, &entries).unwrap();
+    let got = ipc::recv_handles(&b).unwrap();
+    let keys: Vec<_> = got.iter().map(|(m, _)| m.key.as_str()).collect();
+    assert_eq!(keys, ["t0", "f0", "t1", "f1"]);
+    let mut fds = Vec::new();
+    for (m, h) in got {
+        match (m.key.as_str(), h) {
+            ("t0", WireHandle::Token(t)) => assert_eq!(t, 7),
+            ("t1", WireHandle::Token(t)) => assert_eq!(t, u64::MAX),
+            (_, WireHandle::Fd(fd)) => fds.push(fd),
+            (k, h) => panic!("{k}: unexpected {h:?}"),
+        }
+    }
+    for (i, fd) in fds.into_iter().enumerate() {
+        let c = vmm.import_chunk(DeviceId(0), fd, g).unwrap();
+        let m = vmm
+            .reserve(DeviceId(0), g)
+            .unwrap()
+            .map(0, &c, 0, g)
+            .unwrap();
+        assert_eq!(m.as_slice()[0], 50 + i as u8);
+    }
+
+    // `recv_fds` is for fd-only peers: a token is a protocol error there.
+    ipc::send_handles(&a, &entries[..1]).unwrap();
+    assert!(matches!(ipc::recv_fds(&b), Err(VmmError::Protocol(_))));
 }
 
 #[test]
