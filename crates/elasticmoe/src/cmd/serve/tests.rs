@@ -13,7 +13,9 @@ use moe_runtime::presets::Preset;
 use moe_runtime::synth::{write_model, SynthOptions};
 use serde_json::{json, Value};
 
+use super::audit::ThrottleConfig;
 use super::autoscale::AutoscaleConfig;
+use super::connections::HttpConfig;
 use super::{Server, Setup, SetupConfig};
 use crate::cmd::generate::PlacementArg;
 
@@ -70,6 +72,7 @@ impl Harness {
             engine: EngineConfig::default(),
             autoscale: opts.autoscale,
             scale_queue: 4,
+            auth_throttle: ThrottleConfig::default(),
         };
         let setup = Setup::load(dir.path(), &config).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -83,6 +86,7 @@ impl Harness {
                 "127.0.0.1:0".parse().unwrap(),
                 opts.run_engine,
                 opts.drain,
+                HttpConfig::default(),
             ))
             .unwrap();
         let addr = server.addr;
@@ -512,7 +516,7 @@ fn models_health_ready_and_metrics() {
     assert_eq!(metric(&t, "elasticmoe_queue_depth "), 0.0);
     assert_eq!(metric(&t, "elasticmoe_running_sequences "), 0.0);
     assert_eq!(metric(&t, "elasticmoe_kv_blocks_used{rank=\"1\"}"), 0.0);
-    assert!(metric(&t, "elasticmoe_kv_blocks_total{rank=\"0\"}") > 0.0);
+    assert!(metric(&t, "elasticmoe_kv_blocks_capacity{rank=\"0\"}") > 0.0);
     assert_eq!(metric(&t, "elasticmoe_scale_bytes_moved_total "), 0.0);
     assert!(t.contains("# TYPE elasticmoe_scale_events_total counter"));
 }
