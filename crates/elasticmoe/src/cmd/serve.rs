@@ -224,7 +224,7 @@ pub struct AppState {
     autoscaler: Option<Autoscaler>,
     metrics: ServerMetrics,
     connections: Arc<ConnectionStats>,
-    /// Tokenisation and templating jobs running at once (one per core).
+    /// Tokenisation and templating jobs running at once (one per core but one).
     text_jobs: tokio::sync::Semaphore,
     draining: AtomicBool,
     inflight: Mutex<BTreeSet<RequestId>>,
@@ -348,7 +348,9 @@ impl Setup {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // One core stays free of tokenisation for the engine and the async workers.
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let text_jobs = cores.saturating_sub(1).max(1);
         Ok(Setup {
             state: Arc::new(AppState {
                 engine,
@@ -364,7 +366,7 @@ impl Setup {
                 autoscaler,
                 metrics: ServerMetrics::default(),
                 connections: Arc::new(ConnectionStats::default()),
-                text_jobs: tokio::sync::Semaphore::new(cores),
+                text_jobs: tokio::sync::Semaphore::new(text_jobs),
                 draining: AtomicBool::new(false),
                 inflight: Mutex::new(BTreeSet::new()),
                 next_id: AtomicU64::new(0),
@@ -581,9 +583,25 @@ async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
 /// Parses, templates and tokenises a request body (on a blocking thread: it can take
 /// milliseconds for a big prompt).
 fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Generation, ApiError> {
+    let too_long = |bytes: usize, param: &'static str| {
+        let at_least = state.codec.min_tokens(bytes);
+        if at_least >= state.limits.max_context {
+            Err(ApiError::bad(
+                Some(param),
+                format!(
+                    "the prompt is {bytes} bytes, at least {at_least} tokens, but the model's \
+                     context holds {}; shorten it",
+                    state.limits.max_context
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
     match kind {
         Kind::Completion => {
             let req = openai::parse_body::<CompletionRequest>(body)?;
+            too_long(req.text_bytes(), "prompt")?;
             let ids = req.prompt_ids(&state.codec)?;
             req.common
                 .generation(ids, openai::DEFAULT_COMPLETION_TOKENS, &state.limits)
@@ -591,6 +609,12 @@ fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Generation, ApiE
         Kind::Chat => {
             let req = openai::parse_body::<ChatRequest>(body)?;
             openai::check_messages(&req.messages)?;
+            let bytes = req
+                .messages
+                .iter()
+                .map(|m| m.role.len() + m.content.len())
+                .sum();
+            too_long(bytes, "messages")?;
             let ids = state
                 .codec
                 .encode_chat(&req.messages)
@@ -601,7 +625,7 @@ fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Generation, ApiE
     }
 }
 
-/// Runs `prepare` off the async workers, at most one job per core at a time.
+/// Runs `prepare` off the async workers, on at most all cores but one at a time.
 async fn prepare_off_worker(
     state: &Arc<AppState>,
     kind: Kind,
@@ -1250,13 +1274,13 @@ impl Server {
             t.abort();
         }
         let state = Arc::clone(&self.state);
-        tracing::info!(target: AUDIT, event = "shutdown", phase = "drain",
-            inflight = state.inflight_count(), timeout_ms = self.drain.as_millis() as u64,
-            "draining: new generations get 503, running ones may finish");
         state.begin_drain();
         if let Some(h) = &self.http {
             h.drain();
         }
+        tracing::info!(target: AUDIT, event = "shutdown", phase = "drain",
+            inflight = state.inflight_count(), timeout_ms = self.drain.as_millis() as u64,
+            "draining: new generations get 503, running ones may finish");
         let deadline = tokio::time::Instant::now() + self.drain;
         while state.inflight_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1449,10 +1473,13 @@ pub fn run(args: &Args) -> Result<()> {
     // Check what does not need the model first.
     http_config(args, 1)?;
     let fd_limit = descriptors::raise_limit();
+    let before = descriptors::open_now().unwrap_or(0);
     let setup = Setup::load(&args.model, &config)?;
+    let after = descriptors::open_now().unwrap_or(0);
     let budget = DescriptorBudget::new(
         fd_limit.unwrap_or(u64::MAX),
-        descriptors::open_now().unwrap_or(0),
+        after,
+        after.saturating_sub(before),
         initial,
         max_devices,
         args.reserved_connections as u64,

@@ -366,6 +366,7 @@ async fn accept_loop(
 ) {
     let mut tasks = JoinSet::new();
     let mut last_accept_error: Option<Instant> = None;
+    let lingering = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -409,10 +410,19 @@ async fn accept_loop(
                         Refusal::Total => "the server is at its connection limit; retry shortly",
                     },
                 );
-                // Never waits: the answer fits the empty send buffer, and the socket closes now
-                // so that refusals hold no descriptor.
+                // The answer fits the empty send buffer, so writing it never waits. A few
+                // refused sockets linger briefly (reading what the client sent, so that closing
+                // does not reset the answer away); past that the socket closes at once, so that
+                // refusals hold at most REFUSALS_LINGERING descriptors.
                 let _ = sock.try_write(&error_bytes(&e));
-                drop(sock);
+                if lingering.load(Ordering::Relaxed) < REFUSALS_LINGERING {
+                    lingering.fetch_add(1, Ordering::Relaxed);
+                    let count = Arc::clone(&lingering);
+                    tokio::spawn(async move {
+                        linger(sock, Duration::from_millis(200)).await;
+                        count.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
             }
         }
     }
@@ -434,6 +444,9 @@ enum HeadRead {
 
 /// A small read buffer, kept off the connection future (it lives across awaits).
 const READ_CHUNK: usize = 4096;
+
+/// Refused connections that may linger at once (within the descriptor budget's slack).
+pub const REFUSALS_LINGERING: usize = 16;
 
 async fn connection(mut sock: TcpStream, peer: SocketAddr, slot: Slot, ctx: Arc<Ctx>) {
     let _ = sock.set_nodelay(true);
@@ -740,6 +753,10 @@ async fn write_response(
     let limit = ctx.config.framing.max_head_bytes;
     let write_timeout = ctx.config.write_timeout;
     let (mut rd, mut wr) = sock.split();
+    if chunked {
+        // A stream's head goes out at once, before its first chunk.
+        write_all(&mut wr, &mut out, write_timeout, ctx).await?;
+    }
     if !bodiless {
         let mut stream = body.into_data_stream();
         loop {
@@ -810,8 +827,14 @@ async fn refuse(mut sock: TcpStream, e: &ApiError) {
     {
         return;
     }
+    self::linger(sock, linger).await;
+}
+
+/// Closes the sending side, then reads (discarding) what the client still sends for up to
+/// `limit` or 1 MiB.
+async fn linger(mut sock: TcpStream, limit: Duration) {
     let _ = sock.shutdown().await;
-    let deadline = Instant::now() + linger;
+    let deadline = Instant::now() + limit;
     let mut scratch = vec![0u8; READ_CHUNK];
     let mut seen = 0usize;
     while seen < 1 << 20 {
@@ -876,6 +899,59 @@ mod tests {
         let _c = t.admit(ips[1]).unwrap();
         assert_eq!(_c.tier, Tier::Control);
         assert_eq!(t.admit(ips[2]).unwrap_err(), Refusal::Total);
+    }
+
+    /// Serves a small router on loopback and returns what one connection gets for `raw`.
+    fn exchange(raw: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = Router::new()
+            .route("/ok", axum::routing::get(|| async { "fine" }))
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("handler bug");
+                    }
+                    "unreachable"
+                }),
+            );
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = rt.block_on(async {
+            HttpServer::spawn(
+                listener,
+                app,
+                HttpConfig::default(),
+                Arc::new(ConnectionStats::default()),
+            )
+        });
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(raw).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        rt.block_on(server.stop(Duration::ZERO));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_panicking_handler_gets_a_500_json_and_pipelined_requests_are_answered_in_order() {
+        let out = exchange(
+            b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\nHEAD /ok HTTP/1.1\r\n\r\n\
+              GET /boom HTTP/1.1\r\nconnection: close\r\n\r\n",
+        );
+        let ok = out.find("HTTP/1.1 200 OK").unwrap();
+        let head = out[ok + 1..].find("HTTP/1.1 200 OK").unwrap() + ok + 1;
+        let boom = out.find("HTTP/1.1 500 Internal Server Error").unwrap();
+        assert!(ok < head && head < boom, "{out}");
+        assert_eq!(out.matches("fine").count(), 1, "HEAD has no body: {out}");
+        assert!(out[boom..].contains("\"code\":500"), "{out}");
+        assert!(out[boom..].contains("connection: close"), "{out}");
     }
 
     #[test]

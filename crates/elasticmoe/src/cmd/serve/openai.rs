@@ -225,6 +225,15 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 }
 
 impl CompletionRequest {
+    /// Bytes of text in the prompt (0 for token ids).
+    pub fn text_bytes(&self) -> usize {
+        match &self.prompt {
+            PromptInput::Text(t) => t.len(),
+            PromptInput::Texts(ts) => ts.iter().map(String::len).sum(),
+            PromptInput::Ids(_) | PromptInput::IdLists(_) => 0,
+        }
+    }
+
     /// The prompt's token ids.
     pub fn prompt_ids(&self, codec: &TextCodec) -> Result<Vec<TokenId>, ApiError> {
         let one = |n: usize| {

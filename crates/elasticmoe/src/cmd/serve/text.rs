@@ -286,6 +286,8 @@ pub struct TextCodec {
     pub template: ChatTemplate,
     /// Why the plain fallback is used, if it is.
     pub template_note: Option<String>,
+    /// The longest token of the vocabulary, in bytes of its spelling.
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -343,12 +345,27 @@ impl TextCodec {
         };
         let mut client_tokenizer = tokenizer.clone();
         client_tokenizer.set_encode_special_tokens(true);
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(TextCodec {
             tokenizer,
             client_tokenizer,
+            max_token_bytes,
             template,
             template_note,
         })
+    }
+
+    /// Fewer tokens than `bytes` of text can never make: a quarter of what the longest token
+    /// allows (the quarter leaves room for normalisers that shorten text). A prompt whose bound
+    /// is already over the context is refused without tokenising it.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes / (self.max_token_bytes * 4)
     }
 
     /// Token ids of client text: special-token strings in it (such as `<|im_start|>`) stay
