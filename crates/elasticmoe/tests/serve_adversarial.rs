@@ -16,6 +16,21 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "adm1n-token";
 
+/// Tests that assert latencies run alone: they take this for writing, the others for reading.
+static TIMING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    TIMING
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TIMING
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn elasticmoe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_elasticmoe"))
 }
@@ -355,6 +370,7 @@ fn trickle(addr: SocketAddr, start: &[u8], next: impl Fn(usize) -> String) -> (R
 
 #[test]
 fn slow_heads_slow_bodies_and_idle_connections_are_cut_off_but_streams_are_not() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start(
         &dir,
@@ -455,6 +471,7 @@ fn slow_heads_slow_bodies_and_idle_connections_are_cut_off_but_streams_are_not()
 
 #[test]
 fn a_connection_flood_is_capped_and_health_metrics_and_admin_still_answer() {
+    let _timing = alone();
     let dir = model();
     let srv = Serve::start(
         &dir,
@@ -598,6 +615,7 @@ fn a_connection_flood_is_capped_and_health_metrics_and_admin_still_answer() {
 
 #[test]
 fn a_header_flood_holds_bounded_memory_and_gets_431() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start(&dir, &["--max-header-bytes", "16384"]);
     let a = srv.addr;
@@ -645,6 +663,7 @@ fn a_header_flood_holds_bounded_memory_and_gets_431() {
 
 #[test]
 fn sigterm_with_a_half_sent_request_exits_within_the_timeout() {
+    let _timing = shared();
     let dir = model();
     let mut srv = Serve::start(&dir, &["--shutdown-timeout", "1"]);
     let mut half = TcpStream::connect(srv.addr).unwrap();
@@ -675,6 +694,7 @@ fn sigterm_with_a_half_sent_request_exits_within_the_timeout() {
 
 #[test]
 fn the_drain_answers_503_and_a_second_signal_exits_at_once() {
+    let _timing = shared();
     let dir = model();
     let mut srv = Serve::start(&dir, &["--shutdown-timeout", "60"]);
     let a = srv.addr;
@@ -731,6 +751,7 @@ const MAX_STREAM_GAP: Duration = Duration::from_millis(250);
 
 #[test]
 fn a_2mb_prompt_does_not_stall_a_live_stream() {
+    let _timing = alone();
     let dir = model();
     let srv = Serve::start(&dir, &[]);
     let a = srv.addr;
@@ -805,6 +826,7 @@ fn a_2mb_prompt_does_not_stall_a_live_stream() {
 
 #[test]
 fn every_error_status_carries_an_openai_json_body() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start(
         &dir,
@@ -885,6 +907,7 @@ fn every_error_status_carries_an_openai_json_body() {
 
 #[test]
 fn special_tokens_in_user_text_stay_text() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start(&dir, &[]);
     let a = srv.addr;
@@ -925,6 +948,7 @@ fn special_tokens_in_user_text_stay_text() {
 
 #[test]
 fn the_audit_log_records_admin_commands_transitions_and_failed_auth() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start(&dir, &["--devices", "host:2"]);
     let a = srv.addr;
@@ -1025,6 +1049,7 @@ fn the_audit_log_records_admin_commands_transitions_and_failed_auth() {
 
 #[test]
 fn scaling_keeps_its_descriptors_under_a_connection_flood_at_a_low_limit() {
+    let _timing = shared();
     let dir = model();
     let srv = Serve::start_with(
         &dir,
