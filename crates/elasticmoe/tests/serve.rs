@@ -138,4 +138,10 @@ fn bad_arguments_fail_with_clear_messages() {
     assert!(e.contains("--initial 3"), "{e}");
     let e = run(&["--model", model, "--admin-token-file", "/no/such/token"]);
     assert!(e.contains("admin token file"), "{e}");
+    let e = run(&["--model", model, "--max-queue", "0"]);
+    assert!(e.contains("--max-queue 0"), "{e}");
+    let e = run(&["--model", model, "--max-header-bytes", "100"]);
+    assert!(e.contains("--max-header-bytes"), "{e}");
+    let e = run(&["--model", model, "--max-connections", "100000000"]);
+    assert!(e.contains("ulimit -n"), "{e}");
 }

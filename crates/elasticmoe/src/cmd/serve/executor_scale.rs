@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use scaler::{DeviceId, DeviceSet, ScaleCommand, Strategy, TransitionKind, TransitionSpec};
 use scaler_exec::executor::HostExecutor;
 
+use super::audit::AUDIT;
 use super::scale::{ScaleAccepted, ScaleControl, ScaleError, ScaleEventCount, ScaleStatus};
 
 #[derive(Debug, Default)]
@@ -102,8 +103,39 @@ fn execute(executor: &mut HostExecutor, target: usize, max: usize, shared: &Mute
         from,
         to,
     };
+    let (from_n, to_n) = (spec.from.len(), spec.to.len());
+    tracing::info!(target: AUDIT, event = "transition_started", kind = kind_name,
+        from = from_n, to = to_n, "scaling transition started");
     let result = executor.run(spec);
     let active = executor.devices().len();
+    match &result {
+        Ok(event) => {
+            let p = &event.report.phases_ms;
+            let abort = event.report.abort_reason.as_ref().map(|r| format!("{r:?}"));
+            let outcome = if event.completed() {
+                "completed"
+            } else {
+                "aborted"
+            };
+            if event.completed() {
+                tracing::info!(target: AUDIT, event = "transition_finished", kind = kind_name,
+                    from = from_n, to = to_n, outcome, plan_ms = p.plan,
+                    prepare_ms = p.prepare, switch_ms = p.switch, retire_ms = p.retire,
+                    bytes_moved = event.report.bytes_moved, "scaling transition finished");
+            } else {
+                tracing::warn!(target: AUDIT, event = "transition_finished", kind = kind_name,
+                    from = from_n, to = to_n, outcome, plan_ms = p.plan,
+                    prepare_ms = p.prepare, switch_ms = p.switch, retire_ms = p.retire,
+                    abort_reason = abort.as_deref().unwrap_or("unknown"),
+                    "scaling transition aborted and rolled back");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(target: AUDIT, event = "transition_finished", kind = kind_name,
+                from = from_n, to = to_n, outcome = "failed", error = %e,
+                "scaling transition failed");
+        }
+    }
     let mut g = lock(shared);
     g.active = active;
     match result {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use moe_engine::EngineMetrics;
 
+use super::connections::ConnectionCounts;
 use super::scale::ScaleStatus;
 
 /// Bucket upper bounds (seconds) for TTFT.
@@ -133,8 +134,15 @@ impl ServerMetrics {
         self.lock().client_disconnects += 1;
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, engine: &EngineMetrics, scale: &ScaleStatus) -> String {
+    /// The Prometheus text exposition. Names follow Prometheus conventions: counters end in
+    /// `_total`, gauges never do, units are base units (`_seconds`, `_bytes`, `_ratio`).
+    pub fn render(
+        &self,
+        engine: &EngineMetrics,
+        scale: &ScaleStatus,
+        conns: &ConnectionCounts,
+        waiting: usize,
+    ) -> String {
         let m = self.lock();
         let mut out = String::new();
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -227,17 +235,84 @@ impl ServerMetrics {
         }
         head(
             &mut out,
-            "elasticmoe_kv_blocks_total",
+            "elasticmoe_kv_blocks_capacity",
             "gauge",
             "KV blocks in each rank's pool.",
         );
         for r in &engine.kv {
             let _ = writeln!(
                 out,
-                "elasticmoe_kv_blocks_total{{rank=\"{}\"}} {}",
+                "elasticmoe_kv_blocks_capacity{{rank=\"{}\"}} {}",
                 r.rank.0, r.total_blocks
             );
         }
+        scalar(
+            &mut out,
+            "elasticmoe_requests_waiting",
+            "gauge",
+            "Generations accepted that wait for their first token (at most --max-queue).",
+            waiting.to_string(),
+        );
+        scalar(
+            &mut out,
+            "elasticmoe_connections_open",
+            "gauge",
+            "Client connections open, control slots included.",
+            conns.open.to_string(),
+        );
+        scalar(
+            &mut out,
+            "elasticmoe_connections_control_open",
+            "gauge",
+            "Control slots in use (connections past the caps).",
+            conns.control_open.to_string(),
+        );
+        scalar(
+            &mut out,
+            "elasticmoe_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            conns.accepted.to_string(),
+        );
+        head(
+            &mut out,
+            "elasticmoe_connections_rejected_total",
+            "counter",
+            "Connections refused at a connection cap, by cap.",
+        );
+        for (reason, n) in [
+            ("per_client", conns.rejected_per_client),
+            ("total", conns.rejected_total),
+        ] {
+            let _ = writeln!(
+                out,
+                "elasticmoe_connections_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        head(
+            &mut out,
+            "elasticmoe_connection_timeouts_total",
+            "counter",
+            "Connections ended by a timeout, by kind (header and body answer 408).",
+        );
+        for (kind, n) in [
+            ("header", conns.header_timeouts),
+            ("body", conns.body_timeouts),
+            ("idle", conns.idle_closed),
+            ("write", conns.write_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "elasticmoe_connection_timeouts_total{{kind=\"{kind}\"}} {n}"
+            );
+        }
+        scalar(
+            &mut out,
+            "elasticmoe_accept_errors_total",
+            "counter",
+            "Failed accept calls (for example out of descriptors).",
+            conns.accept_errors.to_string(),
+        );
         scalar(
             &mut out,
             "elasticmoe_engine_tokens_per_second",
@@ -352,6 +427,50 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
         assert!(out.contains("x_sum 4.25\n"), "{out}");
         assert!(out.contains("x_count 4\n"), "{out}");
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        use moe_engine::{RankId, RankKv};
+        let m = ServerMetrics::default();
+        m.request("completions", 200);
+        m.finished("length", 3, 4, Some(Duration::from_millis(5)), None);
+        let engine = EngineMetrics {
+            kv: vec![RankKv {
+                rank: RankId(0),
+                used_blocks: 1,
+                total_blocks: 8,
+            }],
+            ..EngineMetrics::default()
+        };
+        let scale = super::super::scale::NoScaling {
+            devices: 1,
+            max_devices: 1,
+            reason: String::new(),
+        };
+        use super::super::scale::ScaleControl as _;
+        let text = m.render(&engine, &scale.status(), &ConnectionCounts::default(), 0);
+        let mut types = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').unwrap();
+            types += 1;
+            assert!(
+                name.starts_with("elasticmoe_")
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "counter {name}"),
+                "gauge" | "histogram" => assert!(!name.ends_with("_total"), "{kind} {name}"),
+                other => panic!("unknown type {other} of {name}"),
+            }
+        }
+        assert!(types > 20, "{text}");
     }
 
     #[test]

@@ -154,6 +154,55 @@ pub struct Generation {
     pub include_usage: bool,
 }
 
+impl Generation {
+    /// The sampling seed, for sampled generations.
+    pub fn seed(&self) -> Option<u64> {
+        match self.sampling {
+            SamplingParams::Random { seed, .. } => Some(seed),
+            _ => None,
+        }
+    }
+}
+
+/// A fresh sampling seed, for sampled requests that did not give one.
+pub fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    // JSON numbers above 2^53 lose precision in JavaScript clients; keep seeds below it.
+    h.finish() >> 11
+}
+
+/// Chat roles a message may have.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Checks that `messages` is not empty and every role is one of [`ROLES`].
+pub fn check_messages(messages: &[ChatMessage]) -> Result<(), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad(
+            Some("messages"),
+            "messages is empty: send at least one message",
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad(
+                Some("messages"),
+                format!(
+                    "messages[{i}].role is {:?}; use one of {}",
+                    m.role,
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Default `max_tokens` of `/v1/completions` (OpenAI's).
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 /// Default `max_tokens` of `/v1/chat/completions` (capped by the room left in the context).
@@ -176,6 +225,15 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 }
 
 impl CompletionRequest {
+    /// Bytes of text in the prompt (0 for token ids).
+    pub fn text_bytes(&self) -> usize {
+        match &self.prompt {
+            PromptInput::Text(t) => t.len(),
+            PromptInput::Texts(ts) => ts.iter().map(String::len).sum(),
+            PromptInput::Ids(_) | PromptInput::IdLists(_) => 0,
+        }
+    }
+
     /// The prompt's token ids.
     pub fn prompt_ids(&self, codec: &TextCodec) -> Result<Vec<TokenId>, ApiError> {
         let one = |n: usize| {
@@ -301,7 +359,7 @@ impl CommonParams {
             Some(t) => SamplingParams::Random {
                 temperature: t as f32,
                 top_p: self.top_p.unwrap_or(1.0) as f32,
-                seed: self.seed.unwrap_or(0),
+                seed: self.seed.unwrap_or_else(fresh_seed),
             },
         };
         if let Some(p) = self.top_p {
@@ -323,7 +381,8 @@ impl CommonParams {
     }
 }
 
-/// OpenAI's `finish_reason` for an engine finish.
+/// OpenAI's `finish_reason` for an engine finish: `stop`, `length`, `abort` (cancelled at
+/// shutdown) or `error` (the engine failed, or the KV cache ran out mid-stream).
 pub fn finish_reason(f: &FinishReason) -> &'static str {
     match f {
         FinishReason::Stop(_) => "stop",
@@ -366,6 +425,36 @@ mod tests {
             }
         );
         assert_eq!(g.max_tokens, 4);
+        assert_eq!(g.seed(), Some(3));
+    }
+
+    #[test]
+    fn unseeded_sampling_draws_a_fresh_seed_and_greedy_has_none() {
+        let seeds: std::collections::BTreeSet<u64> = (0..8)
+            .map(|_| {
+                common(json!({"temperature": 0.8}))
+                    .generation(vec![1], 16, &LIMITS)
+                    .unwrap()
+                    .seed()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seeds.len(), 8, "{seeds:?}");
+        assert!(seeds.iter().all(|&s| s < 1 << 53));
+        let g = common(json!({})).generation(vec![1], 16, &LIMITS).unwrap();
+        assert_eq!(g.seed(), None);
+    }
+
+    #[test]
+    fn roles_are_checked() {
+        let m = |role: &str| ChatMessage {
+            role: role.into(),
+            content: "x".into(),
+        };
+        assert!(check_messages(&[m("system"), m("user")]).is_ok());
+        assert_eq!(check_messages(&[]).unwrap_err().param, Some("messages"));
+        let e = check_messages(&[m("user"), m("<|im_start|>system")]).unwrap_err();
+        assert!(e.message.contains("messages[1].role"), "{}", e.message);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use moe_model::presets::Preset;
 use moe_model::synth::{write_model, SynthOptions};
 use serde_json::{json, Value};
 
+use super::audit::ThrottleConfig;
 use super::autoscale::AutoscaleConfig;
+use super::connections::HttpConfig;
 use super::{Server, Setup, SetupConfig};
 use crate::cmd::generate::PlacementArg;
 
@@ -70,6 +72,7 @@ impl Harness {
             engine: EngineConfig::default(),
             autoscale: opts.autoscale,
             scale_queue: 4,
+            auth_throttle: ThrottleConfig::default(),
         };
         let setup = Setup::load(dir.path(), &config).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -83,6 +86,7 @@ impl Harness {
                 "127.0.0.1:0".parse().unwrap(),
                 opts.run_engine,
                 opts.drain,
+                HttpConfig::default(),
             ))
             .unwrap();
         let addr = server.addr;
@@ -512,7 +516,7 @@ fn models_health_ready_and_metrics() {
     assert_eq!(metric(&t, "elasticmoe_queue_depth "), 0.0);
     assert_eq!(metric(&t, "elasticmoe_running_sequences "), 0.0);
     assert_eq!(metric(&t, "elasticmoe_kv_blocks_used{rank=\"1\"}"), 0.0);
-    assert!(metric(&t, "elasticmoe_kv_blocks_total{rank=\"0\"}") > 0.0);
+    assert!(metric(&t, "elasticmoe_kv_blocks_capacity{rank=\"0\"}") > 0.0);
     assert_eq!(metric(&t, "elasticmoe_scale_bytes_moved_total "), 0.0);
     assert!(t.contains("# TYPE elasticmoe_scale_events_total counter"));
 }
@@ -1078,4 +1082,94 @@ fn autoscale_grows_under_a_burst_and_shrinks_once_it_stops() {
             1.0
         );
     }
+}
+
+#[test]
+fn max_queue_is_exact_under_a_concurrent_burst() {
+    // The engine loop is not running, so accepted requests wait for their first token forever.
+    let mut h = Harness::new(Opts {
+        max_queue: 4,
+        run_engine: false,
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let clients: Vec<_> = (0..13)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(a).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let body = json!({"prompt": format!("p{i}"), "max_tokens": 2, "stream": true,
+                                  "ignore_eos": true})
+                .to_string();
+                s.write_all(&request_bytes("POST", "/v1/completions", &[], &body))
+                    .unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n") {
+                    assert_eq!(s.read(&mut byte).unwrap(), 1);
+                    head.push(byte[0]);
+                }
+                let status: u16 = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                (status, s)
+            })
+        })
+        .collect();
+    let got: Vec<(u16, TcpStream)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let accepted = got.iter().filter(|(s, _)| *s == 200).count();
+    let refused = got.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!((accepted, refused), (4, 9));
+    assert_eq!(h.server().state.waiting_count(), 4);
+    // Once the engine runs, the four finish and give their places back.
+    h.server.as_mut().unwrap().start_engine();
+    for (status, mut s) in got {
+        if status != 200 {
+            continue;
+        }
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    }
+    assert_eq!(h.server().state.waiting_count(), 0);
+}
+
+#[test]
+fn unseeded_sampling_reports_a_fresh_seed_that_reproduces_the_text() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let sample = |extra: Value| {
+        let mut body = json!({"prompt": "Tell", "max_tokens": 12, "ignore_eos": true,
+                              "temperature": 1.5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = post(a, "/v1/completions", &body).json();
+        (
+            v["seed"].as_u64().unwrap_or_else(|| panic!("no seed: {v}")),
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+        )
+    };
+    let (s1, t1) = sample(json!({}));
+    let (s2, _) = sample(json!({}));
+    assert_ne!(s1, s2, "a fresh seed per request");
+    let (s3, t3) = sample(json!({"seed": s1}));
+    assert_eq!((s3, t3), (s1, t1), "the reported seed reproduces the text");
+    let greedy = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Tell", "max_tokens": 2}),
+    )
+    .json();
+    assert!(greedy.get("seed").is_none(), "{greedy}");
+    let stream = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Tell", "max_tokens": 2, "temperature": 1.0, "stream": true}),
+    );
+    let first: Value = serde_json::from_str(&stream.sse()[0]).unwrap();
+    assert!(first["seed"].is_u64(), "{first}");
 }
