@@ -333,12 +333,17 @@ fn parse_steps(s: &str) -> Result<Vec<(usize, usize)>> {
     Ok(out)
 }
 
-/// `host:N` → `(host, N)`; `cuda:0,1` → `(cuda, 2)` (GPUs must be `0..n`).
-fn parse_devices(s: &str) -> Result<(&'static str, usize)> {
+/// `host:N` → `(host, N, [])`; `cuda:0,1` → `(cuda, 2, [0, 1])`; `cuda:0,0` → `(cuda, 2, [0, 0])`
+/// (two logical ranks on GPU 0).
+fn parse_devices(s: &str) -> Result<(&'static str, usize, Vec<u32>)> {
     let spec = super::parse_device_spec(s)?;
     match spec.kind() {
-        DeviceKind::Host => Ok((DeviceKind::Host.as_str(), spec.ranks())),
-        DeviceKind::Cuda => Ok((DeviceKind::Cuda.as_str(), super::first_gpus(&spec)?)),
+        DeviceKind::Host => Ok((DeviceKind::Host.as_str(), spec.ranks(), Vec::new())),
+        DeviceKind::Cuda => Ok((
+            DeviceKind::Cuda.as_str(),
+            spec.ranks(),
+            super::cuda_machine(&spec)?,
+        )),
     }
 }
 
@@ -810,7 +815,7 @@ fn xml(s: &str) -> String {
 /// Runs the benchmark.
 pub fn run(args: &Args) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
-    let (kind, n) = parse_devices(&args.devices)?;
+    let (kind, n, machine) = parse_devices(&args.devices)?;
     if args.concurrency == 0 || args.max_tokens == 0 || args.max_batch_tokens == 0 {
         bail!("--concurrency, --max-tokens and --max-batch-tokens must be at least 1");
     }
@@ -837,7 +842,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut backend: Box<dyn Backend> = match kind {
         "host" => Box::new(host::HostBench::new(&cfg, ckpt, n, args)),
-        _ => cuda_backend(&cfg, ckpt, n, args)?,
+        _ => cuda_backend(&cfg, ckpt, &machine, args)?,
     };
     let model_name = args
         .model
@@ -1062,17 +1067,17 @@ fn write(p: &Path, s: &str) -> Result<()> {
 fn cuda_backend(
     cfg: &ModelConfig,
     ckpt: Arc<Checkpoint>,
-    n: usize,
+    machine: &[u32],
     args: &Args,
 ) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(gpu::CudaBench::new(cfg, ckpt, n, args)?))
+    Ok(Box::new(gpu::CudaBench::new(cfg, ckpt, machine, args)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(
     _cfg: &ModelConfig,
     _ckpt: Arc<Checkpoint>,
-    _n: usize,
+    _machine: &[u32],
     _args: &Args,
 ) -> Result<Box<dyn Backend>> {
     bail!("this binary was not built with CUDA (build with --features cuda); use host:N")
@@ -1309,6 +1314,8 @@ mod gpu {
     use moe_model::weights::TensorSource;
 
     pub(super) struct CudaBench {
+        /// The machine `--devices` named: the GPU of each logical device.
+        gpus: cuda::GpuMap,
         cfg: ModelConfig,
         ckpt: Arc<Checkpoint>,
         n: usize,
@@ -1323,14 +1330,16 @@ mod gpu {
         pub(super) fn new(
             cfg: &ModelConfig,
             ckpt: Arc<Checkpoint>,
-            n: usize,
+            machine: &[u32],
             args: &Args,
         ) -> Result<Self> {
             let have = cuda::device_count()?;
-            if have < n {
-                bail!("--devices asks for {n} GPUs; {have} present");
+            if let Some(g) = machine.iter().find(|&&g| g as usize >= have) {
+                bail!("--devices names GPU {g}; {have} present");
             }
+            let n = machine.len();
             Ok(Self {
+                gpus: cuda::GpuMap::new(machine)?,
                 cfg: cfg.clone(),
                 ckpt,
                 n,
@@ -1345,6 +1354,7 @@ mod gpu {
         fn config(&self, devices: usize, kv: usize) -> CudaConfig {
             CudaConfig {
                 devices,
+                gpus: self.gpus,
                 kv_blocks_per_rank: kv,
                 max_batch_tokens: self.scheduler.max_batch_tokens,
                 max_context: 1024,

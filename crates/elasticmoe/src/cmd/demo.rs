@@ -129,7 +129,7 @@ pub fn run(args: &Args) -> Result<()> {
     let spec = super::parse_device_spec(&args.devices)?;
     let devices = match spec.kind() {
         DeviceKind::Host => spec.ranks() as u32,
-        DeviceKind::Cuda => return cuda_demo(args, &strategies, super::first_gpus(&spec)? as u32),
+        DeviceKind::Cuda => return cuda_demo(args, &strategies, &super::cuda_machine(&spec)?),
     };
     let dir = model_dir(&args.cache, args.quiet)?;
     let cfg = ModelConfig::from_dir(&dir)
@@ -209,13 +209,13 @@ fn write_outputs(out: &Path, compare: bool, reports: &[&Report], svg: &str) -> R
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_demo(_args: &Args, _strategies: &[Strategy], _gpus: u32) -> Result<()> {
+fn cuda_demo(_args: &Args, _strategies: &[Strategy], _machine: &[u32]) -> Result<()> {
     bail!("this binary was not built with CUDA (build with --features cuda); use --devices host:N")
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_demo(args: &Args, strategies: &[Strategy], gpus: u32) -> Result<()> {
-    gpu::run(args, strategies, gpus)
+fn cuda_demo(args: &Args, strategies: &[Strategy], machine: &[u32]) -> Result<()> {
+    gpu::run(args, strategies, machine)
 }
 
 #[cfg(feature = "cuda")]
@@ -236,10 +236,13 @@ mod gpu {
     /// KV blocks per GPU: the demo's requests are short (prompts up to 13 tokens, 64 generated).
     const KV_BLOCKS: usize = 1024;
 
+    /// The machine `--devices` named: the GPU of each logical device (set once, in [`run`]).
+    static MACHINE: std::sync::OnceLock<cuda::GpuMap> = std::sync::OnceLock::new();
+
     fn config(devices: usize, kv_blocks: usize) -> CudaConfig {
         CudaConfig {
             devices,
-            gpus: cuda::GpuMap::every_gpu(),
+            gpus: MACHINE.get().copied().unwrap_or_default(),
             block_tokens: 16,
             kv_blocks_per_rank: kv_blocks,
             max_batch_tokens: SchedulerConfig::default().max_batch_tokens,
@@ -355,11 +358,14 @@ mod gpu {
         }
     }
 
-    pub(super) fn run(args: &Args, strategies: &[Strategy], gpus: u32) -> Result<()> {
+    pub(super) fn run(args: &Args, strategies: &[Strategy], machine: &[u32]) -> Result<()> {
         let have = cuda::device_count().context("--devices cuda: needs a GPU")?;
-        if have < gpus as usize {
-            bail!("--devices asks for {gpus} GPUs; {have} present");
+        if let Some(g) = machine.iter().find(|&&g| g as usize >= have) {
+            bail!("--devices names GPU {g}; {have} present");
         }
+        let map = cuda::GpuMap::new(machine)?;
+        MACHINE.get_or_init(|| map);
+        let gpus = machine.len() as u32;
         if let Some(s) = strategies.iter().find(|&&s| s == Strategy::Extravagant) {
             bail!("the {s} baseline is not implemented on CUDA; use elastic, cold-restart or colocated");
         }

@@ -488,13 +488,13 @@ mod tests {
         for bad in ["cuda:", "cuda:1,0", "host:0", "host:x", "cpu:1"] {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
-        // Two logical ranks on GPU 0 are a valid spec, but the CUDA runner cannot run them
-        // yet (Devices::Cuda(2) would mean GPUs 0 and 1), so generate refuses them clearly.
+        // Two logical ranks on GPU 0 are a valid spec (demo and bench scale run them), but
+        // generate runs one rank per GPU (Devices::Cuda(2) means GPUs 0 and 1): refused clearly.
         let logical: scaler_exec::DeviceSpec = "cuda:0,0".parse().unwrap();
         assert_eq!((logical.ranks(), logical.gpus()), (2, &[0, 0][..]));
         let e = format!("{:#}", parse_devices("cuda:0,0").unwrap_err());
         assert!(
-            e.contains("logical ranks") && e.contains("not supported"),
+            e.contains("logical ranks") && e.contains("one rank per GPU"),
             "{e}"
         );
     }

@@ -16,9 +16,20 @@ pub(crate) fn parse_device_spec(s: &str) -> Result<DeviceSpec> {
     s.parse().with_context(|| format!("--devices {s:?}"))
 }
 
-/// The GPU count of a `cuda:` spec, for the CUDA runner as it is today: it runs one rank on
-/// each of the first n GPUs (`cuda:0,1,...`). Other GPU lists parse but are refused here, with
-/// what to write instead.
+/// The machine of a `cuda:` spec: the GPU of each rank, in rank order (`cuda:0,1` is one rank
+/// on each of GPUs 0 and 1; `cuda:0,0,0,0` is four logical ranks on GPU 0, each with its own KV
+/// and experts). The CUDA path turns it into its `GpuMap`; the driver checks that the GPUs exist.
+pub(crate) fn cuda_machine(spec: &DeviceSpec) -> Result<Vec<u32>> {
+    let gpus = spec.gpus();
+    if gpus.is_empty() {
+        bail!("--devices {spec}: not a cuda: device list");
+    }
+    Ok(gpus.to_vec())
+}
+
+/// The GPU count of a `cuda:` spec for the commands that run one rank per GPU on the first n
+/// GPUs (`generate`, `bench decode`); `demo` and `bench scale` take any list
+/// ([`cuda_machine`]). Other lists parse but are refused here, with what to write instead.
 pub(crate) fn first_gpus(spec: &DeviceSpec) -> Result<usize> {
     if let Some(n) = spec.first_gpus() {
         return Ok(n);
@@ -26,12 +37,12 @@ pub(crate) fn first_gpus(spec: &DeviceSpec) -> Result<usize> {
     let s = spec.to_string();
     if spec.shares_a_gpu() {
         bail!(
-            "--devices {s:?}: several ranks on one GPU (logical ranks) are not supported by the \
-             CUDA runner yet; list each GPU once, from 0 up (cuda:0 or cuda:0,1,...)"
+            "--devices {s:?}: this command runs one rank per GPU; logical ranks (several on one \
+             GPU) are for demo and bench scale. List each GPU once, from 0 up (cuda:0,1,...)"
         );
     }
     bail!(
-        "--devices {s:?}: the CUDA runner uses the first n GPUs; list them from 0 up, without \
+        "--devices {s:?}: this command uses the first n GPUs; list them from 0 up, without \
          gaps (cuda:0 or cuda:0,1,...), or choose GPUs with CUDA_VISIBLE_DEVICES"
     )
 }
