@@ -60,6 +60,7 @@ use expert_placement::{ExpertId, ExpertLoad, Placement, PlacementError, Placemen
 use hbm_vmm::host::{HostBackend, HostConfig};
 use hbm_vmm::{DeviceId, Hmm, HostRead, Mapping, PagedRegion, PhysChunk, Vmm, VmmError};
 use kv_pool::{BlockPool, KvDtype, KvError, KvLayout, PoolConfig, Watermarks};
+use p2p_xfer::{Location, Need, Planner, Transport};
 
 use crate::compute::{KvGeometry, KvKind};
 use crate::model::weights::{DeviceWeights, TensorSource};
@@ -158,6 +159,15 @@ pub enum DeploymentError {
     /// No device holds a chunk that must be copied.
     #[error("no device holds {0}, so it cannot be copied")]
     NoSource(WeightKey),
+    /// A peer-to-peer copy could not be planned, started or completed (`p2p-xfer`); nothing
+    /// was registered.
+    #[error("copying weights into {device} failed: {message}")]
+    Transfer {
+        /// The destination device.
+        device: DeviceId,
+        /// What the transport or its planner said.
+        message: String,
+    },
     /// More devices than experts: some device would hold no expert.
     #[error(
         "{devices} devices were asked for but the model has only {experts} experts per layer; \
@@ -587,6 +597,78 @@ impl WeightStore {
         drop((src_map, dst_map));
         self.register(dst_key, dst)?;
         Ok(size)
+    }
+
+    /// Copies the chunks `keys` (each named on any device; what matters is the layer or expert)
+    /// into new chunks on `to` through `transport`, and registers them here as `key.on(to)`.
+    /// Every chunk is read from every device of `src` that holds it: `planner` stripes each
+    /// chunk over those holders and balances the links (`p2p-xfer`), so the host takes the same
+    /// path as the GPUs. `src` may be this store, or another store over the same memory manager
+    /// (the colocated baseline's second instance, which may copy from the device itself). All
+    /// or nothing: on any failure no chunk is registered and the new chunks are freed. Returns
+    /// the bytes copied.
+    pub fn copy_through(
+        &self,
+        src: &WeightStore,
+        keys: &[WeightKey],
+        to: DeviceId,
+        transport: &dyn Transport,
+        planner: &Planner,
+    ) -> Result<usize, DeploymentError> {
+        self.check_device(to)?;
+        let transfer = |message: String| DeploymentError::Transfer {
+            device: to,
+            message,
+        };
+        let mut needs = Vec::with_capacity(keys.len());
+        // Mappings stay alive until every copy has landed.
+        let mut maps = Vec::new();
+        let mut fresh = Vec::with_capacity(keys.len());
+        let mut bytes = 0usize;
+        for &key in keys {
+            let dst_key = key.on(to);
+            if self.has(&dst_key) {
+                return Err(DeploymentError::DuplicateChunk(dst_key));
+            }
+            let mut holders = Vec::new();
+            let mut size = 0;
+            for s in (0..src.vmm.device_count() as u32).map(DeviceId) {
+                // (`key.on(to)` is not in this store, so a holder on `to` is another store's.)
+                let Some(chunk) = src.hmm.get(&key.on(s)) else {
+                    continue;
+                };
+                size = chunk.size();
+                let map = src.vmm.reserve(s, size)?.map(0, &chunk, 0, size)?;
+                holders.push(Location::new(s, map.addr()));
+                maps.push(map);
+            }
+            if holders.is_empty() {
+                return Err(DeploymentError::NoSource(key));
+            }
+            let dst = self.vmm.create_chunk(to, size, true)?;
+            let map = self.vmm.reserve(to, size)?.map(0, &dst, 0, size)?;
+            needs.push(Need::new(
+                Location::new(to, map.addr()),
+                size as u64,
+                holders,
+            ));
+            maps.push(map);
+            fresh.push((dst_key, dst));
+            bytes += size;
+        }
+        if needs.is_empty() {
+            return Ok(0);
+        }
+        let plan = planner.plan(&needs).map_err(|e| transfer(e.to_string()))?;
+        let ticket = transport
+            .submit(&plan.batch())
+            .map_err(|e| transfer(e.to_string()))?;
+        ticket.wait().map_err(|e| transfer(e.to_string()))?;
+        drop(maps);
+        for (key, chunk) in fresh {
+            self.register(key, chunk)?;
+        }
+        Ok(bytes)
     }
 
     /// Registers a chunk that already holds `key`'s bytes (copied by a transport outside the

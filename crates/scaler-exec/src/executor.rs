@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `ComputePlan` | target [`Placement`] (`rebalanced_for` the running one, uniform load; a fresh balanced one for a cold restart) and, per destination device, the weight chunks to copy from a healthy holder or reload from the checkpoint ([`HostPlan`]) |
 //! | `AcquireWorkers` | device leases from the [`WarmPool`] ([`HostWorkers`]) |
-//! | `StartCopies` | [`WeightStore::copy`] chunk by chunk (the host stand-in for a peer-to-peer copy), [`WeightStore::load`] for reloads; one `CopiesDone`/`CopiesFailed` per destination |
+//! | `StartCopies` | per destination, one batch through `p2p-xfer`'s [`HostTransport`] ([`WeightStore::copy_through`]: each chunk striped by the [`Planner`] over every device that holds it, as on GPUs; all or nothing), [`WeightStore::load`] for reloads; one `CopiesDone`/`CopiesFailed` per destination |
 //! | `DiscardCopies` | releases every chunk the copies registered |
 //! | `CloseRanks` / `ReopenRanks` / `FenceFailed` / `RequeueSequences` | scheduler changes at an iteration boundary ([`Engine::at_boundary`]) |
 //! | `MigrateKv` | scale-down pre-copy: at a boundary, `DeploymentRunner::plan_precopy` lists the full KV blocks of every sequence on the (closed) leaving ranks; off the loop, `PrecopyPlan::copy` copies them into new KV sequences on staying ranks while those sequences keep decoding where they are; answered with the pre-copied sequences and bytes |
@@ -25,7 +25,7 @@
 //! |---|---|
 //! | `ShrinkKvBudget` | at a boundary, `DeploymentRunner::set_kv_budget` limits the running instance's pools on the shared devices to half their chunks; where more blocks are in use, the youngest sequences of that rank are preempted (re-queued and recomputed, never dropped, counted in [`ScaleEvent::sequences_preempted`]); free chunks past the budget are unmapped. `RestoreKvBudget` lifts it (rollback) |
 //! | `ComputePlan` | every chunk of the target placement is a copy, including those a device already holds for the running instance (a device-local duplicate, `ChunkSource::Peer` of the device itself): `bytes_zero_copy` is 0 |
-//! | `StartCopies` | into a second [`WeightStore`] over the same devices ([`WeightStore::copy_from`]) |
+//! | `StartCopies` | into a second [`WeightStore`] over the same devices ([`WeightStore::copy_through`] from the running store, a device's own copy included) |
 //! | `BuildDeployment` | [`Deployment::build`] from that store with no `previous`: its own views and KV pools, within half the budget |
 //! | `RequestSwitch` | `DeploymentRunner::install_instance` at a boundary: every running sequence's whole KV is copied into the new instance's pools (copied, not recomputed) and the old instance is dropped; the boundary holds the loop for that copy ([`ScaleEvent::switch_boundary_ms`]) |
 //! | `ReleaseOldViews` / `DestroyKvPools` | the old store gives every chunk up; the new instance's KV budget is lifted |
@@ -54,6 +54,9 @@ use moe_host::deployment::{
 use moe_host::model::Model;
 use moe_host::worker::{DeploymentRunner, KvBudgetChange, KvPrecopy, RunnerConfig, SwapReport};
 use moe_model::weights::TensorSource;
+use p2p_xfer::{
+    HostTransport, HostTransportConfig, LinkModel, LinkSpec, Planner, PlannerConfig, Transport,
+};
 
 use scaler::TransitionPlan;
 use scaler::{millis, Time};
@@ -358,6 +361,11 @@ struct Ctx {
 
 /// Carries out transitions on a live engine. See the [module docs](self).
 pub struct HostExecutor {
+    /// Peer copies between host devices (`p2p-xfer`), over the memory of the store serving now
+    /// (a cold restart's fresh store gets a fresh transport).
+    transport: Mutex<Option<Arc<HostTransport>>>,
+    /// Stripes each copy over the devices that hold its bytes.
+    planner: Planner,
     engine: Engine<DeploymentRunner>,
     checkpoint: Checkpoint,
     config: HostExecutorConfig,
@@ -393,6 +401,14 @@ impl HostExecutor {
             },
         );
         Self {
+            transport: Mutex::new(None),
+            // Host devices share one memory: every link is alike, so a uniform model only
+            // steers the striping (its bandwidth is never used as a clock).
+            planner: Planner::new(
+                LinkModel::uniform(LinkSpec::gbps(10.0, 0.0)),
+                PlannerConfig::default(),
+            )
+            .expect("the default planner settings are valid"),
             engine,
             checkpoint,
             config,
@@ -401,6 +417,32 @@ impl HostExecutor {
             faults: Faults::default(),
             epoch: Instant::now(),
         }
+    }
+
+    /// The transport over `store`'s memory (made on first use, and again when the store's
+    /// memory manager changed).
+    fn transport(&self, store: &WeightStore) -> Arc<HostTransport> {
+        let mut t = lock(&self.transport);
+        match t.as_ref() {
+            Some(x) if x.vmm().same(store.vmm()) => Arc::clone(x),
+            _ => {
+                let x = Arc::new(HostTransport::new(
+                    store.vmm().clone(),
+                    HostTransportConfig::default(),
+                ));
+                *t = Some(Arc::clone(&x));
+                x
+            }
+        }
+    }
+
+    /// Per-link counters of the peer copies made so far (weights copied between devices go
+    /// through `p2p-xfer`'s transport; empty before the first copy).
+    pub fn link_stats(&self) -> Vec<p2p_xfer::LinkStats> {
+        lock(&self.transport)
+            .as_ref()
+            .map(|t| t.stats())
+            .unwrap_or_default()
     }
 
     /// The engine.
@@ -971,6 +1013,7 @@ impl HostExecutor {
             Arc::clone(&ctx.store)
         };
         let src_store = Arc::clone(&ctx.store);
+        let transport = self.transport(&store);
         for (&dst, list) in &plan.copies {
             if list.is_empty() {
                 continue;
@@ -978,24 +1021,12 @@ impl HostExecutor {
             let mut result: Result<(), String> = Ok(());
             let mut reload_experts: Vec<(usize, u32)> = Vec::new();
             let mut reload_any = false;
-            for (i, &(key, source, _)) in list.iter().enumerate() {
-                if i == 1 && self.faults.fail_copies_to == Some(dst) {
-                    result = Err(format!(
-                        "injected transfer failure on the link into {dst} after 1 of {} chunks",
-                        list.len()
-                    ));
-                    break;
-                }
+            // Peer chunks go through the transport in one batch, each striped over every
+            // device that holds it (the planner chooses; the plan's source is one of them).
+            let mut peer: Vec<WeightKey> = Vec::new();
+            for &(key, source, _) in list {
                 match source {
-                    ChunkSource::Peer(s) => {
-                        match store.copy_from(&src_store, key.on(hdev(s)), hdev(dst)) {
-                            Ok(_) => ctx.copied.push(key),
-                            Err(e) => {
-                                result = Err(e.to_string());
-                                break;
-                            }
-                        }
-                    }
+                    ChunkSource::Peer(s) => peer.push(key.on(hdev(s))),
                     ChunkSource::Checkpoint => {
                         reload_any = true;
                         if let WeightKey::Expert { layer, expert, .. } = key {
@@ -1003,6 +1034,29 @@ impl HostExecutor {
                         }
                     }
                 }
+            }
+            let failing = self.faults.fail_copies_to == Some(dst);
+            if failing {
+                // The injected fault: the link breaks after the first chunk arrived.
+                peer.truncate(1);
+            }
+            if !peer.is_empty() {
+                match store.copy_through(
+                    &src_store,
+                    &peer,
+                    hdev(dst),
+                    transport.as_ref(),
+                    &self.planner,
+                ) {
+                    Ok(_) => ctx.copied.extend(peer.iter().map(|k| k.on(hdev(dst)))),
+                    Err(e) => result = Err(e.to_string()),
+                }
+            }
+            if failing && result.is_ok() {
+                result = Err(format!(
+                    "injected transfer failure on the link into {dst} after 1 of {} chunks",
+                    list.len()
+                ));
             }
             if result.is_ok() && reload_any {
                 let before: BTreeSet<WeightKey> = store.keys().into_iter().collect();

@@ -139,6 +139,18 @@ fn elastic_2_3_4_1_2_mid_stream_is_bitwise_identical_and_never_pauses() {
         let ev = x.run(spec(Strategy::Elastic, &cur, to.clone())).unwrap();
         assert_elastic(&ev);
         assert_eq!(x.devices(), to);
+        if i == 0 {
+            // The weights device 2 received came through the p2p-xfer transport, from the
+            // devices that held them.
+            let stats = x.link_stats();
+            let into_2: u64 = stats
+                .iter()
+                .filter(|l| l.link.dst.0 == 2)
+                .map(|l| l.bytes)
+                .sum();
+            assert_eq!(into_2, ev.report.bytes_moved, "{stats:?}");
+            assert!(stats.iter().all(|l| l.link.src.0 < 2 || l.bytes == 0));
+        }
         cur = to;
         handles.extend(submit(&x, &ps[12 + i * 7..12 + (i + 1) * 7]));
         events.push(ev);
