@@ -125,7 +125,7 @@
 //!   batch-invariant mode every row's logits are bitwise independent of the other rows, of the
 //!   step's row count, of the rank (GPU) serving it and of prefill chunking:
 //!   - in bf16, every projection, the dense and shared-expert MLPs, the LM head, MLA's expand
-//!     and the routed experts run on `bi_mma` (in `kernels.rs`): tensor-core
+//!     and the routed experts run on `bi_mma` (in `kernels/bi_mma.cu`): tensor-core
 //!     `mma.sync` m16n8k16 with one fixed tiling (32 rows x 16 columns per block), k in
 //!     32-element chunks dealt to the block's 4 warps by chunk index and the warps' partial
 //!     sums added in warp order. An output element's arithmetic is fixed by `k` alone; an mma
