@@ -47,10 +47,16 @@ pub use p2p_xfer::cuda::CudaTransport;
 use p2p_xfer::cuda::CudaTransportConfig;
 use p2p_xfer::{CopyOp, LinkModel, Location, Need, Planner, PlannerConfig, Transport};
 
-use super::{
-    CudaBackend, CudaConfig, CudaError, CudaRunner, DevBuf, DeviceId, Dims, ExpertBuf, Fill,
-    Ledger, Rank, RankLedger, Vmm,
-};
+use hbm_vmm::cuda::CudaBackend;
+use hbm_vmm::{DeviceId, Vmm};
+
+use crate::config::CudaConfig;
+use crate::error::CudaError;
+use crate::kv_ledger::{Ledger, RankLedger};
+use crate::memory::{DevBuf, Dims};
+use crate::rank::Rank;
+use crate::runner::CudaRunner;
+use crate::weights::{ExpertBuf, Fill};
 use moe_engine::{KvLedger, RankId, RequestId, Scheduler};
 use moe_host::compute::cpu::CpuCompute;
 use moe_host::model::Model;
@@ -1506,8 +1512,8 @@ mod tests {
         balance_moves, block_runs, check_disjoint, disjoint_devices, expert_range, moving_chunks,
         place, DeviceSetError, Move,
     };
-    use crate::DeviceId;
-    use crate::{Ledger, RankLedger};
+    use crate::kv_ledger::{Ledger, RankLedger};
+    use hbm_vmm::DeviceId;
     use moe_engine::{RankId, RequestId};
     use moe_engine::{Scheduler, SchedulerConfig};
     use proptest::prelude::*;

@@ -9,15 +9,57 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
-use super::CudaError;
+use crate::error::CudaError;
+
+/// `moe_gemv`'s shape, as in [`kernels::SOURCE`]: rows per shared-memory chunk at most, warps per
+/// block, output columns per warp; and the shared memory it may take for one chunk of rows.
+pub(crate) const MOE_ROWS: usize = 8;
+
+pub(crate) const MOE_WARPS: usize = 8;
+
+pub(crate) const MOE_COLS: usize = 4;
+
+pub(crate) const MOE_SMEM: usize = 40 * 1024;
+
+/// `bi_gemm`'s shape, as in [`kernels::SOURCE`]: rows per block, warps per block, output columns
+/// per warp.
+pub(crate) const BI_ROWS: usize = 16;
+
+pub(crate) const BI_WARPS: usize = 8;
+
+pub(crate) const BI_COLS: usize = 4;
+
+/// `bi_mma`'s block tile, as in [`kernels::MMA_SOURCE`]: rows and columns (4 warps, 128 threads).
+pub(crate) const MMA_ROWS: usize = 32;
+
+pub(crate) const MMA_COLS: usize = 16;
+
+/// Whether `bi_gemm` may use 128-bit loads: `k` a multiple of the vector width (`16 / es`
+/// elements) and every address and element stride a multiple of 16 bytes. Either way the
+/// kernel sums in the same order (the scalar loads pad with zeros past `k`), so this changes
+/// only speed, never results.
+pub(crate) fn bi_vectorizable(es: usize, k: usize, addrs: &[u64], strides: &[usize]) -> bool {
+    let vec = 16 / es;
+    k.is_multiple_of(vec)
+        && addrs.iter().all(|a| a.is_multiple_of(16))
+        && strides.iter().all(|s| (s * es).is_multiple_of(16))
+}
+
+/// Whether `moe_gemv` can run a model's routed experts: its vector width (`16 / es` elements)
+/// divides the hidden and expert sizes and one row of either fits its shared memory.
+pub(crate) fn moe_gemv_fits(hidden: usize, inter_e: usize, es: usize) -> bool {
+    let vec = 16 / es;
+    let fits = |k: usize| k.is_multiple_of(vec) && k * es <= MOE_SMEM;
+    fits(hidden) && fits(inter_e)
+}
 
 /// The CUDA C source of every kernel but `bi_mma` (`kernels/model.cu`).
-pub(crate) const SOURCE: &str = include_str!("kernels/model.cu");
+pub(crate) const SOURCE: &str = include_str!("model.cu");
 
 /// The tensor-core batch-invariant GEMM `bi_mma` (bf16 storage only; `kernels/bi_mma.cu`, whose
 /// header describes it), compiled for `compute_80` and up in a module of its own, and only for
 /// runners in batch-invariant mode, so the other kernels' compilation is never touched.
-pub(crate) const MMA_SOURCE: &str = include_str!("kernels/bi_mma.cu");
+pub(crate) const MMA_SOURCE: &str = include_str!("bi_mma.cu");
 
 /// The compiled kernels of one device.
 #[derive(Debug)]

@@ -1,0 +1,392 @@
+//! A layer's attention block on a rank: input norm, projections, rope, the KV write, paged
+//! attention (GQA, or MLA in the absorbed form) and the output projection.
+
+use moe_host::model::ModelError;
+use moe_model::schema::TensorRole;
+use moe_model::spec::{AttnDims, RopeStyle};
+
+use crate::error::CudaError;
+use crate::rank::Arg;
+use crate::runner::CudaRunner;
+use crate::step::Step;
+use crate::weights::has_role;
+
+/// `eps` of DeepSeek-V2's `q_a_layernorm` and `kv_a_layernorm` (as in the CPU model).
+pub(crate) const MLA_NORM_EPS: f32 = 1e-6;
+
+impl CudaRunner {
+    /// Layer `l`'s attention block on the step's rows: input norm, projections, rope, the KV
+    /// write, attention and the output projection added into the residual stream.
+    pub(crate) fn attention(&self, st: &mut Step, l: usize) -> Result<(), CudaError> {
+        let d = self.dims;
+        let (rows, ctx_max, geo, h) = (st.rows, st.ctx_max, self.geo, d.h);
+        let rank = &self.ranks[st.ri];
+        rank.bind()?;
+        let s = rank.s;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let w = |role| self.weight(rank, l, role);
+        let lay = self
+            .model
+            .layout()
+            .layer(l)
+            .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
+        let kv_args = |layer: usize| {
+            [
+                Arg::P(rank.kv.addr()),
+                Arg::I(geo.block_floats() as i32),
+                Arg::I(geo.block_tokens as i32),
+                Arg::I(layer as i32),
+                Arg::I(geo.token_floats() as i32),
+                Arg::P(s.tables),
+                Arg::P(s.tbl_off),
+                Arg::P(s.pos),
+            ]
+        };
+        let rope_args = |x: u64, row: usize, heads: usize, hs: usize, off: usize| {
+            [
+                Arg::P(x),
+                Arg::I(row as i32),
+                Arg::I(heads as i32),
+                Arg::I(hs as i32),
+                Arg::I(off as i32),
+                Arg::I(2 * d.half_rope as i32),
+                Arg::P(s.pos),
+                Arg::P(s.cos),
+                Arg::P(s.sin),
+                Arg::I(i32::from(
+                    self.model.rope().style() == RopeStyle::Interleaved,
+                )),
+            ]
+        };
+        rank.rms(
+            s.hidden,
+            h,
+            1,
+            0,
+            w(TensorRole::InputNorm)?,
+            h,
+            eps,
+            0,
+            0,
+            s.xb,
+            h,
+            rows,
+        )?;
+        match self.model.attn_dims() {
+            AttnDims::Gqa(a) => {
+                let (qw, kvw, hd) = (d.qw, d.kvw, a.head_dim);
+                rank.gemm(
+                    w(TensorRole::QProj)?,
+                    s.xb,
+                    h,
+                    s.q,
+                    qw,
+                    false,
+                    rows,
+                    h,
+                    qw,
+                    0.0,
+                )?;
+                rank.gemm(
+                    w(TensorRole::KProj)?,
+                    s.xb,
+                    h,
+                    s.kbuf,
+                    kvw,
+                    false,
+                    rows,
+                    h,
+                    kvw,
+                    0.0,
+                )?;
+                rank.gemm(
+                    w(TensorRole::VProj)?,
+                    s.xb,
+                    h,
+                    s.vbuf,
+                    kvw,
+                    false,
+                    rows,
+                    h,
+                    kvw,
+                    0.0,
+                )?;
+                if has_role(lay, TensorRole::QNorm) {
+                    rank.rms(
+                        s.q,
+                        qw,
+                        a.heads,
+                        hd,
+                        w(TensorRole::QNorm)?,
+                        hd,
+                        eps,
+                        s.q,
+                        qw,
+                        0,
+                        0,
+                        rows,
+                    )?;
+                }
+                if has_role(lay, TensorRole::KNorm) {
+                    rank.rms(
+                        s.kbuf,
+                        kvw,
+                        a.kv_heads,
+                        hd,
+                        w(TensorRole::KNorm)?,
+                        hd,
+                        eps,
+                        s.kbuf,
+                        kvw,
+                        0,
+                        0,
+                        rows,
+                    )?;
+                }
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.q, qw, a.heads, hd, 0),
+                )?;
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.kbuf, kvw, a.kv_heads, hd, 0),
+                )?;
+                let mut args = kv_args(l).to_vec();
+                args.extend([
+                    Arg::P(s.kbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(kvw as i32),
+                    Arg::P(s.vbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(kvw as i32),
+                ]);
+                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                let mut args = vec![Arg::P(s.q), Arg::I(qw as i32)];
+                args.extend(kv_args(l)[..8].iter().copied());
+                args.extend([
+                    Arg::I(a.heads as i32),
+                    Arg::I(a.kv_heads as i32),
+                    Arg::I(hd as i32),
+                    Arg::F(a.scale),
+                    Arg::P(s.att),
+                    Arg::I(qw as i32),
+                ]);
+                let smem = (4 * (hd + ctx_max)) as u32;
+                rank.launch(
+                    &rank.k.attn_gqa,
+                    (a.heads as u32, rows as u32),
+                    128,
+                    smem,
+                    &args,
+                )?;
+                rank.gemm(
+                    w(TensorRole::OProj)?,
+                    s.att,
+                    qw,
+                    s.hidden,
+                    h,
+                    false,
+                    rows,
+                    qw,
+                    h,
+                    1.0,
+                )?;
+            }
+            AttnDims::Mla(a) => {
+                let qhd = a.qk_nope + a.qk_rope;
+                let (qw, r) = (d.qw, a.kv_lora_rank);
+                if d.qr > 0 {
+                    let qr = d.qr;
+                    rank.gemm(
+                        w(TensorRole::QAProj)?,
+                        s.xb,
+                        h,
+                        s.kbuf,
+                        qr,
+                        false,
+                        rows,
+                        h,
+                        qr,
+                        0.0,
+                    )?;
+                    // Normalised q_a goes to `lastb` (bf16) as the input of q_b_proj.
+                    rank.rms(
+                        s.kbuf,
+                        qr,
+                        1,
+                        0,
+                        w(TensorRole::QANorm)?,
+                        qr,
+                        MLA_NORM_EPS,
+                        0,
+                        0,
+                        s.lastb,
+                        qr,
+                        rows,
+                    )?;
+                    rank.gemm(
+                        w(TensorRole::QBProj)?,
+                        s.lastb,
+                        qr,
+                        s.q,
+                        qw,
+                        false,
+                        rows,
+                        qr,
+                        qw,
+                        0.0,
+                    )?;
+                } else {
+                    rank.gemm(
+                        w(TensorRole::QProj)?,
+                        s.xb,
+                        h,
+                        s.q,
+                        qw,
+                        false,
+                        rows,
+                        h,
+                        qw,
+                        0.0,
+                    )?;
+                }
+                let kvw = d.kvw;
+                rank.gemm(
+                    w(TensorRole::KvAProjWithMqa)?,
+                    s.xb,
+                    h,
+                    s.vbuf,
+                    kvw,
+                    false,
+                    rows,
+                    h,
+                    kvw,
+                    0.0,
+                )?;
+                rank.rms(
+                    s.vbuf,
+                    kvw,
+                    1,
+                    0,
+                    w(TensorRole::KvANorm)?,
+                    r,
+                    MLA_NORM_EPS,
+                    s.vbuf,
+                    kvw,
+                    0,
+                    0,
+                    rows,
+                )?;
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.q, qw, a.heads, qhd, a.qk_nope),
+                )?;
+                rank.launch(
+                    &rank.k.rope,
+                    (rows as u32, 1),
+                    128,
+                    0,
+                    &rope_args(s.vbuf, kvw, 1, a.qk_rope, r),
+                )?;
+                let mut args = kv_args(l).to_vec();
+                args.extend([
+                    Arg::P(s.vbuf),
+                    Arg::I(kvw as i32),
+                    Arg::I(r as i32),
+                    Arg::P(s.vbuf + 4 * r as u64),
+                    Arg::I(kvw as i32),
+                    Arg::I(a.qk_rope as i32),
+                ]);
+                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
+                // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
+                let n = (rows * qw) as i64;
+                rank.launch(
+                    &rank.k.cast_bf16,
+                    ((n as usize).div_ceil(256).min(65535) as u32, 1),
+                    256,
+                    0,
+                    &[Arg::P(s.q), Arg::P(s.qbf), Arg::L(n)],
+                )?;
+                let kv_b = w(TensorRole::KvBProj)?;
+                let kvb_head = (a.qk_nope + a.v_head) * r;
+                rank.gemm_strided(
+                    false,
+                    r,
+                    rows,
+                    a.qk_nope,
+                    kv_b,
+                    r,
+                    kvb_head,
+                    s.qbf,
+                    a.heads * qhd,
+                    qhd,
+                    s.qlat,
+                    a.heads * r,
+                    r,
+                    false,
+                    a.heads,
+                )?;
+                let mut args = vec![
+                    Arg::P(s.qlat),
+                    Arg::P(s.q),
+                    Arg::I(qw as i32),
+                    Arg::I(qhd as i32),
+                    Arg::I(a.qk_nope as i32),
+                    Arg::I(a.qk_rope as i32),
+                    Arg::I(r as i32),
+                ];
+                args.extend(kv_args(l)[..8].iter().copied());
+                args.extend([Arg::I(a.heads as i32), Arg::F(a.scale), Arg::P(s.att)]);
+                let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
+                rank.launch(
+                    &rank.k.attn_mla,
+                    (a.heads as u32, rows as u32),
+                    128,
+                    smem,
+                    &args,
+                )?;
+                // Expand: out[row, h] = W_UV[h] o_lat[row, h].
+                rank.gemm_strided(
+                    true,
+                    a.v_head,
+                    rows,
+                    r,
+                    kv_b + (d.es * a.qk_nope * r) as u64,
+                    r,
+                    kvb_head,
+                    s.att,
+                    a.heads * r,
+                    r,
+                    s.att2,
+                    a.heads * a.v_head,
+                    a.v_head,
+                    true,
+                    a.heads,
+                )?;
+                let ow = a.heads * a.v_head;
+                rank.gemm(
+                    w(TensorRole::OProj)?,
+                    s.att2,
+                    ow,
+                    s.hidden,
+                    h,
+                    false,
+                    rows,
+                    ow,
+                    h,
+                    1.0,
+                )?;
+            }
+        }
+        st.clock.mark(&rank.stream, 0)
+    }
+}

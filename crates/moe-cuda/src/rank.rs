@@ -1,0 +1,647 @@
+//! One rank: a logical device with its stream, cuBLAS handle, compiled kernels, replicated
+//! weights, KV and scratch ([`Rank`]), how one is built, and its copies between host and device.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
+use hbm_vmm::cuda::CudaBackend;
+use hbm_vmm::{DeviceId, Vmm};
+use moe_engine::{Need, RowOutput};
+use moe_host::compute::cpu::CpuCompute;
+use moe_host::model::{Model, ModelError};
+use moe_model::config::ModelConfig;
+use moe_model::spec::KvGeometry;
+use moe_model::weights::ChunkLayout;
+
+use crate::config::{CudaConfig, Precision};
+use crate::error::{cu, CudaError};
+use crate::exchange::Exchange;
+use crate::kernels::Kernels;
+use crate::memory::{DevBuf, Dims, PinnedHost, Scratch};
+use crate::runner::CudaRunner;
+use crate::weights::Fill;
+
+/// A kernel argument (kept alive in a vector until the launch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    P(u64),
+    I(i32),
+    L(i64),
+    U(u64),
+    F(f32),
+}
+
+/// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
+pub(crate) struct Rank {
+    pub(crate) dev: DeviceId,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    pub(crate) k: Kernels,
+    pub(crate) global: DevBuf,
+    pub(crate) layers: Vec<DevBuf>,
+    pub(crate) kv: DevBuf,
+    pub(crate) _scratch: DevBuf,
+    pub(crate) s: Scratch,
+    pub(crate) _xchg: DevBuf,
+    pub(crate) x: Exchange,
+    /// Whether every GPU of the machine may read and write the exchange chunk.
+    pub(crate) peer_exchange: bool,
+    /// Recorded once the rank has pushed a layer's rows and routes to every GPU.
+    pub(crate) ev_pub: CudaEvent,
+    /// Recorded once the GPU has pushed a layer's expert outputs back to every rank.
+    pub(crate) ev_ret: CudaEvent,
+    /// Page-locked staging for the logits of up to `rows` sampled rows.
+    pub(crate) pinned: PinnedHost,
+    /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
+    /// count per layer (32-bit integers).
+    pub(crate) pinned_small: PinnedHost,
+    /// Page-locked staging for the host-dispatch layout's size (`s.dinfo`, 3 integers), and the
+    /// event that says it has arrived (see [`Rank::fetch_info`]).
+    pub(crate) pinned_info: PinnedHost,
+    pub(crate) info_ready: CudaEvent,
+    /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
+    pub(crate) dt: blas_sys::cudaDataType,
+    /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
+    pub(crate) ct: blas_sys::cublasComputeType_t,
+    /// [`CudaConfig::batch_invariant`]: GEMMs go through `bi_gemm` / `bi_gemm_kn`.
+    pub(crate) bi: bool,
+}
+
+impl std::fmt::Debug for Rank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rank")
+            .field("dev", &self.dev)
+            .field("kv", &self.kv)
+            .finish()
+    }
+}
+
+impl Rank {
+    pub(crate) fn bind(&self) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))
+    }
+
+    pub(crate) fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: every argument matches the kernel's parameter list in `kernels::SOURCE` (device
+        // addresses as u64, ints as i32/i64, floats as f32), and every address points into a live
+        // chunk of this rank (or a peer chunk this device was granted access to) sized for the
+        // launch by the caller.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
+        Ok(())
+    }
+
+    pub(crate) fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<(), CudaError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` is an address inside a live scratch chunk of this rank with room for
+        // `src` (the caller sized the scratch for the step's limits, checked before the copy);
+        // `src` is a valid host slice. From pageable memory the call returns only once `src`
+        // has been staged, so the slice may be dropped afterwards.
+        cu("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.as_ptr().cast::<c_void>(),
+                std::mem::size_of_val(src),
+                self.stream.cu_stream(),
+            )
+        })
+    }
+
+    /// Ends a step: copies what `needs` asks of the sampled rows (the greedy token from
+    /// `s.argmax`, or the row's f32 logits from `s.logits`) and the active-expert count of each of
+    /// the `layers` layers (`s.active`) through the page-locked buffers, then synchronises the
+    /// stream once.
+    pub(crate) fn read_back(
+        &self,
+        needs: &[Need],
+        vocab: usize,
+        layers: usize,
+    ) -> Result<(Vec<RowOutput>, Vec<i32>), CudaError> {
+        let n = needs.len();
+        if n * vocab > self.pinned.len || n + layers > self.pinned_small.len {
+            return Err(CudaError::Input(format!(
+                "{n} sampled rows exceed the pinned read-back buffers"
+            )));
+        }
+        let stream = self.stream.cu_stream();
+        let copy = |dst: *mut c_void, src: u64, bytes: usize| {
+            if bytes == 0 {
+                return Ok(());
+            }
+            // SAFETY: every caller below passes a destination inside one of this rank's pinned
+            // buffers (bounds checked above) and a source inside its scratch chunk holding
+            // `bytes` bytes written by this step; nothing else uses the buffers meanwhile.
+            cu("cuMemcpyDtoHAsync", unsafe {
+                sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream)
+            })
+        };
+        let small = self.pinned_small.ptr.cast::<i32>();
+        if needs.contains(&Need::GreedyToken) {
+            copy(small.cast(), self.s.argmax, 4 * n)?;
+        }
+        // SAFETY: `n + layers` i32 slots fit the small buffer (checked above).
+        copy(unsafe { small.add(n) }.cast(), self.s.active, 4 * layers)?;
+        // Runs of consecutive rows that need logits go in one copy each.
+        let mut i = 0;
+        while i < n {
+            if needs[i] != Need::Logits {
+                i += 1;
+                continue;
+            }
+            let run = needs[i..]
+                .iter()
+                .take_while(|&&x| x == Need::Logits)
+                .count();
+            copy(
+                // SAFETY: rows `i..i + run` lie within the `n * vocab` floats checked above.
+                unsafe { self.pinned.ptr.add(i * vocab) }.cast(),
+                self.s.logits + (4 * i * vocab) as u64,
+                4 * run * vocab,
+            )?;
+            i += run;
+        }
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        // SAFETY: both buffers are live and every part read below was written by a copy above
+        // that completed (the stream was synchronised); no other copy into them is queued.
+        let (ints, floats) = unsafe {
+            (
+                std::slice::from_raw_parts(small, n + layers),
+                std::slice::from_raw_parts(self.pinned.ptr, n * vocab),
+            )
+        };
+        let out = needs
+            .iter()
+            .enumerate()
+            .map(|(i, need)| match need {
+                Need::GreedyToken => RowOutput::Greedy(u32::try_from(ints[i]).ok()),
+                Need::Logits => RowOutput::Logits(floats[i * vocab..(i + 1) * vocab].to_vec()),
+            })
+            .collect();
+        Ok((out, ints[n..].to_vec()))
+    }
+
+    /// Queues the copy of the host-dispatch layout's size (`s.dinfo`) into `pinned_info` and
+    /// records `info_ready` behind it; [`Rank::wait_info`] reads it. The stream goes on with
+    /// whatever is queued after this (work that does not need the routes), so the host's wait
+    /// and its next launches overlap with it.
+    pub(crate) fn fetch_info(&self) -> Result<(), CudaError> {
+        // SAFETY: `pinned_info` holds 4 i32 slots of page-locked memory owned by this rank and
+        // `s.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
+        // `wait_info` reads it after the event behind this copy completed. The next copy is
+        // queued only after that read (both run on the thread driving the rank, in order).
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.pinned_info.ptr.cast::<c_void>(),
+                self.s.dinfo,
+                3 * std::mem::size_of::<i32>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.info_ready
+            .record(&self.stream)
+            .map_err(CudaError::driver("cuEventRecord"))
+    }
+
+    /// Waits for the copy [`Rank::fetch_info`] queued; returns `{active experts, busiest
+    /// expert's rows, bad id}`.
+    pub(crate) fn wait_info(&self) -> Result<[i32; 3], CudaError> {
+        self.info_ready
+            .synchronize()
+            .map_err(CudaError::driver("cuEventSynchronize"))?;
+        // SAFETY: the copy into these 3 slots completed (its event completed above) and nothing
+        // else writes them (see `fetch_info`).
+        let v = unsafe { std::slice::from_raw_parts(self.pinned_info.ptr.cast::<i32>(), 3) };
+        Ok([v[0], v[1], v[2]])
+    }
+
+    /// Queues a copy of `bytes` bytes from `src` (this rank's memory) to `dst` (its own or a peer
+    /// GPU's) on this rank's stream.
+    pub(crate) fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `src` holds `bytes` bytes of a live chunk of this rank and `dst` has room for
+        // them in a live chunk that this device was granted access to (an exchange chunk, which
+        // every GPU of the machine may write); the caller orders the copy against the buffers'
+        // other users with stream order and events.
+        cu("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.cu_stream())
+        })
+    }
+
+    pub(crate) fn dtoh<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); n];
+        if n == 0 {
+            return Ok(out);
+        }
+        // SAFETY: `src` holds at least `n` elements of `T` in a live chunk of this rank; `out` is
+        // a writable host buffer of that size; the stream is synchronised before `out` is read.
+        cu("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                out.as_mut_ptr().cast::<c_void>(),
+                src,
+                n * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        })?;
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        Ok(out)
+    }
+
+    /// [`Rank::launch`] on a three-dimensional grid, without dynamic shared memory.
+    pub(crate) fn launch3(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as in `launch`: the arguments match the kernel's parameter list in
+        // `kernels::SOURCE`, and every address points into a live chunk this device can access,
+        // sized by the caller for the whole grid.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rms(
+        &self,
+        x: u64,
+        x_row: usize,
+        segs: usize,
+        seg_stride: usize,
+        w: u64,
+        width: usize,
+        eps: f32,
+        out_f: u64,
+        of_row: usize,
+        out_b: u64,
+        ob_row: usize,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.rms_norm,
+            (segs as u32, rows as u32),
+            256,
+            0,
+            &[
+                Arg::P(x),
+                Arg::I(x_row as i32),
+                Arg::I(seg_stride as i32),
+                Arg::P(w),
+                Arg::I(width as i32),
+                Arg::F(eps),
+                Arg::P(out_f),
+                Arg::I(of_row as i32),
+                Arg::P(out_b),
+                Arg::I(ob_row as i32),
+            ],
+        )
+    }
+
+    pub(crate) fn fill(
+        &self,
+        ptr: u64,
+        n: usize,
+        random: Option<(u64, f32)>,
+        v: f32,
+    ) -> Result<(), CudaError> {
+        let grid = (n.div_ceil(256).min(65535) as u32).max(1);
+        match random {
+            Some((seed, scale)) => self.launch(
+                &self.k.fill_random,
+                (grid, 1),
+                256,
+                0,
+                &[Arg::P(ptr), Arg::L(n as i64), Arg::U(seed), Arg::F(scale)],
+            ),
+            None => self.launch(
+                &self.k.fill_const,
+                (grid, 1),
+                256,
+                0,
+                &[Arg::P(ptr), Arg::L(n as i64), Arg::F(v)],
+            ),
+        }
+    }
+}
+
+impl CudaRunner {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn make_rank(
+        vmm: &Vmm<CudaBackend>,
+        dev: DeviceId,
+        cfg: &ModelConfig,
+        model: &Model<CpuCompute>,
+        d: &Dims,
+        geo: &KvGeometry,
+        config: &CudaConfig,
+        layout: &moe_model::weights::WeightLayout,
+        fill: &Fill<'_>,
+        seed_ctr: &mut u64,
+    ) -> Result<Rank, CudaError> {
+        // A logical device's GPU: several ranks may share one (their own streams, handles and
+        // kernels, in the GPU's primary context).
+        let ordinal = vmm.backend().ordinal(dev)? as usize;
+        let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("cuCtxCreate"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))?;
+        let blas_h = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas {
+            call: "cublasCreate",
+            status: e.0 as i32,
+        })?;
+        let f32_storage = config.precision == Precision::F32;
+        let k = Kernels::compile(&ctx, f32_storage, config.batch_invariant && !f32_storage)?;
+        let es = d.es;
+        let global = DevBuf::new(vmm, dev, layout.global().floats() * es, &[])?;
+        let layers = (0..cfg.num_layers)
+            .map(|l| {
+                let lay = layout
+                    .layer(l)
+                    .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
+                DevBuf::new(vmm, dev, lay.floats() * es, &[])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let kv = DevBuf::new(
+            vmm,
+            dev,
+            geo.block_floats() * 4 * config.kv_blocks_per_rank,
+            &[],
+        )?;
+        // Scratch: bump-allocate every buffer at 256-byte alignment.
+        let r = d.rows;
+        let sizes: Vec<(&str, usize)> = vec![
+            ("hidden", 4 * r * d.h),
+            ("xn", 4 * r * d.h),
+            ("xb", es * r * d.h.max(d.qr)),
+            ("q", 4 * r * d.qw),
+            ("qbf", es * r * d.qw),
+            ("kbuf", 4 * r * d.kvw.max(d.qr)),
+            ("vbuf", 4 * r * d.kvw),
+            ("att", es * r * d.attw.max(d.lat)),
+            ("att2", es * r * d.attw),
+            ("qlat", 4 * r * d.lat),
+            ("rlogits", 4 * r * d.experts),
+            ("ids", 4 * r * d.top_k),
+            ("wts", 4 * r * d.top_k),
+            ("f1", 4 * r * d.inter_max),
+            ("f2", 4 * r * d.inter_max),
+            ("hb", es * r * d.inter_max),
+            ("y", 4 * r * d.h),
+            ("xg", es * d.gather_cap * d.h),
+            ("gu", 4 * d.gather_cap * 2 * d.inter_e),
+            ("eh", es * d.gather_cap * d.inter_e),
+            ("eo", 4 * d.gather_cap * d.h),
+            ("gidx", 4 * d.gather_cap),
+            ("cidx", 4 * d.ep_rows() * d.top_k),
+            ("ptrs", 8 * 6 * d.experts),
+            ("tokens", 4 * r),
+            ("pos", 4 * r),
+            ("tbl_off", 4 * r),
+            ("last", 4 * r),
+            ("tables", 4 * d.table_cap),
+            ("lastb", es * r * d.h.max(d.qr)),
+            ("logits", 4 * r * d.vocab),
+            ("cos", 4 * d.max_context * d.half_rope),
+            ("sin", 4 * d.max_context * d.half_rope),
+            ("counts", 4 * d.experts),
+            ("offsets", 4 * d.experts),
+            ("active", 4 * d.layers.max(1)),
+            ("etable", 8 * d.layers.max(1) * d.experts),
+            ("etable_down", 8 * d.layers.max(1) * d.experts),
+            ("pptrs", 8 * 4 * d.experts),
+            ("ov_counts", 4 * d.experts),
+            ("ov_offsets", 4 * d.experts),
+            ("ov_gidx", 4 * r * d.top_k),
+            ("argmax", 4 * r),
+            ("dinfo", 4 * 4),
+            ("eowner", 4 * d.layers.max(1) * d.experts),
+            ("ep_offs", 4 * (d.gpus + 1)),
+            ("ep_rets", 8 * d.gpus),
+            ("iota", 4 * r * d.top_k),
+        ];
+        let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
+        let scratch = DevBuf::new(vmm, dev, total, &[])?;
+        ctx.bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))?;
+        let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
+        let pinned_small = PinnedHost::new(&ctx, r + d.layers)?;
+        let pinned_info = PinnedHost::new(&ctx, 4)?;
+        let info_ready = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
+        let mut at = scratch.addr();
+        let mut addr = BTreeMap::new();
+        for (name, b) in &sizes {
+            addr.insert(*name, at);
+            at += (b.div_ceil(256) * 256 + 256) as u64;
+        }
+        let a = |n: &str| addr[n];
+        let s = Scratch {
+            hidden: a("hidden"),
+            xn: a("xn"),
+            xb: a("xb"),
+            q: a("q"),
+            qbf: a("qbf"),
+            kbuf: a("kbuf"),
+            vbuf: a("vbuf"),
+            att: a("att"),
+            att2: a("att2"),
+            qlat: a("qlat"),
+            rlogits: a("rlogits"),
+            ids: a("ids"),
+            wts: a("wts"),
+            f1: a("f1"),
+            f2: a("f2"),
+            hb: a("hb"),
+            y: a("y"),
+            xg: a("xg"),
+            gu: a("gu"),
+            eh: a("eh"),
+            eo: a("eo"),
+            gidx: a("gidx"),
+            cidx: a("cidx"),
+            ptrs: a("ptrs"),
+            tokens: a("tokens"),
+            pos: a("pos"),
+            tbl_off: a("tbl_off"),
+            last: a("last"),
+            tables: a("tables"),
+            lastb: a("lastb"),
+            logits: a("logits"),
+            cos: a("cos"),
+            sin: a("sin"),
+            counts: a("counts"),
+            offsets: a("offsets"),
+            active: a("active"),
+            etable: a("etable"),
+            etable_down: a("etable_down"),
+            pptrs: a("pptrs"),
+            ov_counts: a("ov_counts"),
+            ov_offsets: a("ov_offsets"),
+            ov_gidx: a("ov_gidx"),
+            argmax: a("argmax"),
+            dinfo: a("dinfo"),
+            eowner: a("eowner"),
+            ep_offs: a("ep_offs"),
+            ep_rets: a("ep_rets"),
+            iota: a("iota"),
+        };
+        // The exchange chunk: readable and writable by every GPU of the machine, so any rank that
+        // joins later can use it without a new grant.
+        let x_sizes = [
+            d.es * d.ep_rows() * d.h,
+            4 * d.ep_rows() * d.top_k,
+            4 * r * d.top_k * d.h,
+        ];
+        let x_len: usize = x_sizes.iter().map(|b| b.div_ceil(256) * 256).sum();
+        let everyone: Vec<DeviceId> = if d.gpus > 1 {
+            (0..d.gpus as u32).map(DeviceId).collect()
+        } else {
+            Vec::new()
+        };
+        // Without peer access between some GPUs the grant fails; the rank then keeps its
+        // exchange chunk to itself and steps run without expert parallelism.
+        let (xchg, peer_exchange) = match DevBuf::new(vmm, dev, x_len, &everyone) {
+            Ok(b) => (b, !everyone.is_empty()),
+            Err(_) => (DevBuf::new(vmm, dev, x_len, &[])?, false),
+        };
+        let x = Exchange {
+            xin: xchg.addr(),
+            idin: xchg.addr() + (x_sizes[0].div_ceil(256) * 256) as u64,
+            ret: xchg.addr() + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
+        };
+        let event = || {
+            ctx.new_event(None)
+                .map_err(CudaError::driver("cuEventCreate"))
+        };
+        let (ev_pub, ev_ret) = (event()?, event()?);
+        let rank = Rank {
+            dev,
+            ctx,
+            stream,
+            blas: blas_h,
+            k,
+            global,
+            layers,
+            kv,
+            _scratch: scratch,
+            s,
+            _xchg: xchg,
+            x,
+            peer_exchange,
+            ev_pub,
+            ev_ret,
+            pinned,
+            pinned_small,
+            pinned_info,
+            info_ready,
+            dt: if f32_storage {
+                blas_sys::cudaDataType::CUDA_R_32F
+            } else {
+                blas_sys::cudaDataType::CUDA_R_16BF
+            },
+            ct: if f32_storage {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+            } else {
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
+            bi: config.batch_invariant,
+        };
+        rank.bind()?;
+        // Rope tables, computed on the host exactly as the CPU reference computes them.
+        let half = d.half_rope;
+        let (mut cos, mut sin) = (
+            vec![0.0f32; d.max_context * half],
+            vec![0.0f32; d.max_context * half],
+        );
+        for p in 0..d.max_context {
+            model.rope().cos_sin(
+                p,
+                &mut cos[p * half..(p + 1) * half],
+                &mut sin[p * half..(p + 1) * half],
+            );
+        }
+        rank.htod(rank.s.cos, &cos)?;
+        rank.htod(rank.s.sin, &sin)?;
+        let iota: Vec<i32> = (0..(r * d.top_k) as i32).collect();
+        rank.htod(rank.s.iota, &iota)?;
+        // Replicated weights.
+        let fill_chunk =
+            |base: u64, lay: &ChunkLayout, seed_ctr: &mut u64| -> Result<(), CudaError> {
+                for t in lay.tensors() {
+                    Self::fill_tensor(
+                        &rank,
+                        base + (d.es * t.offset) as u64,
+                        t.len,
+                        &t.spec(),
+                        fill,
+                        seed_ctr,
+                    )?;
+                }
+                Ok(())
+            };
+        fill_chunk(rank.global.addr(), layout.global(), seed_ctr)?;
+        for (l, buf) in rank.layers.iter().enumerate() {
+            if let Some(lay) = layout.layer(l) {
+                fill_chunk(buf.addr(), lay, seed_ctr)?;
+            }
+        }
+        Ok(rank)
+    }
+}
