@@ -4,6 +4,7 @@
 
 use crate::error::CudaError;
 use crate::experts::{DispatchPath, ExpertRows};
+use crate::memory::Dims;
 use crate::rank::Arg;
 use crate::runner::CudaRunner;
 use crate::step::Step;
@@ -18,6 +19,32 @@ pub(crate) struct Exchange {
     pub(crate) idin: u64,
     /// This rank's rows' expert outputs (f32, `top_k` rows of `h` per row), in slot order.
     pub(crate) ret: u64,
+}
+
+impl Exchange {
+    /// Bytes of the three buffers (`xin`, `idin`, `ret`) for a rank of sizes `d`.
+    fn sizes(d: &Dims) -> [usize; 3] {
+        [
+            d.es * d.ep_rows() * d.h,
+            4 * d.ep_rows() * d.top_k,
+            4 * d.rows * d.top_k * d.h,
+        ]
+    }
+
+    /// Bytes of the exchange chunk: the three buffers at 256-byte alignment.
+    pub(crate) fn bytes(d: &Dims) -> usize {
+        Self::sizes(d).iter().map(|b| b.div_ceil(256) * 256).sum()
+    }
+
+    /// The buffers' addresses in an exchange chunk of [`Exchange::bytes`] mapped at `base`.
+    pub(crate) fn carve(base: u64, d: &Dims) -> Self {
+        let x_sizes = Self::sizes(d);
+        Exchange {
+            xin: base,
+            idin: base + (x_sizes[0].div_ceil(256) * 256) as u64,
+            ret: base + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
+        }
+    }
 }
 
 impl CudaRunner {

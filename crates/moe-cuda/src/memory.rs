@@ -2,6 +2,7 @@
 //! [`PinnedHost`] (page-locked read-back staging), the sizes a rank is built for ([`Dims`]) and
 //! the layout of its scratch chunk ([`Scratch`]).
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -155,6 +156,133 @@ pub(crate) struct Scratch {
     pub(crate) ep_rets: u64,
     /// `0, 1, 2, ...`: the combine's slot index when the expert outputs are already in slot order.
     pub(crate) iota: u64,
+}
+
+impl Scratch {
+    /// Every scratch buffer's name and bytes, in layout order, for a rank of sizes `d`.
+    fn sizes(d: &Dims) -> Vec<(&'static str, usize)> {
+        let (r, es) = (d.rows, d.es);
+        vec![
+            ("hidden", 4 * r * d.h),
+            ("xn", 4 * r * d.h),
+            ("xb", es * r * d.h.max(d.qr)),
+            ("q", 4 * r * d.qw),
+            ("qbf", es * r * d.qw),
+            ("kbuf", 4 * r * d.kvw.max(d.qr)),
+            ("vbuf", 4 * r * d.kvw),
+            ("att", es * r * d.attw.max(d.lat)),
+            ("att2", es * r * d.attw),
+            ("qlat", 4 * r * d.lat),
+            ("rlogits", 4 * r * d.experts),
+            ("ids", 4 * r * d.top_k),
+            ("wts", 4 * r * d.top_k),
+            ("f1", 4 * r * d.inter_max),
+            ("f2", 4 * r * d.inter_max),
+            ("hb", es * r * d.inter_max),
+            ("y", 4 * r * d.h),
+            ("xg", es * d.gather_cap * d.h),
+            ("gu", 4 * d.gather_cap * 2 * d.inter_e),
+            ("eh", es * d.gather_cap * d.inter_e),
+            ("eo", 4 * d.gather_cap * d.h),
+            ("gidx", 4 * d.gather_cap),
+            ("cidx", 4 * d.ep_rows() * d.top_k),
+            ("ptrs", 8 * 6 * d.experts),
+            ("tokens", 4 * r),
+            ("pos", 4 * r),
+            ("tbl_off", 4 * r),
+            ("last", 4 * r),
+            ("tables", 4 * d.table_cap),
+            ("lastb", es * r * d.h.max(d.qr)),
+            ("logits", 4 * r * d.vocab),
+            ("cos", 4 * d.max_context * d.half_rope),
+            ("sin", 4 * d.max_context * d.half_rope),
+            ("counts", 4 * d.experts),
+            ("offsets", 4 * d.experts),
+            ("active", 4 * d.layers.max(1)),
+            ("etable", 8 * d.layers.max(1) * d.experts),
+            ("etable_down", 8 * d.layers.max(1) * d.experts),
+            ("pptrs", 8 * 4 * d.experts),
+            ("ov_counts", 4 * d.experts),
+            ("ov_offsets", 4 * d.experts),
+            ("ov_gidx", 4 * r * d.top_k),
+            ("argmax", 4 * r),
+            ("dinfo", 4 * 4),
+            ("eowner", 4 * d.layers.max(1) * d.experts),
+            ("ep_offs", 4 * (d.gpus + 1)),
+            ("ep_rets", 8 * d.gpus),
+            ("iota", 4 * r * d.top_k),
+        ]
+    }
+
+    /// Bytes of the scratch chunk: every buffer bump-allocated at 256-byte alignment, with a
+    /// 256-byte gap after each.
+    pub(crate) fn bytes(d: &Dims) -> usize {
+        Self::sizes(d)
+            .iter()
+            .map(|(_, b)| b.div_ceil(256) * 256 + 256)
+            .sum()
+    }
+
+    /// The buffers' addresses in a scratch chunk of [`Scratch::bytes`] mapped at `base`.
+    pub(crate) fn carve(base: u64, d: &Dims) -> Self {
+        let mut at = base;
+        let mut addr = BTreeMap::new();
+        for (name, b) in &Self::sizes(d) {
+            addr.insert(*name, at);
+            at += (b.div_ceil(256) * 256 + 256) as u64;
+        }
+        let a = |n: &str| addr[n];
+        Scratch {
+            hidden: a("hidden"),
+            xn: a("xn"),
+            xb: a("xb"),
+            q: a("q"),
+            qbf: a("qbf"),
+            kbuf: a("kbuf"),
+            vbuf: a("vbuf"),
+            att: a("att"),
+            att2: a("att2"),
+            qlat: a("qlat"),
+            rlogits: a("rlogits"),
+            ids: a("ids"),
+            wts: a("wts"),
+            f1: a("f1"),
+            f2: a("f2"),
+            hb: a("hb"),
+            y: a("y"),
+            xg: a("xg"),
+            gu: a("gu"),
+            eh: a("eh"),
+            eo: a("eo"),
+            gidx: a("gidx"),
+            cidx: a("cidx"),
+            ptrs: a("ptrs"),
+            tokens: a("tokens"),
+            pos: a("pos"),
+            tbl_off: a("tbl_off"),
+            last: a("last"),
+            tables: a("tables"),
+            lastb: a("lastb"),
+            logits: a("logits"),
+            cos: a("cos"),
+            sin: a("sin"),
+            counts: a("counts"),
+            offsets: a("offsets"),
+            active: a("active"),
+            etable: a("etable"),
+            etable_down: a("etable_down"),
+            pptrs: a("pptrs"),
+            ov_counts: a("ov_counts"),
+            ov_offsets: a("ov_offsets"),
+            ov_gidx: a("ov_gidx"),
+            argmax: a("argmax"),
+            dinfo: a("dinfo"),
+            eowner: a("eowner"),
+            ep_offs: a("ep_offs"),
+            ep_rets: a("ep_rets"),
+            iota: a("iota"),
+        }
+    }
 }
 
 /// Sizes the scratch of a rank needs.

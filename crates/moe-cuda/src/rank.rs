@@ -1,7 +1,6 @@
 //! One rank: a logical device with its stream, cuBLAS handle, compiled kernels, replicated
 //! weights, KV and scratch ([`Rank`]), how one is built, and its copies between host and device.
 
-use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -423,60 +422,8 @@ impl CudaRunner {
             geo.block_floats() * 4 * config.kv_blocks_per_rank,
             &[],
         )?;
-        // Scratch: bump-allocate every buffer at 256-byte alignment.
         let r = d.rows;
-        let sizes: Vec<(&str, usize)> = vec![
-            ("hidden", 4 * r * d.h),
-            ("xn", 4 * r * d.h),
-            ("xb", es * r * d.h.max(d.qr)),
-            ("q", 4 * r * d.qw),
-            ("qbf", es * r * d.qw),
-            ("kbuf", 4 * r * d.kvw.max(d.qr)),
-            ("vbuf", 4 * r * d.kvw),
-            ("att", es * r * d.attw.max(d.lat)),
-            ("att2", es * r * d.attw),
-            ("qlat", 4 * r * d.lat),
-            ("rlogits", 4 * r * d.experts),
-            ("ids", 4 * r * d.top_k),
-            ("wts", 4 * r * d.top_k),
-            ("f1", 4 * r * d.inter_max),
-            ("f2", 4 * r * d.inter_max),
-            ("hb", es * r * d.inter_max),
-            ("y", 4 * r * d.h),
-            ("xg", es * d.gather_cap * d.h),
-            ("gu", 4 * d.gather_cap * 2 * d.inter_e),
-            ("eh", es * d.gather_cap * d.inter_e),
-            ("eo", 4 * d.gather_cap * d.h),
-            ("gidx", 4 * d.gather_cap),
-            ("cidx", 4 * d.ep_rows() * d.top_k),
-            ("ptrs", 8 * 6 * d.experts),
-            ("tokens", 4 * r),
-            ("pos", 4 * r),
-            ("tbl_off", 4 * r),
-            ("last", 4 * r),
-            ("tables", 4 * d.table_cap),
-            ("lastb", es * r * d.h.max(d.qr)),
-            ("logits", 4 * r * d.vocab),
-            ("cos", 4 * d.max_context * d.half_rope),
-            ("sin", 4 * d.max_context * d.half_rope),
-            ("counts", 4 * d.experts),
-            ("offsets", 4 * d.experts),
-            ("active", 4 * d.layers.max(1)),
-            ("etable", 8 * d.layers.max(1) * d.experts),
-            ("etable_down", 8 * d.layers.max(1) * d.experts),
-            ("pptrs", 8 * 4 * d.experts),
-            ("ov_counts", 4 * d.experts),
-            ("ov_offsets", 4 * d.experts),
-            ("ov_gidx", 4 * r * d.top_k),
-            ("argmax", 4 * r),
-            ("dinfo", 4 * 4),
-            ("eowner", 4 * d.layers.max(1) * d.experts),
-            ("ep_offs", 4 * (d.gpus + 1)),
-            ("ep_rets", 8 * d.gpus),
-            ("iota", 4 * r * d.top_k),
-        ];
-        let total: usize = sizes.iter().map(|(_, b)| b.div_ceil(256) * 256 + 256).sum();
-        let scratch = DevBuf::new(vmm, dev, total, &[])?;
+        let scratch = DevBuf::new(vmm, dev, Scratch::bytes(d), &[])?;
         ctx.bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         let pinned = PinnedHost::new(&ctx, r * d.vocab)?;
@@ -485,71 +432,10 @@ impl CudaRunner {
         let info_ready = ctx
             .new_event(None)
             .map_err(CudaError::driver("cuEventCreate"))?;
-        let mut at = scratch.addr();
-        let mut addr = BTreeMap::new();
-        for (name, b) in &sizes {
-            addr.insert(*name, at);
-            at += (b.div_ceil(256) * 256 + 256) as u64;
-        }
-        let a = |n: &str| addr[n];
-        let s = Scratch {
-            hidden: a("hidden"),
-            xn: a("xn"),
-            xb: a("xb"),
-            q: a("q"),
-            qbf: a("qbf"),
-            kbuf: a("kbuf"),
-            vbuf: a("vbuf"),
-            att: a("att"),
-            att2: a("att2"),
-            qlat: a("qlat"),
-            rlogits: a("rlogits"),
-            ids: a("ids"),
-            wts: a("wts"),
-            f1: a("f1"),
-            f2: a("f2"),
-            hb: a("hb"),
-            y: a("y"),
-            xg: a("xg"),
-            gu: a("gu"),
-            eh: a("eh"),
-            eo: a("eo"),
-            gidx: a("gidx"),
-            cidx: a("cidx"),
-            ptrs: a("ptrs"),
-            tokens: a("tokens"),
-            pos: a("pos"),
-            tbl_off: a("tbl_off"),
-            last: a("last"),
-            tables: a("tables"),
-            lastb: a("lastb"),
-            logits: a("logits"),
-            cos: a("cos"),
-            sin: a("sin"),
-            counts: a("counts"),
-            offsets: a("offsets"),
-            active: a("active"),
-            etable: a("etable"),
-            etable_down: a("etable_down"),
-            pptrs: a("pptrs"),
-            ov_counts: a("ov_counts"),
-            ov_offsets: a("ov_offsets"),
-            ov_gidx: a("ov_gidx"),
-            argmax: a("argmax"),
-            dinfo: a("dinfo"),
-            eowner: a("eowner"),
-            ep_offs: a("ep_offs"),
-            ep_rets: a("ep_rets"),
-            iota: a("iota"),
-        };
+        let s = Scratch::carve(scratch.addr(), d);
         // The exchange chunk: readable and writable by every GPU of the machine, so any rank that
         // joins later can use it without a new grant.
-        let x_sizes = [
-            d.es * d.ep_rows() * d.h,
-            4 * d.ep_rows() * d.top_k,
-            4 * r * d.top_k * d.h,
-        ];
-        let x_len: usize = x_sizes.iter().map(|b| b.div_ceil(256) * 256).sum();
+        let x_len = Exchange::bytes(d);
         let everyone: Vec<DeviceId> = if d.gpus > 1 {
             (0..d.gpus as u32).map(DeviceId).collect()
         } else {
@@ -561,11 +447,7 @@ impl CudaRunner {
             Ok(b) => (b, !everyone.is_empty()),
             Err(_) => (DevBuf::new(vmm, dev, x_len, &[])?, false),
         };
-        let x = Exchange {
-            xin: xchg.addr(),
-            idin: xchg.addr() + (x_sizes[0].div_ceil(256) * 256) as u64,
-            ret: xchg.addr() + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
-        };
+        let x = Exchange::carve(xchg.addr(), d);
         let event = || {
             ctx.new_event(None)
                 .map_err(CudaError::driver("cuEventCreate"))
