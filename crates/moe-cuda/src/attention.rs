@@ -6,7 +6,7 @@ use moe_model::schema::TensorRole;
 use moe_model::spec::{AttnDims, RopeStyle};
 
 use crate::error::CudaError;
-use crate::rank::Arg;
+use crate::kernels::{DevPtr, Grid};
 use crate::runner::CudaRunner;
 use crate::step::Step;
 use crate::weights::has_role;
@@ -30,33 +30,31 @@ impl CudaRunner {
             .layout()
             .layer(l)
             .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
-        let kv_args = |layer: usize| {
-            [
-                Arg::P(rank.kv.addr()),
-                Arg::I(geo.block_floats() as i32),
-                Arg::I(geo.block_tokens as i32),
-                Arg::I(layer as i32),
-                Arg::I(geo.token_floats() as i32),
-                Arg::P(s.tables),
-                Arg::P(s.tbl_off),
-                Arg::P(s.pos),
-            ]
-        };
-        let rope_args = |x: u64, row: usize, heads: usize, hs: usize, off: usize| {
-            [
-                Arg::P(x),
-                Arg::I(row as i32),
-                Arg::I(heads as i32),
-                Arg::I(hs as i32),
-                Arg::I(off as i32),
-                Arg::I(2 * d.half_rope as i32),
-                Arg::P(s.pos),
-                Arg::P(s.cos),
-                Arg::P(s.sin),
-                Arg::I(i32::from(
-                    self.model.rope().style() == RopeStyle::Interleaved,
-                )),
-            ]
+        let kernels = rank.kernels();
+        // The paged KV cache's parameters of `kv_write`, `attn_gqa` and `attn_mla`.
+        let kv = DevPtr::f32(rank.kv.addr());
+        let (block_floats, block_tokens) = (geo.block_floats() as i32, geo.block_tokens as i32);
+        let (layer, token_floats) = (l as i32, geo.token_floats() as i32);
+        let (tables, tbl_off, pos) = (
+            DevPtr::i32(s.tables),
+            DevPtr::i32(s.tbl_off),
+            DevPtr::i32(s.pos),
+        );
+        let per_row = Grid::new((rows as u32, 1), 128, 0);
+        let rope = |x: u64, row: usize, heads: usize, hs: usize, off: usize| {
+            kernels.rope(
+                per_row,
+                DevPtr::f32(x),
+                row as i32,
+                heads as i32,
+                hs as i32,
+                off as i32,
+                2 * d.half_rope as i32,
+                pos,
+                DevPtr::f32(s.cos),
+                DevPtr::f32(s.sin),
+                i32::from(self.model.rope().style() == RopeStyle::Interleaved),
+            )
         };
         rank.rms(
             s.hidden,
@@ -143,47 +141,44 @@ impl CudaRunner {
                         rows,
                     )?;
                 }
-                rank.launch(
-                    &rank.k.rope,
-                    (rows as u32, 1),
-                    128,
-                    0,
-                    &rope_args(s.q, qw, a.heads, hd, 0),
+                rope(s.q, qw, a.heads, hd, 0)?;
+                rope(s.kbuf, kvw, a.kv_heads, hd, 0)?;
+                kernels.kv_write(
+                    per_row,
+                    kv,
+                    block_floats,
+                    block_tokens,
+                    layer,
+                    token_floats,
+                    tables,
+                    tbl_off,
+                    pos,
+                    DevPtr::f32(s.kbuf),
+                    kvw as i32,
+                    kvw as i32,
+                    DevPtr::f32(s.vbuf),
+                    kvw as i32,
+                    kvw as i32,
                 )?;
-                rank.launch(
-                    &rank.k.rope,
-                    (rows as u32, 1),
-                    128,
-                    0,
-                    &rope_args(s.kbuf, kvw, a.kv_heads, hd, 0),
-                )?;
-                let mut args = kv_args(l).to_vec();
-                args.extend([
-                    Arg::P(s.kbuf),
-                    Arg::I(kvw as i32),
-                    Arg::I(kvw as i32),
-                    Arg::P(s.vbuf),
-                    Arg::I(kvw as i32),
-                    Arg::I(kvw as i32),
-                ]);
-                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
-                let mut args = vec![Arg::P(s.q), Arg::I(qw as i32)];
-                args.extend(kv_args(l)[..8].iter().copied());
-                args.extend([
-                    Arg::I(a.heads as i32),
-                    Arg::I(a.kv_heads as i32),
-                    Arg::I(hd as i32),
-                    Arg::F(a.scale),
-                    Arg::P(s.att),
-                    Arg::I(qw as i32),
-                ]);
                 let smem = (4 * (hd + ctx_max)) as u32;
-                rank.launch(
-                    &rank.k.attn_gqa,
-                    (a.heads as u32, rows as u32),
-                    128,
-                    smem,
-                    &args,
+                kernels.attn_gqa(
+                    Grid::new((a.heads as u32, rows as u32), 128, smem),
+                    DevPtr::f32(s.q),
+                    qw as i32,
+                    kv,
+                    block_floats,
+                    block_tokens,
+                    layer,
+                    token_floats,
+                    tables,
+                    tbl_off,
+                    pos,
+                    a.heads as i32,
+                    a.kv_heads as i32,
+                    hd as i32,
+                    a.scale,
+                    DevPtr::act(s.att),
+                    qw as i32,
                 )?;
                 rank.gemm(
                     w(TensorRole::OProj)?,
@@ -283,38 +278,32 @@ impl CudaRunner {
                     0,
                     rows,
                 )?;
-                rank.launch(
-                    &rank.k.rope,
-                    (rows as u32, 1),
-                    128,
-                    0,
-                    &rope_args(s.q, qw, a.heads, qhd, a.qk_nope),
+                rope(s.q, qw, a.heads, qhd, a.qk_nope)?;
+                rope(s.vbuf, kvw, 1, a.qk_rope, r)?;
+                kernels.kv_write(
+                    per_row,
+                    kv,
+                    block_floats,
+                    block_tokens,
+                    layer,
+                    token_floats,
+                    tables,
+                    tbl_off,
+                    pos,
+                    DevPtr::f32(s.vbuf),
+                    kvw as i32,
+                    r as i32,
+                    DevPtr::f32(s.vbuf + 4 * r as u64),
+                    kvw as i32,
+                    a.qk_rope as i32,
                 )?;
-                rank.launch(
-                    &rank.k.rope,
-                    (rows as u32, 1),
-                    128,
-                    0,
-                    &rope_args(s.vbuf, kvw, 1, a.qk_rope, r),
-                )?;
-                let mut args = kv_args(l).to_vec();
-                args.extend([
-                    Arg::P(s.vbuf),
-                    Arg::I(kvw as i32),
-                    Arg::I(r as i32),
-                    Arg::P(s.vbuf + 4 * r as u64),
-                    Arg::I(kvw as i32),
-                    Arg::I(a.qk_rope as i32),
-                ]);
-                rank.launch(&rank.k.kv_write, (rows as u32, 1), 128, 0, &args)?;
                 // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
                 let n = (rows * qw) as i64;
-                rank.launch(
-                    &rank.k.cast_bf16,
-                    ((n as usize).div_ceil(256).min(65535) as u32, 1),
-                    256,
-                    0,
-                    &[Arg::P(s.q), Arg::P(s.qbf), Arg::L(n)],
+                kernels.cast_bf16(
+                    Grid::new(((n as usize).div_ceil(256).min(65535) as u32, 1), 256, 0),
+                    DevPtr::f32(s.q),
+                    DevPtr::act(s.qbf),
+                    n,
                 )?;
                 let kv_b = w(TensorRole::KvBProj)?;
                 let kvb_head = (a.qk_nope + a.v_head) * r;
@@ -335,24 +324,27 @@ impl CudaRunner {
                     false,
                     a.heads,
                 )?;
-                let mut args = vec![
-                    Arg::P(s.qlat),
-                    Arg::P(s.q),
-                    Arg::I(qw as i32),
-                    Arg::I(qhd as i32),
-                    Arg::I(a.qk_nope as i32),
-                    Arg::I(a.qk_rope as i32),
-                    Arg::I(r as i32),
-                ];
-                args.extend(kv_args(l)[..8].iter().copied());
-                args.extend([Arg::I(a.heads as i32), Arg::F(a.scale), Arg::P(s.att)]);
                 let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
-                rank.launch(
-                    &rank.k.attn_mla,
-                    (a.heads as u32, rows as u32),
-                    128,
-                    smem,
-                    &args,
+                kernels.attn_mla(
+                    Grid::new((a.heads as u32, rows as u32), 128, smem),
+                    DevPtr::f32(s.qlat),
+                    DevPtr::f32(s.q),
+                    qw as i32,
+                    qhd as i32,
+                    a.qk_nope as i32,
+                    a.qk_rope as i32,
+                    r as i32,
+                    kv,
+                    block_floats,
+                    block_tokens,
+                    layer,
+                    token_floats,
+                    tables,
+                    tbl_off,
+                    pos,
+                    a.heads as i32,
+                    a.scale,
+                    DevPtr::act(s.att),
                 )?;
                 // Expand: out[row, h] = W_UV[h] o_lat[row, h].
                 rank.gemm_strided(

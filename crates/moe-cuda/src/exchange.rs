@@ -4,8 +4,8 @@
 
 use crate::error::CudaError;
 use crate::experts::{DispatchPath, ExpertRows};
+use crate::kernels::{DevPtr, Grid};
 use crate::memory::Dims;
-use crate::rank::Arg;
 use crate::runner::CudaRunner;
 use crate::step::Step;
 
@@ -172,24 +172,19 @@ impl CudaRunner {
         let d = self.dims;
         let gr = &self.ranks[g];
         let s = gr.s;
-        gr.launch(
-            &gr.k.ep_return,
-            ((total * d.top_k) as u32, 1),
-            128,
-            0,
-            &[
-                Arg::P(gr.x.idin),
-                Arg::I(d.experts as i32),
-                Arg::P(s.eowner + (4 * l * d.experts) as u64),
-                Arg::I(g as i32),
-                Arg::P(s.cidx),
-                Arg::P(s.eo),
-                Arg::I(d.h as i32),
-                Arg::I(d.top_k as i32),
-                Arg::P(s.ep_offs),
-                Arg::I(self.ranks.len() as i32),
-                Arg::P(s.ep_rets),
-            ],
+        gr.kernels().ep_return(
+            Grid::new(((total * d.top_k) as u32, 1), 128, 0),
+            DevPtr::i32(gr.x.idin),
+            d.experts as i32,
+            DevPtr::i32(s.eowner + (4 * l * d.experts) as u64),
+            g as i32,
+            DevPtr::i32(s.cidx),
+            DevPtr::f32(s.eo),
+            d.h as i32,
+            d.top_k as i32,
+            DevPtr::i32(s.ep_offs),
+            self.ranks.len() as i32,
+            DevPtr::u64(s.ep_rets),
         )?;
         gr.ev_ret
             .record(&gr.stream)
@@ -216,21 +211,16 @@ impl CudaRunner {
         } else {
             0
         };
-        rank.launch(
-            &rank.k.combine,
-            (st.rows as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.hidden),
-                Arg::I(d.h as i32),
-                Arg::I(d.top_k as i32),
-                Arg::P(s.iota),
-                Arg::P(s.wts),
-                Arg::P(rank.x.ret),
-                Arg::P(shared),
-                Arg::I(d.h as i32),
-            ],
+        rank.kernels().combine(
+            Grid::new((st.rows as u32, 1), 256, 0),
+            DevPtr::f32(s.hidden),
+            d.h as i32,
+            d.top_k as i32,
+            DevPtr::i32(s.iota),
+            DevPtr::f32(s.wts),
+            DevPtr::f32(rank.x.ret),
+            DevPtr::f32(shared).or_null(),
+            d.h as i32,
         )?;
         st.clock.mark(&rank.stream, 3)
     }

@@ -8,8 +8,9 @@ use crate::error::CudaError;
 use crate::kernels::{
     bi_vectorizable, moe_gemv_fits, MMA_COLS, MMA_ROWS, MOE_COLS, MOE_ROWS, MOE_SMEM, MOE_WARPS,
 };
+use crate::kernels::{DevPtr, Grid};
 use crate::memory::Dims;
-use crate::rank::{Arg, Rank};
+use crate::rank::Rank;
 use crate::runner::CudaRunner;
 use crate::step::Step;
 
@@ -96,23 +97,18 @@ impl CudaRunner {
     ) -> Result<(), CudaError> {
         let s = rank.s;
         let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
-        rank.launch(
-            &rank.k.route,
-            (rows as u32, 1),
-            32,
-            0,
-            &[
-                Arg::P(s.rlogits),
-                Arg::I(rows as i32),
-                Arg::I(spec.experts as i32),
-                Arg::I(spec.top_k as i32),
-                Arg::I(ng as i32),
-                Arg::I(tg as i32),
-                Arg::I(i32::from(spec.normalize)),
-                Arg::F(spec.scale),
-                Arg::P(s.ids),
-                Arg::P(s.wts),
-            ],
+        rank.kernels().route(
+            Grid::new((rows as u32, 1), 32, 0),
+            DevPtr::f32(s.rlogits),
+            rows as i32,
+            spec.experts as i32,
+            spec.top_k as i32,
+            ng as i32,
+            tg as i32,
+            i32::from(spec.normalize),
+            spec.scale,
+            DevPtr::i32(s.ids),
+            DevPtr::f32(s.wts),
         )
     }
 
@@ -205,25 +201,24 @@ impl CudaRunner {
         let es = self.dims.es;
         let rchunk = (MOE_SMEM / (k * es)).clamp(1, MOE_ROWS);
         let cols = MOE_WARPS * MOE_COLS;
-        rank.launch(
-            &rank.k.moe_gemv,
-            (n.div_ceil(cols) as u32, self.dims.experts as u32),
-            (32 * MOE_WARPS) as u32,
-            (rchunk * k * es) as u32,
-            &[
-                Arg::P(counts),
-                Arg::P(offsets),
-                Arg::P(row_idx),
-                Arg::P(x),
-                Arg::I(ldx as i32),
-                Arg::P(table),
-                Arg::L(w_off as i64),
-                Arg::I(n as i32),
-                Arg::I(k as i32),
-                Arg::P(out),
-                Arg::I(ldo as i32),
-                Arg::I(rchunk as i32),
-            ],
+        rank.kernels().moe_gemv(
+            Grid::new(
+                (n.div_ceil(cols) as u32, self.dims.experts as u32),
+                (32 * MOE_WARPS) as u32,
+                (rchunk * k * es) as u32,
+            ),
+            DevPtr::i32(counts),
+            DevPtr::i32(offsets),
+            DevPtr::i32(row_idx).or_null(),
+            DevPtr::act(x),
+            ldx as i32,
+            DevPtr::u64(table),
+            w_off as i64,
+            n as i32,
+            k as i32,
+            DevPtr::f32(out),
+            ldo as i32,
+            rchunk as i32,
         )
     }
 
@@ -244,41 +239,42 @@ impl CudaRunner {
         (out, ldo): (u64, usize),
         rows: usize,
     ) -> Result<(), CudaError> {
-        let Some(mma) = &rank.k.bi_mma else {
+        let kernels = rank.kernels();
+        if !kernels.has_bi_mma() {
             return self.moe_gemv(rank, co, table, row_idx, x, ldx, w_off, n, k, out, ldo);
-        };
+        }
         let es = self.dims.es;
         let aligned = bi_vectorizable(es, k, &[x, (es * w_off) as u64], &[ldx, k]);
-        rank.launch3(
-            mma,
-            (
-                n.div_ceil(MMA_COLS) as u32,
-                rows.div_ceil(MMA_ROWS) as u32,
-                self.dims.experts as u32,
+        // Expert mode: no plain weights (`w`), the experts' weights from `wptrs`.
+        kernels.bi_mma(
+            Grid::xyz(
+                (
+                    n.div_ceil(MMA_COLS) as u32,
+                    rows.div_ceil(MMA_ROWS) as u32,
+                    self.dims.experts as u32,
+                ),
+                128,
             ),
-            128,
-            &[
-                Arg::P(x),
-                Arg::I(ldx as i32),
-                Arg::L(0),
-                Arg::P(0),
-                Arg::I(k as i32),
-                Arg::L(0),
-                Arg::P(out),
-                Arg::I(ldo as i32),
-                Arg::L(0),
-                Arg::I(0),
-                Arg::F(0.0),
-                Arg::I(rows as i32),
-                Arg::I(n as i32),
-                Arg::I(k as i32),
-                Arg::I(i32::from(aligned)),
-                Arg::P(co.0),
-                Arg::P(co.1),
-                Arg::P(row_idx),
-                Arg::P(table),
-                Arg::L(w_off as i64),
-            ],
+            DevPtr::act(x),
+            ldx as i32,
+            0,
+            None,
+            k as i32,
+            0,
+            DevPtr::untyped(out),
+            ldo as i32,
+            0,
+            0,
+            0.0,
+            rows as i32,
+            n as i32,
+            k as i32,
+            i32::from(aligned),
+            Some(DevPtr::i32(co.0)),
+            Some(DevPtr::i32(co.1)),
+            DevPtr::i32(row_idx).or_null(),
+            Some(DevPtr::u64(table)),
+            w_off as i64,
         )
     }
 
@@ -321,19 +317,14 @@ impl CudaRunner {
             inter,
             0.0,
         )?;
-        rank.launch(
-            &rank.k.silu_mul,
-            (rows as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.f1),
-                Arg::I(inter as i32),
-                Arg::P(s.f2),
-                Arg::I(inter as i32),
-                Arg::P(s.hb),
-                Arg::I(inter as i32),
-            ],
+        rank.kernels().silu_mul(
+            Grid::new((rows as u32, 1), 256, 0),
+            DevPtr::f32(s.f1),
+            inter as i32,
+            DevPtr::f32(s.f2),
+            inter as i32,
+            DevPtr::act(s.hb),
+            inter as i32,
         )?;
         rank.gemm(
             w(TensorRole::Down)?,
@@ -378,18 +369,13 @@ impl CudaRunner {
             return Ok(false);
         }
         let spec = self.model.router_spec();
-        rank.launch(
-            &rank.k.linear_f32,
-            (spec.experts as u32, rows as u32),
-            128,
-            0,
-            &[
-                Arg::P(s.xn),
-                Arg::P(self.weight(rank, l, TensorRole::RouterGate)?),
-                Arg::P(s.rlogits),
-                Arg::I(h as i32),
-                Arg::I(spec.experts as i32),
-            ],
+        rank.kernels().linear_f32(
+            Grid::new((spec.experts as u32, rows as u32), 128, 0),
+            DevPtr::f32(s.xn),
+            DevPtr::act(self.weight(rank, l, TensorRole::RouterGate)?),
+            DevPtr::f32(s.rlogits),
+            h as i32,
+            spec.experts as i32,
         )?;
         Self::launch_route(rank, &spec, rows).map(|()| true)
     }
@@ -417,33 +403,28 @@ impl CudaRunner {
         } else if let DispatchPath::Padded(cap) = path {
             // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
             // the rows past an expert's capacity through `moe_gemv`; no host sync.
-            rank.launch(
-                &rank.k.moe_dispatch_padded,
-                (1, 1),
-                256,
-                0,
-                &[
-                    Arg::P(s.ids),
-                    Arg::I((rows * k) as i32),
-                    Arg::I(e as i32),
-                    Arg::I(k as i32),
-                    Arg::I(cap as i32),
-                    Arg::P(s.gidx),
-                    Arg::P(s.cidx),
-                    Arg::P(s.ov_counts),
-                    Arg::P(s.ov_offsets),
-                    Arg::P(s.ov_gidx),
-                    Arg::P(s.active + 4 * l as u64),
-                ],
+            rank.kernels().moe_dispatch_padded(
+                Grid::new((1, 1), 256, 0),
+                DevPtr::i32(s.ids),
+                (rows * k) as i32,
+                e as i32,
+                k as i32,
+                cap as i32,
+                DevPtr::i32(s.gidx),
+                DevPtr::i32(s.cidx),
+                DevPtr::i32(s.ov_counts),
+                DevPtr::i32(s.ov_offsets),
+                DevPtr::i32(s.ov_gidx),
+                DevPtr::i32(s.active + 4 * l as u64),
             )?;
             clock.mark(&rank.stream, 2)?;
             let padded = e * cap;
-            rank.launch(
-                &rank.k.gather_bf16,
-                (padded as u32, 1),
-                256,
-                0,
-                &[Arg::P(s.xb), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+            rank.kernels().gather_bf16(
+                Grid::new((padded as u32, 1), 256, 0),
+                DevPtr::act(s.xb),
+                h as i32,
+                DevPtr::i32(s.gidx),
+                DevPtr::act(s.xg),
             )?;
             let table = s.etable + (8 * l * d.experts) as u64;
             let table_down = s.etable_down + (8 * l * d.experts) as u64;
@@ -492,21 +473,16 @@ impl CudaRunner {
         } else {
             0
         };
-        rank.launch(
-            &rank.k.combine,
-            (rows as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.hidden),
-                Arg::I(h as i32),
-                Arg::I(k as i32),
-                Arg::P(s.cidx),
-                Arg::P(s.wts),
-                Arg::P(s.eo),
-                Arg::P(shared),
-                Arg::I(h as i32),
-            ],
+        rank.kernels().combine(
+            Grid::new((rows as u32, 1), 256, 0),
+            DevPtr::f32(s.hidden),
+            h as i32,
+            k as i32,
+            DevPtr::i32(s.cidx),
+            DevPtr::f32(s.wts),
+            DevPtr::f32(s.eo),
+            DevPtr::f32(shared).or_null(),
+            h as i32,
         )?;
         clock.mark(&rank.stream, 3)
     }
@@ -515,19 +491,14 @@ impl CudaRunner {
     /// projections' input), `rows` rows.
     pub(crate) fn expert_silu(&self, rank: &Rank, rows: usize) -> Result<(), CudaError> {
         let (s, ie) = (rank.s, self.dims.inter_e);
-        rank.launch(
-            &rank.k.silu_mul,
-            (rows as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.gu),
-                Arg::I(2 * ie as i32),
-                Arg::P(s.gu + 4 * ie as u64),
-                Arg::I(2 * ie as i32),
-                Arg::P(s.eh),
-                Arg::I(ie as i32),
-            ],
+        rank.kernels().silu_mul(
+            Grid::new((rows as u32, 1), 256, 0),
+            DevPtr::f32(s.gu),
+            2 * ie as i32,
+            DevPtr::f32(s.gu + 4 * ie as u64),
+            2 * ie as i32,
+            DevPtr::act(s.eh),
+            ie as i32,
         )
     }
 
@@ -544,24 +515,19 @@ impl CudaRunner {
         let d = self.dims;
         let s = rank.s;
         let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        rank.launch(
-            &rank.k.moe_dispatch,
-            (1, 1),
-            256,
-            0,
-            &[
-                Arg::P(r.ids),
-                Arg::I((r.rows * k) as i32),
-                Arg::I(e as i32),
-                Arg::I(k as i32),
-                Arg::P(s.counts),
-                Arg::P(s.offsets),
-                Arg::P(s.gidx),
-                Arg::P(s.cidx),
-                Arg::P(s.active + 4 * l as u64),
-                Arg::P(r.owner),
-                Arg::I(r.me),
-            ],
+        rank.kernels().moe_dispatch(
+            Grid::new((1, 1), 256, 0),
+            DevPtr::i32(r.ids),
+            (r.rows * k) as i32,
+            e as i32,
+            k as i32,
+            DevPtr::i32(s.counts),
+            DevPtr::i32(s.offsets),
+            DevPtr::i32(s.gidx),
+            DevPtr::i32(s.cidx),
+            DevPtr::i32(s.active + 4 * l as u64),
+            DevPtr::i32(r.owner).or_null(),
+            r.me,
         )?;
         let table = s.etable + (8 * l * e) as u64;
         let co = (s.counts, s.offsets);
@@ -594,35 +560,30 @@ impl CudaRunner {
         let d = self.dims;
         let s = rank.s;
         let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        rank.launch(
-            &rank.k.moe_dispatch_grouped,
-            (1, 1),
-            256,
-            0,
-            &[
-                Arg::P(r.ids),
-                Arg::I((r.rows * k) as i32),
-                Arg::I(e as i32),
-                Arg::I(k as i32),
-                Arg::I(d.gather_cap as i32),
-                Arg::P(s.etable + (8 * l * e) as u64),
-                Arg::L((d.es * 2 * h * ie) as i64),
-                Arg::U(s.xg),
-                Arg::L((d.es * h) as i64),
-                Arg::U(s.gu),
-                Arg::L((4 * 2 * ie) as i64),
-                Arg::U(s.eh),
-                Arg::L((d.es * ie) as i64),
-                Arg::U(s.eo),
-                Arg::L((4 * h) as i64),
-                Arg::P(s.gidx),
-                Arg::P(s.cidx),
-                Arg::P(s.ptrs),
-                Arg::P(s.dinfo),
-                Arg::P(s.active + 4 * l as u64),
-                Arg::P(r.owner),
-                Arg::I(r.me),
-            ],
+        rank.kernels().moe_dispatch_grouped(
+            Grid::new((1, 1), 256, 0),
+            DevPtr::i32(r.ids),
+            (r.rows * k) as i32,
+            e as i32,
+            k as i32,
+            d.gather_cap as i32,
+            DevPtr::u64(s.etable + (8 * l * e) as u64),
+            (d.es * 2 * h * ie) as i64,
+            s.xg,
+            (d.es * h) as i64,
+            s.gu,
+            (4 * 2 * ie) as i64,
+            s.eh,
+            (d.es * ie) as i64,
+            s.eo,
+            (4 * h) as i64,
+            DevPtr::i32(s.gidx),
+            DevPtr::i32(s.cidx),
+            DevPtr::u64(s.ptrs),
+            DevPtr::i32(s.dinfo),
+            DevPtr::i32(s.active + 4 * l as u64),
+            DevPtr::i32(r.owner).or_null(),
+            r.me,
         )?;
         rank.fetch_info()
     }
@@ -656,12 +617,12 @@ impl CudaRunner {
             return self.experts_gemv(rank, l, r);
         }
         let rows = (active * max_n) as u32;
-        rank.launch(
-            &rank.k.gather_bf16,
-            (rows, 1),
-            256,
-            0,
-            &[Arg::P(r.x), Arg::I(h as i32), Arg::P(s.gidx), Arg::P(s.xg)],
+        rank.kernels().gather_bf16(
+            Grid::new((rows, 1), 256, 0),
+            DevPtr::act(r.x),
+            h as i32,
+            DevPtr::i32(s.gidx),
+            DevPtr::act(s.xg),
         )?;
         let p = |i: usize| s.ptrs + (8 * i * active) as u64;
         rank.gemm_batched(p(0), p(1), p(2), 2 * ie, max_n, h, active)?;

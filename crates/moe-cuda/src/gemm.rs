@@ -7,7 +7,8 @@ use cudarc::cublas::sys as blas_sys;
 
 use crate::error::{blas, CudaError};
 use crate::kernels::{bi_vectorizable, BI_COLS, BI_ROWS, BI_WARPS, MMA_COLS, MMA_ROWS};
-use crate::rank::{Arg, Rank};
+use crate::kernels::{DevPtr, Grid};
+use crate::rank::Rank;
 
 impl Rank {
     /// `y[rows, outf] (ldy) = x[rows, inf] (ldx, bf16) * w[outf, inf]^T (bf16) + beta * y`.
@@ -199,7 +200,7 @@ impl Rank {
         })
     }
 
-    /// The batch-invariant GEMM (see `bi_gemm` in [`kernels::SOURCE`]): for each of `count`
+    /// The batch-invariant GEMM (see `bi_gemm` in `kernels/model.cu`): for each of `count`
     /// batches, `out[m, n] = sum_k x[m, k] * w(n, k) (+ beta * out)` with `(rows, cols, k)` =
     /// `(m, n, k)`. `x`, `w` and `out` are `(address, leading dimension, batch stride)` in
     /// elements (`out` also says whether it is bf16); `w(n, k)` is `w[n * ld + k]`, or with
@@ -223,60 +224,89 @@ impl Rank {
         } else {
             2
         };
-        let mut args = vec![
-            Arg::P(x),
-            Arg::I(ldx as i32),
-            Arg::L(sx as i64),
-            Arg::P(w),
-            Arg::I(ldw as i32),
-            Arg::L(sw as i64),
-            Arg::P(out),
-            Arg::I(ldo as i32),
-            Arg::L(so as i64),
-            Arg::I(i32::from(out_bf16)),
-            Arg::F(beta),
-            Arg::I(rows as i32),
-            Arg::I(cols as i32),
-            Arg::I(k as i32),
-        ];
+        let (x_, w_, out_) = (DevPtr::act(x), DevPtr::act(w), DevPtr::untyped(out));
+        let (ldx_, sx_, ldw_, sw_) = (ldx as i32, sx as i64, ldw as i32, sw as i64);
+        let (ldo_, so_, out_bf16_) = (ldo as i32, so as i64, i32::from(out_bf16));
+        let (m, n, k_) = (rows as i32, cols as i32, k as i32);
         let row_tiles = rows.div_ceil(BI_ROWS) as u32;
+        let kernels = self.kernels();
         if k_major {
-            return self.launch3(
-                &self.k.bi_gemm_kn,
-                (cols.div_ceil(128) as u32, row_tiles, count as u32),
-                128,
-                &args,
+            return kernels.bi_gemm_kn(
+                Grid::xyz((cols.div_ceil(128) as u32, row_tiles, count as u32), 128),
+                x_,
+                ldx_,
+                sx_,
+                w_,
+                ldw_,
+                sw_,
+                out_,
+                ldo_,
+                so_,
+                out_bf16_,
+                beta,
+                m,
+                n,
+                k_,
             );
         }
-        args.push(Arg::I(i32::from(bi_vectorizable(
-            es,
-            k,
-            &[x, w],
-            &[ldx, ldw, sx, sw],
-        ))));
-        if let Some(mma) = &self.k.bi_mma {
+        let aligned = i32::from(bi_vectorizable(es, k, &[x, w], &[ldx, ldw, sx, sw]));
+        if kernels.has_bi_mma() {
             // Tensor cores (bf16): plain mode, no expert arrays.
-            args.extend([Arg::P(0), Arg::P(0), Arg::P(0), Arg::P(0), Arg::L(0)]);
-            return self.launch3(
-                mma,
+            return kernels.bi_mma(
+                Grid::xyz(
+                    (
+                        cols.div_ceil(MMA_COLS) as u32,
+                        rows.div_ceil(MMA_ROWS) as u32,
+                        count as u32,
+                    ),
+                    128,
+                ),
+                x_,
+                ldx_,
+                sx_,
+                Some(w_),
+                ldw_,
+                sw_,
+                out_,
+                ldo_,
+                so_,
+                out_bf16_,
+                beta,
+                m,
+                n,
+                k_,
+                aligned,
+                None,
+                None,
+                None,
+                None,
+                0,
+            );
+        }
+        kernels.bi_gemm(
+            Grid::xyz(
                 (
-                    cols.div_ceil(MMA_COLS) as u32,
-                    rows.div_ceil(MMA_ROWS) as u32,
+                    cols.div_ceil(BI_WARPS * BI_COLS) as u32,
+                    row_tiles,
                     count as u32,
                 ),
-                128,
-                &args,
-            );
-        }
-        self.launch3(
-            &self.k.bi_gemm,
-            (
-                cols.div_ceil(BI_WARPS * BI_COLS) as u32,
-                row_tiles,
-                count as u32,
+                (32 * BI_WARPS) as u32,
             ),
-            (32 * BI_WARPS) as u32,
-            &args,
+            x_,
+            ldx_,
+            sx_,
+            w_,
+            ldw_,
+            sw_,
+            out_,
+            ldo_,
+            so_,
+            out_bf16_,
+            beta,
+            m,
+            n,
+            k_,
+            aligned,
         )
     }
 }

@@ -5,9 +5,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use hbm_vmm::cuda::CudaBackend;
 use hbm_vmm::{DeviceId, Vmm};
 use moe_engine::{Need, RowOutput};
@@ -20,20 +18,10 @@ use moe_model::weights::ChunkLayout;
 use crate::config::{CudaConfig, Precision};
 use crate::error::{cu, CudaError};
 use crate::exchange::Exchange;
-use crate::kernels::Kernels;
+use crate::kernels::{DevPtr, Grid, Kernels, Launcher};
 use crate::memory::{DevBuf, Dims, PinnedHost, Scratch};
 use crate::runner::CudaRunner;
 use crate::weights::Fill;
-
-/// A kernel argument (kept alive in a vector until the launch).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg {
-    P(u64),
-    I(i32),
-    L(i64),
-    U(u64),
-    F(f32),
-}
 
 /// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
 pub(crate) struct Rank {
@@ -88,37 +76,9 @@ impl Rank {
             .map_err(CudaError::driver("cuCtxSetCurrent"))
     }
 
-    pub(crate) fn launch(
-        &self,
-        f: &CudaFunction,
-        grid: (u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        if grid.0 == 0 || grid.1 == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::P(v) | Arg::U(v) => b.arg(v),
-                Arg::I(v) => b.arg(v),
-                Arg::L(v) => b.arg(v),
-                Arg::F(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: every argument matches the kernel's parameter list in `kernels::SOURCE` (device
-        // addresses as u64, ints as i32/i64, floats as f32), and every address points into a live
-        // chunk of this rank (or a peer chunk this device was granted access to) sized for the
-        // launch by the caller.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
-        Ok(())
+    /// The typed launchers of this rank's kernels on its stream.
+    pub(crate) fn kernels(&self) -> Launcher<'_> {
+        Launcher::new(&self.stream, &self.k)
     }
 
     pub(crate) fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<(), CudaError> {
@@ -284,38 +244,6 @@ impl Rank {
         Ok(out)
     }
 
-    /// [`Rank::launch`] on a three-dimensional grid, without dynamic shared memory.
-    pub(crate) fn launch3(
-        &self,
-        f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::P(v) | Arg::U(v) => b.arg(v),
-                Arg::I(v) => b.arg(v),
-                Arg::L(v) => b.arg(v),
-                Arg::F(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as in `launch`: the arguments match the kernel's parameter list in
-        // `kernels::SOURCE`, and every address points into a live chunk this device can access,
-        // sized by the caller for the whole grid.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver("cuLaunchKernel"))?;
-        Ok(())
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rms(
         &self,
@@ -332,23 +260,18 @@ impl Rank {
         ob_row: usize,
         rows: usize,
     ) -> Result<(), CudaError> {
-        self.launch(
-            &self.k.rms_norm,
-            (segs as u32, rows as u32),
-            256,
-            0,
-            &[
-                Arg::P(x),
-                Arg::I(x_row as i32),
-                Arg::I(seg_stride as i32),
-                Arg::P(w),
-                Arg::I(width as i32),
-                Arg::F(eps),
-                Arg::P(out_f),
-                Arg::I(of_row as i32),
-                Arg::P(out_b),
-                Arg::I(ob_row as i32),
-            ],
+        self.kernels().rms_norm(
+            Grid::new((segs as u32, rows as u32), 256, 0),
+            DevPtr::f32(x),
+            x_row as i32,
+            seg_stride as i32,
+            DevPtr::act(w),
+            width as i32,
+            eps,
+            DevPtr::f32(out_f).or_null(),
+            of_row as i32,
+            DevPtr::act(out_b).or_null(),
+            ob_row as i32,
         )
     }
 
@@ -359,22 +282,16 @@ impl Rank {
         random: Option<(u64, f32)>,
         v: f32,
     ) -> Result<(), CudaError> {
-        let grid = (n.div_ceil(256).min(65535) as u32).max(1);
+        let blocks = (n.div_ceil(256).min(65535) as u32).max(1);
+        let grid = Grid::new((blocks, 1), 256, 0);
         match random {
-            Some((seed, scale)) => self.launch(
-                &self.k.fill_random,
-                (grid, 1),
-                256,
-                0,
-                &[Arg::P(ptr), Arg::L(n as i64), Arg::U(seed), Arg::F(scale)],
-            ),
-            None => self.launch(
-                &self.k.fill_const,
-                (grid, 1),
-                256,
-                0,
-                &[Arg::P(ptr), Arg::L(n as i64), Arg::F(v)],
-            ),
+            Some((seed, scale)) => {
+                self.kernels()
+                    .fill_random(grid, DevPtr::act(ptr), n as i64, seed, scale)
+            }
+            None => self
+                .kernels()
+                .fill_const(grid, DevPtr::act(ptr), n as i64, v),
         }
     }
 }

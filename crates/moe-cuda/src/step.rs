@@ -9,7 +9,7 @@ use moe_model::schema::TensorRole;
 
 use crate::error::CudaError;
 use crate::experts::DispatchPath;
-use crate::rank::Arg;
+use crate::kernels::{DevPtr, Grid};
 use crate::runner::CudaRunner;
 use crate::weights::{has_role, slot_addr};
 
@@ -107,16 +107,11 @@ impl CudaRunner {
         let rank = &self.ranks[0];
         rank.bind()?;
         rank.htod(rank.s.logits, logits)?;
-        rank.launch(
-            &rank.k.argmax_rows,
-            (n as u32, 1),
-            1024,
-            0,
-            &[
-                Arg::P(rank.s.logits),
-                Arg::I(vocab as i32),
-                Arg::P(rank.s.argmax),
-            ],
+        rank.kernels().argmax_rows(
+            Grid::new((n as u32, 1), 1024, 0),
+            DevPtr::f32(rank.s.logits),
+            vocab as i32,
+            DevPtr::i32(rank.s.argmax),
         )?;
         let ids: Vec<i32> = rank.dtoh(rank.s.argmax, n)?;
         Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
@@ -228,17 +223,12 @@ impl CudaRunner {
             TensorRole::Embedding,
             d.es,
         )?;
-        rank.launch(
-            &rank.k.embed,
-            (rows as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.tokens),
-                Arg::P(g_embed),
-                Arg::P(s.hidden),
-                Arg::I(d.h as i32),
-            ],
+        rank.kernels().embed(
+            Grid::new((rows as u32, 1), 256, 0),
+            DevPtr::i32(s.tokens),
+            DevPtr::act(g_embed),
+            DevPtr::f32(s.hidden),
+            d.h as i32,
         )?;
         Ok(Some(Step {
             ri,
@@ -270,28 +260,22 @@ impl CudaRunner {
             slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?
         };
         rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, st.rows)?;
-        rank.launch(
-            &rank.k.gather_bf16,
-            (n as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(s.xb),
-                Arg::I(h as i32),
-                Arg::P(s.last),
-                Arg::P(s.lastb),
-            ],
+        rank.kernels().gather_bf16(
+            Grid::new((n as u32, 1), 256, 0),
+            DevPtr::act(s.xb),
+            h as i32,
+            DevPtr::i32(s.last),
+            DevPtr::act(s.lastb),
         )?;
         rank.gemm(
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
         if st.needs.contains(&Need::GreedyToken) {
-            rank.launch(
-                &rank.k.argmax_rows,
-                (n as u32, 1),
-                1024,
-                0,
-                &[Arg::P(s.logits), Arg::I(d.vocab as i32), Arg::P(s.argmax)],
+            rank.kernels().argmax_rows(
+                Grid::new((n as u32, 1), 1024, 0),
+                DevPtr::f32(s.logits),
+                d.vocab as i32,
+                DevPtr::i32(s.argmax),
             )?;
         }
         Ok(())

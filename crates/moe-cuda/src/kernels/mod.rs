@@ -1,9 +1,11 @@
-//! The NVRTC kernels of the CUDA backend, compiled once per device.
+//! The NVRTC kernels of the CUDA backend: their CUDA C sources (`model.cu`, `bi_mma.cu`),
+//! compiled once per device ([`Kernels::compile`]), their launch shapes, and the typed launchers
+//! (`launch`), the only way the runner starts a kernel.
 //!
 //! bf16 is handled as raw `unsigned short` bits (no CUDA headers, so NVRTC needs no include path):
 //! weights and GEMM inputs are bf16, everything else (residual stream, attention, router, KV cache)
 //! is `f32`. Reductions run in `f32`. Compiled with `ACT_F32` defined (the runner's
-//! [`super::Precision::F32`]), the same source stores weights and GEMM inputs as `float` instead.
+//! [`crate::Precision::F32`]), the same source stores weights and GEMM inputs as `float` instead.
 
 use std::sync::Arc;
 
@@ -11,27 +13,25 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
 use crate::error::CudaError;
 
-/// `moe_gemv`'s shape, as in [`kernels::SOURCE`]: rows per shared-memory chunk at most, warps per
+mod launch;
+
+pub(crate) use launch::{DevPtr, Grid, Launcher};
+
+/// `moe_gemv`'s shape, as in [`SOURCE`]: rows per shared-memory chunk at most, warps per
 /// block, output columns per warp; and the shared memory it may take for one chunk of rows.
 pub(crate) const MOE_ROWS: usize = 8;
-
 pub(crate) const MOE_WARPS: usize = 8;
-
 pub(crate) const MOE_COLS: usize = 4;
-
 pub(crate) const MOE_SMEM: usize = 40 * 1024;
 
-/// `bi_gemm`'s shape, as in [`kernels::SOURCE`]: rows per block, warps per block, output columns
+/// `bi_gemm`'s shape, as in [`SOURCE`]: rows per block, warps per block, output columns
 /// per warp.
 pub(crate) const BI_ROWS: usize = 16;
-
 pub(crate) const BI_WARPS: usize = 8;
-
 pub(crate) const BI_COLS: usize = 4;
 
-/// `bi_mma`'s block tile, as in [`kernels::MMA_SOURCE`]: rows and columns (4 warps, 128 threads).
+/// `bi_mma`'s block tile, as in [`MMA_SOURCE`]: rows and columns (4 warps, 128 threads).
 pub(crate) const MMA_ROWS: usize = 32;
-
 pub(crate) const MMA_COLS: usize = 16;
 
 /// Whether `bi_gemm` may use 128-bit loads: `k` a multiple of the vector width (`16 / es`
@@ -65,31 +65,31 @@ pub(crate) const MMA_SOURCE: &str = include_str!("bi_mma.cu");
 #[derive(Debug)]
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
-    pub embed: CudaFunction,
-    pub rms_norm: CudaFunction,
-    pub rope: CudaFunction,
-    pub kv_write: CudaFunction,
-    pub attn_gqa: CudaFunction,
-    pub attn_mla: CudaFunction,
-    pub linear_f32: CudaFunction,
-    pub route: CudaFunction,
-    pub gather_bf16: CudaFunction,
-    pub silu_mul: CudaFunction,
-    pub combine: CudaFunction,
-    pub cast_bf16: CudaFunction,
-    pub moe_dispatch: CudaFunction,
-    pub moe_dispatch_padded: CudaFunction,
-    pub moe_dispatch_grouped: CudaFunction,
-    pub moe_gemv: CudaFunction,
-    pub ep_return: CudaFunction,
-    pub argmax_rows: CudaFunction,
-    pub bi_gemm: CudaFunction,
-    pub bi_gemm_kn: CudaFunction,
+    embed: CudaFunction,
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    kv_write: CudaFunction,
+    attn_gqa: CudaFunction,
+    attn_mla: CudaFunction,
+    linear_f32: CudaFunction,
+    route: CudaFunction,
+    gather_bf16: CudaFunction,
+    silu_mul: CudaFunction,
+    combine: CudaFunction,
+    cast_bf16: CudaFunction,
+    moe_dispatch: CudaFunction,
+    moe_dispatch_padded: CudaFunction,
+    moe_dispatch_grouped: CudaFunction,
+    moe_gemv: CudaFunction,
+    ep_return: CudaFunction,
+    argmax_rows: CudaFunction,
+    bi_gemm: CudaFunction,
+    bi_gemm_kn: CudaFunction,
     /// `bi_mma` from [`MMA_SOURCE`] (only in batch-invariant bf16 runners).
-    pub bi_mma: Option<CudaFunction>,
+    bi_mma: Option<CudaFunction>,
     _mma_module: Option<Arc<CudaModule>>,
-    pub fill_random: CudaFunction,
-    pub fill_const: CudaFunction,
+    fill_random: CudaFunction,
+    fill_const: CudaFunction,
 }
 
 impl Kernels {
