@@ -8,7 +8,7 @@ use moe_model::spec::{AttnDims, RopeStyle};
 use crate::error::CudaError;
 use crate::kernels::{DevPtr, Grid};
 use crate::runner::CudaRunner;
-use crate::step::Step;
+use crate::step::RankStep;
 use crate::weights::has_role;
 
 /// `eps` of DeepSeek-V2's `q_a_layernorm` and `kv_a_layernorm` (as in the CPU model).
@@ -17,12 +17,12 @@ pub(crate) const MLA_NORM_EPS: f32 = 1e-6;
 impl CudaRunner {
     /// Layer `l`'s attention block on the step's rows: input norm, projections, rope, the KV
     /// write, attention and the output projection added into the residual stream.
-    pub(crate) fn attention(&self, st: &mut Step, l: usize) -> Result<(), CudaError> {
+    pub(crate) fn attention(&self, st: &mut RankStep, l: usize) -> Result<(), CudaError> {
         let d = self.dims;
-        let (rows, ctx_max, geo, h) = (st.rows, st.ctx_max, self.geo, d.h);
+        let (rows, ctx_max, geo, h) = (st.rows, st.ctx_max, self.geo, d.hidden);
         let rank = &self.ranks[st.ri];
         rank.bind()?;
-        let s = rank.s;
+        let s = rank.scratch;
         let eps = self.cfg.rms_norm_eps as f32;
         let w = |role| self.weight(rank, l, role);
         let lay = self
@@ -30,7 +30,7 @@ impl CudaRunner {
             .layout()
             .layer(l)
             .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
-        let kernels = rank.kernels();
+        let launch = rank.launch();
         // The paged KV cache's parameters of `kv_write`, `attn_gqa` and `attn_mla`.
         let kv = DevPtr::f32(rank.kv.addr());
         let (block_floats, block_tokens) = (geo.block_floats() as i32, geo.block_tokens as i32);
@@ -42,7 +42,7 @@ impl CudaRunner {
         );
         let per_row = Grid::new((rows as u32, 1), 128, 0);
         let rope = |x: u64, row: usize, heads: usize, hs: usize, off: usize| {
-            kernels.rope(
+            launch.rope(
                 per_row,
                 DevPtr::f32(x),
                 row as i32,
@@ -72,7 +72,7 @@ impl CudaRunner {
         )?;
         match self.model.attn_dims() {
             AttnDims::Gqa(a) => {
-                let (qw, kvw, hd) = (d.qw, d.kvw, a.head_dim);
+                let (qw, kvw, hd) = (d.q_width, d.kv_width, a.head_dim);
                 rank.gemm(
                     w(TensorRole::QProj)?,
                     s.xb,
@@ -143,7 +143,7 @@ impl CudaRunner {
                 }
                 rope(s.q, qw, a.heads, hd, 0)?;
                 rope(s.kbuf, kvw, a.kv_heads, hd, 0)?;
-                kernels.kv_write(
+                launch.kv_write(
                     per_row,
                     kv,
                     block_floats,
@@ -161,7 +161,7 @@ impl CudaRunner {
                     kvw as i32,
                 )?;
                 let smem = (4 * (hd + ctx_max)) as u32;
-                kernels.attn_gqa(
+                launch.attn_gqa(
                     Grid::new((a.heads as u32, rows as u32), 128, smem),
                     DevPtr::f32(s.q),
                     qw as i32,
@@ -195,9 +195,9 @@ impl CudaRunner {
             }
             AttnDims::Mla(a) => {
                 let qhd = a.qk_nope + a.qk_rope;
-                let (qw, r) = (d.qw, a.kv_lora_rank);
-                if d.qr > 0 {
-                    let qr = d.qr;
+                let (qw, r) = (d.q_width, a.kv_lora_rank);
+                if d.q_lora_rank > 0 {
+                    let qr = d.q_lora_rank;
                     rank.gemm(
                         w(TensorRole::QAProj)?,
                         s.xb,
@@ -251,7 +251,7 @@ impl CudaRunner {
                         0.0,
                     )?;
                 }
-                let kvw = d.kvw;
+                let kvw = d.kv_width;
                 rank.gemm(
                     w(TensorRole::KvAProjWithMqa)?,
                     s.xb,
@@ -280,7 +280,7 @@ impl CudaRunner {
                 )?;
                 rope(s.q, qw, a.heads, qhd, a.qk_nope)?;
                 rope(s.vbuf, kvw, 1, a.qk_rope, r)?;
-                kernels.kv_write(
+                launch.kv_write(
                     per_row,
                     kv,
                     block_floats,
@@ -299,7 +299,7 @@ impl CudaRunner {
                 )?;
                 // Absorb: q_lat[row, h] = W_UK[h]^T q_nope[row, h] (per head, strided).
                 let n = (rows * qw) as i64;
-                kernels.cast_bf16(
+                launch.cast_bf16(
                     Grid::new(((n as usize).div_ceil(256).min(65535) as u32, 1), 256, 0),
                     DevPtr::f32(s.q),
                     DevPtr::act(s.qbf),
@@ -325,7 +325,7 @@ impl CudaRunner {
                     a.heads,
                 )?;
                 let smem = (4 * (r + a.qk_rope + ctx_max)) as u32;
-                kernels.attn_mla(
+                launch.attn_mla(
                     Grid::new((a.heads as u32, rows as u32), 128, smem),
                     DevPtr::f32(s.qlat),
                     DevPtr::f32(s.q),
@@ -352,7 +352,7 @@ impl CudaRunner {
                     a.v_head,
                     rows,
                     r,
-                    kv_b + (d.es * a.qk_nope * r) as u64,
+                    kv_b + (d.elem_bytes * a.qk_nope * r) as u64,
                     r,
                     kvb_head,
                     s.att,

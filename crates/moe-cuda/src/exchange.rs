@@ -7,27 +7,27 @@ use crate::experts::{DispatchPath, ExpertRows};
 use crate::kernels::{DevPtr, Grid};
 use crate::memory::Dims;
 use crate::runner::CudaRunner;
-use crate::step::Step;
+use crate::step::RankStep;
 
 /// A rank's expert-parallel exchange buffers, in a chunk every GPU of the machine may read and
 /// write: the other ranks push their rows in, the expert owners push their outputs back.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Exchange {
+pub(crate) struct ExchangeBuffers {
     /// Every rank's normalised rows of the step (bf16), in rank order.
-    pub(crate) xin: u64,
+    pub(crate) rows_in: u64,
     /// Every rank's routes of the step (`top_k` expert ids per row), in rank order.
-    pub(crate) idin: u64,
+    pub(crate) routes_in: u64,
     /// This rank's rows' expert outputs (f32, `top_k` rows of `h` per row), in slot order.
-    pub(crate) ret: u64,
+    pub(crate) returned: u64,
 }
 
-impl Exchange {
-    /// Bytes of the three buffers (`xin`, `idin`, `ret`) for a rank of sizes `d`.
+impl ExchangeBuffers {
+    /// Bytes of the three buffers (`rows_in`, `routes_in`, `returned`) for a rank of sizes `d`.
     fn sizes(d: &Dims) -> [usize; 3] {
         [
-            d.es * d.ep_rows() * d.h,
+            d.elem_bytes * d.ep_rows() * d.hidden,
             4 * d.ep_rows() * d.top_k,
-            4 * d.rows * d.top_k * d.h,
+            4 * d.rows * d.top_k * d.hidden,
         ]
     }
 
@@ -36,13 +36,13 @@ impl Exchange {
         Self::sizes(d).iter().map(|b| b.div_ceil(256) * 256).sum()
     }
 
-    /// The buffers' addresses in an exchange chunk of [`Exchange::bytes`] mapped at `base`.
+    /// The buffers' addresses in an exchange chunk of [`ExchangeBuffers::bytes`] mapped at `base`.
     pub(crate) fn carve(base: u64, d: &Dims) -> Self {
         let x_sizes = Self::sizes(d);
-        Exchange {
-            xin: base,
-            idin: base + (x_sizes[0].div_ceil(256) * 256) as u64,
-            ret: base + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
+        ExchangeBuffers {
+            rows_in: base,
+            routes_in: base + (x_sizes[0].div_ceil(256) * 256) as u64,
+            returned: base + ((x_sizes[0].div_ceil(256) + x_sizes[1].div_ceil(256)) * 256) as u64,
         }
     }
 }
@@ -93,25 +93,30 @@ impl CudaRunner {
     ) -> Result<(), CudaError> {
         let rank = &self.ranks[g];
         rank.bind()?;
-        let rets: Vec<u64> = self.ranks.iter().map(|r| r.x.ret).collect();
-        rank.htod(rank.s.eowner, owners)?;
-        rank.htod(rank.s.ep_offs, offs)?;
-        rank.htod(rank.s.ep_rets, &rets)
+        let rets: Vec<u64> = self.ranks.iter().map(|r| r.exchange.returned).collect();
+        rank.htod(rank.scratch.eowner, owners)?;
+        rank.htod(rank.scratch.ep_offs, offs)?;
+        rank.htod(rank.scratch.ep_rets, &rets)
     }
 
     /// Expert parallel, layer `l`, on a rank with rows: pushes its normalised rows and routes to
     /// every GPU (at its first global row `off`), then queues its shared experts (they need
     /// only its own rows).
-    pub(crate) fn ep_publish(&self, st: &mut Step, l: usize, off: usize) -> Result<(), CudaError> {
+    pub(crate) fn ep_publish(
+        &self,
+        st: &mut RankStep,
+        l: usize,
+        off: usize,
+    ) -> Result<(), CudaError> {
         let d = self.dims;
         let rank = &self.ranks[st.ri];
         rank.bind()?;
-        let (s, rows) = (rank.s, st.rows);
-        let xrow = d.es * d.h;
+        let (s, rows) = (rank.scratch, st.rows);
+        let xrow = d.elem_bytes * d.hidden;
         for g in &self.ranks {
-            rank.dtod(g.x.xin + (off * xrow) as u64, s.xb, rows * xrow)?;
+            rank.dtod(g.exchange.rows_in + (off * xrow) as u64, s.xb, rows * xrow)?;
             rank.dtod(
-                g.x.idin + (4 * off * d.top_k) as u64,
+                g.exchange.routes_in + (4 * off * d.top_k) as u64,
                 s.ids,
                 4 * rows * d.top_k,
             )?;
@@ -120,8 +125,8 @@ impl CudaRunner {
             .record(&rank.stream)
             .map_err(CudaError::driver("cuEventRecord"))?;
         if self.cfg.moe.n_shared_experts > 0 {
-            let inter = self.cfg.moe.n_shared_experts * d.inter_e;
-            self.swiglu(rank, l, rows, inter, s.y, d.h, 0.0)?;
+            let inter = self.cfg.moe.n_shared_experts * d.expert_inter;
+            self.swiglu(rank, l, rows, inter, s.y, d.hidden, 0.0)?;
         }
         st.clock.mark(&rank.stream, 2)
     }
@@ -171,16 +176,16 @@ impl CudaRunner {
     pub(crate) fn ep_return(&self, g: usize, l: usize, total: usize) -> Result<(), CudaError> {
         let d = self.dims;
         let gr = &self.ranks[g];
-        let s = gr.s;
-        gr.kernels().ep_return(
+        let s = gr.scratch;
+        gr.launch().ep_return(
             Grid::new(((total * d.top_k) as u32, 1), 128, 0),
-            DevPtr::i32(gr.x.idin),
+            DevPtr::i32(gr.exchange.routes_in),
             d.experts as i32,
             DevPtr::i32(s.eowner + (4 * l * d.experts) as u64),
             g as i32,
             DevPtr::i32(s.cidx),
             DevPtr::f32(s.eo),
-            d.h as i32,
+            d.hidden as i32,
             d.top_k as i32,
             DevPtr::i32(s.ep_offs),
             self.ranks.len() as i32,
@@ -194,7 +199,7 @@ impl CudaRunner {
     /// Expert parallel, layer `l`, on a rank with rows: waits for every GPU's outputs, then adds
     /// its rows' weighted expert outputs (ascending expert id, as on one GPU) and shared experts
     /// into the residual stream.
-    pub(crate) fn ep_combine(&self, st: &mut Step) -> Result<(), CudaError> {
+    pub(crate) fn ep_combine(&self, st: &mut RankStep) -> Result<(), CudaError> {
         let d = self.dims;
         let rank = &self.ranks[st.ri];
         rank.bind()?;
@@ -205,22 +210,22 @@ impl CudaRunner {
                     .map_err(CudaError::driver("cuStreamWaitEvent"))?;
             }
         }
-        let s = rank.s;
+        let s = rank.scratch;
         let shared = if self.cfg.moe.n_shared_experts > 0 {
             s.y
         } else {
             0
         };
-        rank.kernels().combine(
+        rank.launch().combine(
             Grid::new((st.rows as u32, 1), 256, 0),
             DevPtr::f32(s.hidden),
-            d.h as i32,
+            d.hidden as i32,
             d.top_k as i32,
             DevPtr::i32(s.iota),
             DevPtr::f32(s.wts),
-            DevPtr::f32(rank.x.ret),
+            DevPtr::f32(rank.exchange.returned),
             DevPtr::f32(shared).or_null(),
-            d.h as i32,
+            d.hidden as i32,
         )?;
         st.clock.mark(&rank.stream, 3)
     }

@@ -10,9 +10,9 @@ use crate::kernels::{
 };
 use crate::kernels::{DevPtr, Grid};
 use crate::memory::Dims;
-use crate::rank::Rank;
+use crate::rank::RankState;
 use crate::runner::CudaRunner;
-use crate::step::Step;
+use crate::step::RankStep;
 
 /// Default of [`CudaRunner::set_padded_dispatch_max_rows`] (0: off). Measured on H200: the
 /// padded dispatch ties with the host dispatch at batch 64 (14.78 vs 14.68 ms/step on Qwen3,
@@ -66,22 +66,22 @@ pub(crate) struct ExpertRows {
 }
 
 impl ExpertRows {
-    pub(crate) fn own(rank: &Rank, rows: usize) -> Self {
+    pub(crate) fn own(rank: &RankState, rows: usize) -> Self {
         Self {
-            x: rank.s.xb,
-            ids: rank.s.ids,
+            x: rank.scratch.xb,
+            ids: rank.scratch.ids,
             rows,
             owner: 0,
             me: 0,
         }
     }
 
-    pub(crate) fn gathered(rank: &Rank, g: usize, l: usize, total: usize, d: &Dims) -> Self {
+    pub(crate) fn gathered(rank: &RankState, g: usize, l: usize, total: usize, d: &Dims) -> Self {
         Self {
-            x: rank.x.xin,
-            ids: rank.x.idin,
+            x: rank.exchange.rows_in,
+            ids: rank.exchange.routes_in,
             rows: total,
-            owner: rank.s.eowner + (4 * l * d.experts) as u64,
+            owner: rank.scratch.eowner + (4 * l * d.experts) as u64,
             me: g as i32,
         }
     }
@@ -91,13 +91,13 @@ impl CudaRunner {
     /// Launches the router kernel (`route`, one warp per row) over the first `rows` rows of the
     /// rank's router logits (`s.rlogits`), writing `s.ids` / `s.wts`.
     pub(crate) fn launch_route(
-        rank: &Rank,
+        rank: &RankState,
         spec: &moe_model::spec::RouterSpec,
         rows: usize,
     ) -> Result<(), CudaError> {
-        let s = rank.s;
+        let s = rank.scratch;
         let (ng, tg) = spec.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
-        rank.kernels().route(
+        rank.launch().route(
             Grid::new((rows as u32, 1), 32, 0),
             DevPtr::f32(s.rlogits),
             rows as i32,
@@ -136,7 +136,7 @@ impl CudaRunner {
         }
         let rank = &self.ranks[0];
         rank.bind()?;
-        let s = rank.s;
+        let s = rank.scratch;
         rank.htod(s.rlogits, logits)?;
         Self::launch_route(rank, &spec, n)?;
         let ids: Vec<i32> = rank.dtoh(s.ids, n * k)?;
@@ -161,7 +161,8 @@ impl CudaRunner {
     /// divide the hidden and expert sizes and one row of either to fit its shared memory.
     pub(crate) fn dispatch_path(&self, rows: usize) -> DispatchPath {
         let d = &self.dims;
-        if self.cfg.num_moe_layers() == 0 || !moe_gemv_fits(d.h, d.inter_e, d.es) {
+        if self.cfg.num_moe_layers() == 0 || !moe_gemv_fits(d.hidden, d.expert_inter, d.elem_bytes)
+        {
             return DispatchPath::Host;
         }
         // Batch-invariant: `moe_gemv` at every size (`check_config` made sure it fits).
@@ -186,7 +187,7 @@ impl CudaRunner {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe_gemv(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         (counts, offsets): (u64, u64),
         table: u64,
         row_idx: u64,
@@ -198,10 +199,10 @@ impl CudaRunner {
         out: u64,
         ldo: usize,
     ) -> Result<(), CudaError> {
-        let es = self.dims.es;
+        let es = self.dims.elem_bytes;
         let rchunk = (MOE_SMEM / (k * es)).clamp(1, MOE_ROWS);
         let cols = MOE_WARPS * MOE_COLS;
-        rank.kernels().moe_gemv(
+        rank.launch().moe_gemv(
             Grid::new(
                 (n.div_ceil(cols) as u32, self.dims.experts as u32),
                 (32 * MOE_WARPS) as u32,
@@ -229,7 +230,7 @@ impl CudaRunner {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn expert_products(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         co: (u64, u64),
         table: u64,
         row_idx: u64,
@@ -239,14 +240,14 @@ impl CudaRunner {
         (out, ldo): (u64, usize),
         rows: usize,
     ) -> Result<(), CudaError> {
-        let kernels = rank.kernels();
-        if !kernels.has_bi_mma() {
+        let launch = rank.launch();
+        if !launch.has_bi_mma() {
             return self.moe_gemv(rank, co, table, row_idx, x, ldx, w_off, n, k, out, ldo);
         }
-        let es = self.dims.es;
+        let es = self.dims.elem_bytes;
         let aligned = bi_vectorizable(es, k, &[x, (es * w_off) as u64], &[ldx, k]);
         // Expert mode: no plain weights (`w`), the experts' weights from `wptrs`.
-        kernels.bi_mma(
+        launch.bi_mma(
             Grid::xyz(
                 (
                     n.div_ceil(MMA_COLS) as u32,
@@ -283,7 +284,7 @@ impl CudaRunner {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn swiglu(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         l: usize,
         rows: usize,
         inter: usize,
@@ -291,7 +292,7 @@ impl CudaRunner {
         ldo: usize,
         beta: f32,
     ) -> Result<(), CudaError> {
-        let (s, h) = (rank.s, self.dims.h);
+        let (s, h) = (rank.scratch, self.dims.hidden);
         let w = |role| self.weight(rank, l, role);
         rank.gemm(
             w(TensorRole::Gate)?,
@@ -317,7 +318,7 @@ impl CudaRunner {
             inter,
             0.0,
         )?;
-        rank.kernels().silu_mul(
+        rank.launch().silu_mul(
             Grid::new((rows as u32, 1), 256, 0),
             DevPtr::f32(s.f1),
             inter as i32,
@@ -343,11 +344,11 @@ impl CudaRunner {
     /// Layer `l`'s feed-forward input: the post-attention norm, then either the dense MLP
     /// (returns false: the layer is done) or the router's logits and routes (returns true: the
     /// routed experts come next).
-    pub(crate) fn ffn_in(&self, st: &mut Step, l: usize) -> Result<bool, CudaError> {
+    pub(crate) fn ffn_in(&self, st: &mut RankStep, l: usize) -> Result<bool, CudaError> {
         let (d, rows) = (self.dims, st.rows);
         let rank = &self.ranks[st.ri];
         rank.bind()?;
-        let (s, h) = (rank.s, d.h);
+        let (s, h) = (rank.scratch, d.hidden);
         let eps = self.cfg.rms_norm_eps as f32;
         rank.rms(
             s.hidden,
@@ -369,7 +370,7 @@ impl CudaRunner {
             return Ok(false);
         }
         let spec = self.model.router_spec();
-        rank.kernels().linear_f32(
+        rank.launch().linear_f32(
             Grid::new((spec.experts as u32, rows as u32), 128, 0),
             DevPtr::f32(s.xn),
             DevPtr::act(self.weight(rank, l, TensorRole::RouterGate)?),
@@ -382,12 +383,12 @@ impl CudaRunner {
 
     /// Layer `l`'s routed experts on the rank's own rows, every expert read where it lies (remote
     /// experts over NVLink), then the shared experts and the combine into the residual stream.
-    pub(crate) fn local_experts(&self, st: &mut Step, l: usize) -> Result<(), CudaError> {
+    pub(crate) fn local_experts(&self, st: &mut RankStep, l: usize) -> Result<(), CudaError> {
         let d = self.dims;
-        let (rows, path, h, ie) = (st.rows, st.path, d.h, d.inter_e);
+        let (rows, path, h, ie) = (st.rows, st.path, d.hidden, d.expert_inter);
         let rank = &self.ranks[st.ri];
         rank.bind()?;
-        let s = rank.s;
+        let s = rank.scratch;
         let (e, k) = (d.experts, d.top_k);
         let clock = &mut st.clock;
         let swiglu = |inter: usize, out: u64, ldo: usize, beta: f32| {
@@ -403,7 +404,7 @@ impl CudaRunner {
         } else if let DispatchPath::Padded(cap) = path {
             // Padded: every expert in one tensor-core batched GEMM over `cap` rows each,
             // the rows past an expert's capacity through `moe_gemv`; no host sync.
-            rank.kernels().moe_dispatch_padded(
+            rank.launch().moe_dispatch_padded(
                 Grid::new((1, 1), 256, 0),
                 DevPtr::i32(s.ids),
                 (rows * k) as i32,
@@ -419,7 +420,7 @@ impl CudaRunner {
             )?;
             clock.mark(&rank.stream, 2)?;
             let padded = e * cap;
-            rank.kernels().gather_bf16(
+            rank.launch().gather_bf16(
                 Grid::new((padded as u32, 1), 256, 0),
                 DevPtr::act(s.xb),
                 h as i32,
@@ -448,7 +449,7 @@ impl CudaRunner {
             )?;
             self.expert_silu(rank, padded + rows * k)?;
             rank.gemm_batched(table_down, pp(2), pp(3), h, cap, ie, e)?;
-            let eh_ov = s.eh + ov * (d.es * ie) as u64;
+            let eh_ov = s.eh + ov * (d.elem_bytes * ie) as u64;
             let eo_ov = s.eo + ov * 4 * h as u64;
             self.moe_gemv(rank, co, table, 0, eh_ov, ie, 2 * h * ie, h, ie, eo_ov, h)?;
         } else {
@@ -473,7 +474,7 @@ impl CudaRunner {
         } else {
             0
         };
-        rank.kernels().combine(
+        rank.launch().combine(
             Grid::new((rows as u32, 1), 256, 0),
             DevPtr::f32(s.hidden),
             h as i32,
@@ -489,9 +490,9 @@ impl CudaRunner {
 
     /// SiLU-mul of the routed experts' `[gate | up]` rows (`s.gu`, f32) into `s.eh` (the down
     /// projections' input), `rows` rows.
-    pub(crate) fn expert_silu(&self, rank: &Rank, rows: usize) -> Result<(), CudaError> {
-        let (s, ie) = (rank.s, self.dims.inter_e);
-        rank.kernels().silu_mul(
+    pub(crate) fn expert_silu(&self, rank: &RankState, rows: usize) -> Result<(), CudaError> {
+        let (s, ie) = (rank.scratch, self.dims.expert_inter);
+        rank.launch().silu_mul(
             Grid::new((rows as u32, 1), 256, 0),
             DevPtr::f32(s.gu),
             2 * ie as i32,
@@ -508,14 +509,14 @@ impl CudaRunner {
     /// at each slot's compact row (`s.cidx`).
     pub(crate) fn experts_gemv(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         l: usize,
         r: ExpertRows,
     ) -> Result<(), CudaError> {
         let d = self.dims;
-        let s = rank.s;
-        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        rank.kernels().moe_dispatch(
+        let s = rank.scratch;
+        let (e, k, h, ie) = (d.experts, d.top_k, d.hidden, d.expert_inter);
+        rank.launch().moe_dispatch(
             Grid::new((1, 1), 256, 0),
             DevPtr::i32(r.ids),
             (r.rows * k) as i32,
@@ -550,17 +551,17 @@ impl CudaRunner {
 
     /// The host dispatch of layer `l`'s routed experts over `r` on `rank`, first half: the
     /// grouped layout (gather list, compact rows, the batched GEMMs' pointer arrays) built on
-    /// the device, and the copy of its size to the host queued ([`Rank::fetch_info`]).
+    /// the device, and the copy of its size to the host queued ([`RankState::fetch_info`]).
     pub(crate) fn experts_grouped_start(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         l: usize,
         r: ExpertRows,
     ) -> Result<(), CudaError> {
         let d = self.dims;
-        let s = rank.s;
-        let (e, k, h, ie) = (d.experts, d.top_k, d.h, d.inter_e);
-        rank.kernels().moe_dispatch_grouped(
+        let s = rank.scratch;
+        let (e, k, h, ie) = (d.experts, d.top_k, d.hidden, d.expert_inter);
+        rank.launch().moe_dispatch_grouped(
             Grid::new((1, 1), 256, 0),
             DevPtr::i32(r.ids),
             (r.rows * k) as i32,
@@ -568,13 +569,13 @@ impl CudaRunner {
             k as i32,
             d.gather_cap as i32,
             DevPtr::u64(s.etable + (8 * l * e) as u64),
-            (d.es * 2 * h * ie) as i64,
+            (d.elem_bytes * 2 * h * ie) as i64,
             s.xg,
-            (d.es * h) as i64,
+            (d.elem_bytes * h) as i64,
             s.gu,
             (4 * 2 * ie) as i64,
             s.eh,
-            (d.es * ie) as i64,
+            (d.elem_bytes * ie) as i64,
             s.eo,
             (4 * h) as i64,
             DevPtr::i32(s.gidx),
@@ -594,12 +595,12 @@ impl CudaRunner {
     /// expert-parallel step's rows from several ranks) goes through the device dispatch instead.
     pub(crate) fn experts_grouped_finish(
         &self,
-        rank: &Rank,
+        rank: &RankState,
         l: usize,
         r: ExpertRows,
     ) -> Result<(), CudaError> {
         let d = self.dims;
-        let (s, h, ie) = (rank.s, d.h, d.inter_e);
+        let (s, h, ie) = (rank.scratch, d.hidden, d.expert_inter);
         let info = rank.wait_info()?;
         if info[2] != 0 {
             return Err(CudaError::Input(format!(
@@ -609,7 +610,7 @@ impl CudaRunner {
         }
         let (active, max_n) = (info[0].max(0) as usize, info[1].max(0) as usize);
         if active * max_n > d.gather_cap {
-            if !moe_gemv_fits(h, ie, d.es) {
+            if !moe_gemv_fits(h, ie, d.elem_bytes) {
                 return Err(CudaError::Input(
                     "expert dispatch exceeds the gather buffer".into(),
                 ));
@@ -617,7 +618,7 @@ impl CudaRunner {
             return self.experts_gemv(rank, l, r);
         }
         let rows = (active * max_n) as u32;
-        rank.kernels().gather_bf16(
+        rank.launch().gather_bf16(
             Grid::new((rows, 1), 256, 0),
             DevPtr::act(r.x),
             h as i32,

@@ -8,9 +8,9 @@ use cudarc::cublas::sys as blas_sys;
 use crate::error::{blas, CudaError};
 use crate::kernels::{bi_vectorizable, BI_COLS, BI_ROWS, BI_WARPS, MMA_COLS, MMA_ROWS};
 use crate::kernels::{DevPtr, Grid};
-use crate::rank::Rank;
+use crate::rank::RankState;
 
-impl Rank {
+impl RankState {
     /// `y[rows, outf] (ldy) = x[rows, inf] (ldx, bf16) * w[outf, inf]^T (bf16) + beta * y`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
@@ -29,7 +29,7 @@ impl Rank {
         if rows == 0 {
             return Ok(());
         }
-        if self.bi {
+        if self.batch_invariant {
             let x_ = (x, ldx, 0);
             let w_ = (w, inf, 0);
             return self.bi_gemm(
@@ -44,7 +44,7 @@ impl Rank {
         }
         let alpha = 1.0f32;
         let ct = if y_bf16 {
-            self.dt
+            self.blas_type
         } else {
             blas_sys::cudaDataType::CUDA_R_32F
         };
@@ -61,16 +61,16 @@ impl Rank {
                 inf as i32,
                 (&alpha as *const f32).cast(),
                 w as *const c_void,
-                self.dt,
+                self.blas_type,
                 inf as i32,
                 x as *const c_void,
-                self.dt,
+                self.blas_type,
                 ldx as i32,
                 (&beta as *const f32).cast(),
                 y as *mut c_void,
                 ct,
                 ldy as i32,
-                self.ct,
+                self.blas_compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -105,17 +105,17 @@ impl Rank {
                 k as i32,
                 (&alpha as *const f32).cast(),
                 a as *const *const c_void,
-                self.dt,
+                self.blas_type,
                 k as i32,
                 b as *const *const c_void,
-                self.dt,
+                self.blas_type,
                 k as i32,
                 (&beta as *const f32).cast(),
                 c as *const *mut c_void,
                 blas_sys::cudaDataType::CUDA_R_32F,
                 m as i32,
                 count as i32,
-                self.ct,
+                self.blas_compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -144,7 +144,7 @@ impl Rank {
         if n == 0 {
             return Ok(());
         }
-        if self.bi {
+        if self.batch_invariant {
             // Column-major C(i, j) = op(A)(i, p) B(p, j) is row-major out[j, i] = x[j, p] w(i, p)
             // with x = B, out = C, and w = A read as [m, k] rows (`trans_a`) or as [k, m] rows.
             let (x_, w_) = ((b, ldb, sb), (a, lda, sa));
@@ -165,7 +165,7 @@ impl Rank {
             blas_sys::cublasOperation_t::CUBLAS_OP_N
         };
         let ct = if c_bf16 {
-            self.dt
+            self.blas_type
         } else {
             blas_sys::cudaDataType::CUDA_R_32F
         };
@@ -181,11 +181,11 @@ impl Rank {
                 k as i32,
                 (&alpha as *const f32).cast(),
                 a as *const c_void,
-                self.dt,
+                self.blas_type,
                 lda as i32,
                 sa as i64,
                 b as *const c_void,
-                self.dt,
+                self.blas_type,
                 ldb as i32,
                 sb as i64,
                 (&beta as *const f32).cast(),
@@ -194,7 +194,7 @@ impl Rank {
                 ldc as i32,
                 sc as i64,
                 count as i32,
-                self.ct,
+                self.blas_compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         })
@@ -219,7 +219,7 @@ impl Rank {
         if rows == 0 || cols == 0 || count == 0 {
             return Ok(());
         }
-        let es = if self.dt == blas_sys::cudaDataType::CUDA_R_32F {
+        let es = if self.blas_type == blas_sys::cudaDataType::CUDA_R_32F {
             4
         } else {
             2
@@ -229,9 +229,9 @@ impl Rank {
         let (ldo_, so_, out_bf16_) = (ldo as i32, so as i64, i32::from(out_bf16));
         let (m, n, k_) = (rows as i32, cols as i32, k as i32);
         let row_tiles = rows.div_ceil(BI_ROWS) as u32;
-        let kernels = self.kernels();
+        let launch = self.launch();
         if k_major {
-            return kernels.bi_gemm_kn(
+            return launch.bi_gemm_kn(
                 Grid::xyz((cols.div_ceil(128) as u32, row_tiles, count as u32), 128),
                 x_,
                 ldx_,
@@ -250,9 +250,9 @@ impl Rank {
             );
         }
         let aligned = i32::from(bi_vectorizable(es, k, &[x, w], &[ldx, ldw, sx, sw]));
-        if kernels.has_bi_mma() {
+        if launch.has_bi_mma() {
             // Tensor cores (bf16): plain mode, no expert arrays.
-            return kernels.bi_mma(
+            return launch.bi_mma(
                 Grid::xyz(
                     (
                         cols.div_ceil(MMA_COLS) as u32,
@@ -283,7 +283,7 @@ impl Rank {
                 0,
             );
         }
-        kernels.bi_gemm(
+        launch.bi_gemm(
             Grid::xyz(
                 (
                     cols.div_ceil(BI_WARPS * BI_COLS) as u32,

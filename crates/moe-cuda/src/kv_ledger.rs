@@ -1,4 +1,4 @@
-//! The per-rank KV block bookkeeping the engine's scheduler drives ([`Ledger`], the runner's
+//! The per-rank KV block bookkeeping the engine's scheduler drives ([`BlockLedger`], the runner's
 //! `moe_engine::KvLedger`).
 
 use std::collections::BTreeMap;
@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use moe_engine::{KvLedger, RankId, RequestId};
 
 #[derive(Debug, Default)]
-pub(crate) struct RankLedger {
+pub(crate) struct RankBlocks {
     pub(crate) total: usize,
     pub(crate) free: Vec<u32>,
     pub(crate) tables: BTreeMap<RequestId, Vec<u32>>,
@@ -14,16 +14,16 @@ pub(crate) struct RankLedger {
 
 /// Per-rank KV bookkeeping for the scheduler.
 #[derive(Debug)]
-pub(crate) struct Ledger {
+pub(crate) struct BlockLedger {
     pub(crate) block_tokens: usize,
-    pub(crate) ranks: Vec<(RankId, RankLedger)>,
+    pub(crate) ranks: Vec<(RankId, RankBlocks)>,
 }
 
-impl Ledger {
-    pub(crate) fn rank(&self, r: RankId) -> Option<&RankLedger> {
+impl BlockLedger {
+    pub(crate) fn rank(&self, r: RankId) -> Option<&RankBlocks> {
         self.ranks.iter().find(|(id, _)| *id == r).map(|(_, l)| l)
     }
-    pub(crate) fn rank_mut(&mut self, r: RankId) -> Option<&mut RankLedger> {
+    pub(crate) fn rank_mut(&mut self, r: RankId) -> Option<&mut RankBlocks> {
         self.ranks
             .iter_mut()
             .find(|(id, _)| *id == r)
@@ -31,7 +31,7 @@ impl Ledger {
     }
 }
 
-impl KvLedger for Ledger {
+impl KvLedger for BlockLedger {
     fn can_admit(&self, rank: RankId, tokens: usize) -> bool {
         self.rank(rank)
             .is_some_and(|l| l.free.len() > tokens.div_ceil(self.block_tokens))

@@ -62,8 +62,8 @@ pub(crate) struct PinnedHost {
 }
 
 // SAFETY: the pointer is memory this value owns alone (allocated in `new`, freed in `drop`); it is
-// written only by copies that `Rank::read_back` (or, for `pinned_info`, `Rank::fetch_info`)
-// issues and waits for, and read only there (or in `Rank::wait_info`).
+// written only by copies that `RankState::read_back` (or, for `pinned_info`, `RankState::fetch_info`)
+// issues and waits for, and read only there (or in `RankState::wait_info`).
 unsafe impl Send for PinnedHost {}
 // SAFETY: as above; a shared reference gives no way to touch the memory outside `read_back`,
 // whose caller holds the runner mutably.
@@ -152,7 +152,7 @@ pub(crate) struct Scratch {
     pub(crate) eowner: u64,
     /// Expert parallel: the step's first global row of each rank (`ranks + 1` entries).
     pub(crate) ep_offs: u64,
-    /// Expert parallel: each rank's return buffer ([`Exchange::ret`]).
+    /// Expert parallel: each rank's return buffer ([`ExchangeBuffers::returned`](crate::exchange::ExchangeBuffers::returned)).
     pub(crate) ep_rets: u64,
     /// `0, 1, 2, ...`: the combine's slot index when the expert outputs are already in slot order.
     pub(crate) iota: u64,
@@ -161,29 +161,29 @@ pub(crate) struct Scratch {
 impl Scratch {
     /// Every scratch buffer's name and bytes, in layout order, for a rank of sizes `d`.
     fn sizes(d: &Dims) -> Vec<(&'static str, usize)> {
-        let (r, es) = (d.rows, d.es);
+        let (r, es) = (d.rows, d.elem_bytes);
         vec![
-            ("hidden", 4 * r * d.h),
-            ("xn", 4 * r * d.h),
-            ("xb", es * r * d.h.max(d.qr)),
-            ("q", 4 * r * d.qw),
-            ("qbf", es * r * d.qw),
-            ("kbuf", 4 * r * d.kvw.max(d.qr)),
-            ("vbuf", 4 * r * d.kvw),
-            ("att", es * r * d.attw.max(d.lat)),
-            ("att2", es * r * d.attw),
-            ("qlat", 4 * r * d.lat),
+            ("hidden", 4 * r * d.hidden),
+            ("xn", 4 * r * d.hidden),
+            ("xb", es * r * d.hidden.max(d.q_lora_rank)),
+            ("q", 4 * r * d.q_width),
+            ("qbf", es * r * d.q_width),
+            ("kbuf", 4 * r * d.kv_width.max(d.q_lora_rank)),
+            ("vbuf", 4 * r * d.kv_width),
+            ("att", es * r * d.attn_width.max(d.latent_width)),
+            ("att2", es * r * d.attn_width),
+            ("qlat", 4 * r * d.latent_width),
             ("rlogits", 4 * r * d.experts),
             ("ids", 4 * r * d.top_k),
             ("wts", 4 * r * d.top_k),
             ("f1", 4 * r * d.inter_max),
             ("f2", 4 * r * d.inter_max),
             ("hb", es * r * d.inter_max),
-            ("y", 4 * r * d.h),
-            ("xg", es * d.gather_cap * d.h),
-            ("gu", 4 * d.gather_cap * 2 * d.inter_e),
-            ("eh", es * d.gather_cap * d.inter_e),
-            ("eo", 4 * d.gather_cap * d.h),
+            ("y", 4 * r * d.hidden),
+            ("xg", es * d.gather_cap * d.hidden),
+            ("gu", 4 * d.gather_cap * 2 * d.expert_inter),
+            ("eh", es * d.gather_cap * d.expert_inter),
+            ("eo", 4 * d.gather_cap * d.hidden),
             ("gidx", 4 * d.gather_cap),
             ("cidx", 4 * d.ep_rows() * d.top_k),
             ("ptrs", 8 * 6 * d.experts),
@@ -192,7 +192,7 @@ impl Scratch {
             ("tbl_off", 4 * r),
             ("last", 4 * r),
             ("tables", 4 * d.table_cap),
-            ("lastb", es * r * d.h.max(d.qr)),
+            ("lastb", es * r * d.hidden.max(d.q_lora_rank)),
             ("logits", 4 * r * d.vocab),
             ("cos", 4 * d.max_context * d.half_rope),
             ("sin", 4 * d.max_context * d.half_rope),
@@ -288,15 +288,22 @@ impl Scratch {
 /// Sizes the scratch of a rank needs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
-    pub(crate) h: usize,
+    /// Hidden size.
+    pub(crate) hidden: usize,
     pub(crate) vocab: usize,
-    pub(crate) qw: usize,
-    pub(crate) kvw: usize,
-    pub(crate) qr: usize,
-    pub(crate) attw: usize,
-    pub(crate) lat: usize,
+    /// Query width of a row (heads x query head size).
+    pub(crate) q_width: usize,
+    /// Key (or MLA latent plus rope key) width of a row.
+    pub(crate) kv_width: usize,
+    /// MLA query LoRA rank (0 without one).
+    pub(crate) q_lora_rank: usize,
+    /// Attention output width of a row (heads x value head size).
+    pub(crate) attn_width: usize,
+    /// MLA: heads x KV LoRA rank (0 for GQA).
+    pub(crate) latent_width: usize,
     pub(crate) inter_max: usize,
-    pub(crate) inter_e: usize,
+    /// Intermediate size of one routed expert.
+    pub(crate) expert_inter: usize,
     pub(crate) experts: usize,
     pub(crate) top_k: usize,
     pub(crate) rows: usize,
@@ -305,7 +312,7 @@ pub(crate) struct Dims {
     pub(crate) half_rope: usize,
     pub(crate) max_context: usize,
     /// Bytes per weight / GEMM-input element (2 for bf16, 4 for f32).
-    pub(crate) es: usize,
+    pub(crate) elem_bytes: usize,
     /// Layers of the model.
     pub(crate) layers: usize,
     /// GPUs of the machine: the most ranks a runner can grow to.

@@ -1,5 +1,5 @@
 //! One rank: a logical device with its stream, cuBLAS handle, compiled kernels, replicated
-//! weights, KV and scratch ([`Rank`]), how one is built, and its copies between host and device.
+//! weights, KV and scratch ([`RankState`]), how one is built, and its copies between host and device.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -17,26 +17,29 @@ use moe_model::weights::ChunkLayout;
 
 use crate::config::{CudaConfig, Precision};
 use crate::error::{cu, CudaError};
-use crate::exchange::Exchange;
+use crate::exchange::ExchangeBuffers;
 use crate::kernels::{DevPtr, Grid, Kernels, Launcher};
 use crate::memory::{DevBuf, Dims, PinnedHost, Scratch};
 use crate::runner::CudaRunner;
 use crate::weights::Fill;
 
 /// One GPU: an attention rank with its stream, handles, kernels, replicated weights, KV and scratch.
-pub(crate) struct Rank {
+pub(crate) struct RankState {
     pub(crate) dev: DeviceId,
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
-    pub(crate) k: Kernels,
+    /// The compiled kernels (launched through [`RankState::launch`]).
+    pub(crate) kernels: Kernels,
     pub(crate) global: DevBuf,
     pub(crate) layers: Vec<DevBuf>,
     pub(crate) kv: DevBuf,
-    pub(crate) _scratch: DevBuf,
-    pub(crate) s: Scratch,
-    pub(crate) _xchg: DevBuf,
-    pub(crate) x: Exchange,
+    /// The scratch chunk (kept mapped) and its buffers' addresses.
+    pub(crate) _scratch_chunk: DevBuf,
+    pub(crate) scratch: Scratch,
+    /// The expert-parallel exchange chunk (kept mapped) and its buffers' addresses.
+    pub(crate) _exchange_chunk: DevBuf,
+    pub(crate) exchange: ExchangeBuffers,
     /// Whether every GPU of the machine may read and write the exchange chunk.
     pub(crate) peer_exchange: bool,
     /// Recorded once the rank has pushed a layer's rows and routes to every GPU.
@@ -48,28 +51,28 @@ pub(crate) struct Rank {
     /// Page-locked staging for the greedy tokens of up to `rows` rows, then one active-expert
     /// count per layer (32-bit integers).
     pub(crate) pinned_small: PinnedHost,
-    /// Page-locked staging for the host-dispatch layout's size (`s.dinfo`, 3 integers), and the
-    /// event that says it has arrived (see [`Rank::fetch_info`]).
+    /// Page-locked staging for the host-dispatch layout's size (`scratch.dinfo`, 3 integers), and the
+    /// event that says it has arrived (see [`RankState::fetch_info`]).
     pub(crate) pinned_info: PinnedHost,
     pub(crate) info_ready: CudaEvent,
     /// cuBLAS type of weights and GEMM inputs (bf16 or f32).
-    pub(crate) dt: blas_sys::cudaDataType,
+    pub(crate) blas_type: blas_sys::cudaDataType,
     /// cuBLAS compute type (f32 accumulation; pedantic in the f32 reference mode).
-    pub(crate) ct: blas_sys::cublasComputeType_t,
+    pub(crate) blas_compute: blas_sys::cublasComputeType_t,
     /// [`CudaConfig::batch_invariant`]: GEMMs go through `bi_gemm` / `bi_gemm_kn`.
-    pub(crate) bi: bool,
+    pub(crate) batch_invariant: bool,
 }
 
-impl std::fmt::Debug for Rank {
+impl std::fmt::Debug for RankState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rank")
+        f.debug_struct("RankState")
             .field("dev", &self.dev)
             .field("kv", &self.kv)
             .finish()
     }
 }
 
-impl Rank {
+impl RankState {
     pub(crate) fn bind(&self) -> Result<(), CudaError> {
         self.ctx
             .bind_to_thread()
@@ -77,8 +80,8 @@ impl Rank {
     }
 
     /// The typed launchers of this rank's kernels on its stream.
-    pub(crate) fn kernels(&self) -> Launcher<'_> {
-        Launcher::new(&self.stream, &self.k)
+    pub(crate) fn launch(&self) -> Launcher<'_> {
+        Launcher::new(&self.stream, &self.kernels)
     }
 
     pub(crate) fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<(), CudaError> {
@@ -100,8 +103,8 @@ impl Rank {
     }
 
     /// Ends a step: copies what `needs` asks of the sampled rows (the greedy token from
-    /// `s.argmax`, or the row's f32 logits from `s.logits`) and the active-expert count of each of
-    /// the `layers` layers (`s.active`) through the page-locked buffers, then synchronises the
+    /// `scratch.argmax`, or the row's f32 logits from `scratch.logits`) and the active-expert count of each of
+    /// the `layers` layers (`scratch.active`) through the page-locked buffers, then synchronises the
     /// stream once.
     pub(crate) fn read_back(
         &self,
@@ -129,10 +132,11 @@ impl Rank {
         };
         let small = self.pinned_small.ptr.cast::<i32>();
         if needs.contains(&Need::GreedyToken) {
-            copy(small.cast(), self.s.argmax, 4 * n)?;
+            copy(small.cast(), self.scratch.argmax, 4 * n)?;
         }
         // SAFETY: `n + layers` i32 slots fit the small buffer (checked above).
-        copy(unsafe { small.add(n) }.cast(), self.s.active, 4 * layers)?;
+        let active_counts = unsafe { small.add(n) };
+        copy(active_counts.cast(), self.scratch.active, 4 * layers)?;
         // Runs of consecutive rows that need logits go in one copy each.
         let mut i = 0;
         while i < n {
@@ -147,7 +151,7 @@ impl Rank {
             copy(
                 // SAFETY: rows `i..i + run` lie within the `n * vocab` floats checked above.
                 unsafe { self.pinned.ptr.add(i * vocab) }.cast(),
-                self.s.logits + (4 * i * vocab) as u64,
+                self.scratch.logits + (4 * i * vocab) as u64,
                 4 * run * vocab,
             )?;
             i += run;
@@ -174,19 +178,19 @@ impl Rank {
         Ok((out, ints[n..].to_vec()))
     }
 
-    /// Queues the copy of the host-dispatch layout's size (`s.dinfo`) into `pinned_info` and
-    /// records `info_ready` behind it; [`Rank::wait_info`] reads it. The stream goes on with
+    /// Queues the copy of the host-dispatch layout's size (`scratch.dinfo`) into `pinned_info` and
+    /// records `info_ready` behind it; [`RankState::wait_info`] reads it. The stream goes on with
     /// whatever is queued after this (work that does not need the routes), so the host's wait
     /// and its next launches overlap with it.
     pub(crate) fn fetch_info(&self) -> Result<(), CudaError> {
         // SAFETY: `pinned_info` holds 4 i32 slots of page-locked memory owned by this rank and
-        // `s.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
+        // `scratch.dinfo` 4 i32 slots of its scratch chunk; only this function writes the buffer, and
         // `wait_info` reads it after the event behind this copy completed. The next copy is
         // queued only after that read (both run on the thread driving the rank, in order).
         cu("cuMemcpyDtoHAsync", unsafe {
             sys::cuMemcpyDtoHAsync_v2(
                 self.pinned_info.ptr.cast::<c_void>(),
-                self.s.dinfo,
+                self.scratch.dinfo,
                 3 * std::mem::size_of::<i32>(),
                 self.stream.cu_stream(),
             )
@@ -196,7 +200,7 @@ impl Rank {
             .map_err(CudaError::driver("cuEventRecord"))
     }
 
-    /// Waits for the copy [`Rank::fetch_info`] queued; returns `{active experts, busiest
+    /// Waits for the copy [`RankState::fetch_info`] queued; returns `{active experts, busiest
     /// expert's rows, bad id}`.
     pub(crate) fn wait_info(&self) -> Result<[i32; 3], CudaError> {
         self.info_ready
@@ -260,7 +264,7 @@ impl Rank {
         ob_row: usize,
         rows: usize,
     ) -> Result<(), CudaError> {
-        self.kernels().rms_norm(
+        self.launch().rms_norm(
             Grid::new((segs as u32, rows as u32), 256, 0),
             DevPtr::f32(x),
             x_row as i32,
@@ -286,11 +290,11 @@ impl Rank {
         let grid = Grid::new((blocks, 1), 256, 0);
         match random {
             Some((seed, scale)) => {
-                self.kernels()
+                self.launch()
                     .fill_random(grid, DevPtr::act(ptr), n as i64, seed, scale)
             }
             None => self
-                .kernels()
+                .launch()
                 .fill_const(grid, DevPtr::act(ptr), n as i64, v),
         }
     }
@@ -309,7 +313,7 @@ impl CudaRunner {
         layout: &moe_model::weights::WeightLayout,
         fill: &Fill<'_>,
         seed_ctr: &mut u64,
-    ) -> Result<Rank, CudaError> {
+    ) -> Result<RankState, CudaError> {
         // A logical device's GPU: several ranks may share one (their own streams, handles and
         // kernels, in the GPU's primary context).
         let ordinal = vmm.backend().ordinal(dev)? as usize;
@@ -323,7 +327,7 @@ impl CudaRunner {
         })?;
         let f32_storage = config.precision == Precision::F32;
         let k = Kernels::compile(&ctx, f32_storage, config.batch_invariant && !f32_storage)?;
-        let es = d.es;
+        let es = d.elem_bytes;
         let global = DevBuf::new(vmm, dev, layout.global().floats() * es, &[])?;
         let layers = (0..cfg.num_layers)
             .map(|l| {
@@ -349,10 +353,10 @@ impl CudaRunner {
         let info_ready = ctx
             .new_event(None)
             .map_err(CudaError::driver("cuEventCreate"))?;
-        let s = Scratch::carve(scratch.addr(), d);
+        let scratch_bufs = Scratch::carve(scratch.addr(), d);
         // The exchange chunk: readable and writable by every GPU of the machine, so any rank that
         // joins later can use it without a new grant.
-        let x_len = Exchange::bytes(d);
+        let x_len = ExchangeBuffers::bytes(d);
         let everyone: Vec<DeviceId> = if d.gpus > 1 {
             (0..d.gpus as u32).map(DeviceId).collect()
         } else {
@@ -364,25 +368,25 @@ impl CudaRunner {
             Ok(b) => (b, !everyone.is_empty()),
             Err(_) => (DevBuf::new(vmm, dev, x_len, &[])?, false),
         };
-        let x = Exchange::carve(xchg.addr(), d);
+        let exchange = ExchangeBuffers::carve(xchg.addr(), d);
         let event = || {
             ctx.new_event(None)
                 .map_err(CudaError::driver("cuEventCreate"))
         };
         let (ev_pub, ev_ret) = (event()?, event()?);
-        let rank = Rank {
+        let rank = RankState {
             dev,
             ctx,
             stream,
             blas: blas_h,
-            k,
+            kernels: k,
             global,
             layers,
             kv,
-            _scratch: scratch,
-            s,
-            _xchg: xchg,
-            x,
+            _scratch_chunk: scratch,
+            scratch: scratch_bufs,
+            _exchange_chunk: xchg,
+            exchange,
             peer_exchange,
             ev_pub,
             ev_ret,
@@ -390,17 +394,17 @@ impl CudaRunner {
             pinned_small,
             pinned_info,
             info_ready,
-            dt: if f32_storage {
+            blas_type: if f32_storage {
                 blas_sys::cudaDataType::CUDA_R_32F
             } else {
                 blas_sys::cudaDataType::CUDA_R_16BF
             },
-            ct: if f32_storage {
+            blas_compute: if f32_storage {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
             } else {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
             },
-            bi: config.batch_invariant,
+            batch_invariant: config.batch_invariant,
         };
         rank.bind()?;
         // Rope tables, computed on the host exactly as the CPU reference computes them.
@@ -416,17 +420,17 @@ impl CudaRunner {
                 &mut sin[p * half..(p + 1) * half],
             );
         }
-        rank.htod(rank.s.cos, &cos)?;
-        rank.htod(rank.s.sin, &sin)?;
+        rank.htod(rank.scratch.cos, &cos)?;
+        rank.htod(rank.scratch.sin, &sin)?;
         let iota: Vec<i32> = (0..(r * d.top_k) as i32).collect();
-        rank.htod(rank.s.iota, &iota)?;
+        rank.htod(rank.scratch.iota, &iota)?;
         // Replicated weights.
         let fill_chunk =
             |base: u64, lay: &ChunkLayout, seed_ctr: &mut u64| -> Result<(), CudaError> {
                 for t in lay.tensors() {
                     Self::fill_tensor(
                         &rank,
-                        base + (d.es * t.offset) as u64,
+                        base + (d.elem_bytes * t.offset) as u64,
                         t.len,
                         &t.spec(),
                         fill,

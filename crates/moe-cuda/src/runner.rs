@@ -20,22 +20,22 @@ use crate::config::{check_config, CudaConfig};
 use crate::device::device_count;
 use crate::error::{cu, CudaError};
 use crate::experts::{padded_capacity, DEVICE_DISPATCH_MAX_ROWS, PADDED_DISPATCH_MAX_ROWS};
-use crate::kv_ledger::{Ledger, RankLedger};
+use crate::kv_ledger::{BlockLedger, RankBlocks};
 use crate::memory::{DevBuf, Dims};
-use crate::rank::Rank;
-use crate::step::{Item, PHASES};
+use crate::rank::RankState;
+use crate::step::{StepChunk, PHASES};
 use crate::weights::{ExpertBuf, Fill};
 
 /// The model on one or more GPUs, serving the engine (see the module docs).
 pub struct CudaRunner {
-    pub(crate) ranks: Vec<Rank>,
+    pub(crate) ranks: Vec<RankState>,
     pub(crate) experts: Vec<Vec<ExpertBuf>>,
     pub(crate) model: Model<CpuCompute>,
     pub(crate) cfg: ModelConfig,
     pub(crate) config: CudaConfig,
     pub(crate) dims: Dims,
     pub(crate) geo: KvGeometry,
-    pub(crate) ledger: Ledger,
+    pub(crate) ledger: BlockLedger,
     pub(crate) last_expert_bytes: u64,
     pub(crate) phase_timing: bool,
     pub(crate) phases: [f64; PHASES.len()],
@@ -122,7 +122,7 @@ impl Runner for CudaRunner {
             )));
         }
         let mut needs = needs.iter();
-        let mut per_rank: Vec<Vec<Item>> = vec![Vec::new(); self.ranks.len()];
+        let mut per_rank: Vec<Vec<StepChunk>> = vec![Vec::new(); self.ranks.len()];
         let mut order = Vec::new();
         for w in work {
             let c = w.chunk;
@@ -160,7 +160,7 @@ impl Runner for CudaRunner {
             } else {
                 Need::Logits
             };
-            per_rank[ri].push(Item {
+            per_rank[ri].push(StepChunk {
                 tokens: w.tokens.to_vec(),
                 start: c.start,
                 blocks,
@@ -295,15 +295,15 @@ impl CudaRunner {
         let rows = config.max_batch_tokens;
         let e = spec.experts.max(1);
         let dims = Dims {
-            h,
+            hidden: h,
             vocab: cfg.vocab_size,
-            qw,
-            kvw,
-            qr,
-            attw,
-            lat,
+            q_width: qw,
+            kv_width: kvw,
+            q_lora_rank: qr,
+            attn_width: attw,
+            latent_width: lat,
             inter_max,
-            inter_e,
+            expert_inter: inter_e,
             experts: e,
             top_k: spec.top_k,
             rows,
@@ -315,12 +315,12 @@ impl CudaRunner {
                 .max(n_dev * rows * spec.top_k),
             half_rope: model.rope().dim() / 2,
             max_context,
-            es: config.precision.elem_bytes(),
+            elem_bytes: config.precision.elem_bytes(),
             layers: cfg.num_layers,
             gpus: n_dev,
         };
         // Shared memory of the attention kernels: the query parts plus one score per context token.
-        let smem = 4 * (dims.lat.max(qw) + max_context) + 256;
+        let smem = 4 * (dims.latent_width.max(qw) + max_context) + 256;
         if smem > 48 * 1024 {
             return Err(CudaError::Unsupported(format!(
                 "max_context {max_context} needs {smem} bytes of shared memory per attention block \
@@ -351,7 +351,7 @@ impl CudaRunner {
         }
         // Routed experts: contiguous id ranges per device, readable by every device.
         let mut experts = Vec::with_capacity(cfg.num_layers);
-        let es = dims.es;
+        let es = dims.elem_bytes;
         let ebytes = layout.expert_floats() * es;
         for l in 0..cfg.num_layers {
             let mut layer = Vec::new();
@@ -383,14 +383,14 @@ impl CudaRunner {
                 .synchronize()
                 .map_err(CudaError::driver("cuStreamSynchronize"))?;
         }
-        let ledger = Ledger {
+        let ledger = BlockLedger {
             block_tokens: config.block_tokens,
             ranks: devs
                 .iter()
                 .map(|d| {
                     (
                         RankId(d.0),
-                        RankLedger {
+                        RankBlocks {
                             total: config.kv_blocks_per_rank,
                             free: (0..config.kv_blocks_per_rank as u32).rev().collect(),
                             tables: BTreeMap::new(),
@@ -449,7 +449,7 @@ impl CudaRunner {
         for l in 0..self.cfg.num_layers {
             f += layout.layer(l).map_or(0, ChunkLayout::floats);
         }
-        (self.dims.es * f) as u64
+        (self.dims.elem_bytes * f) as u64
     }
 
     /// Routed-expert weight bytes the last step read (each active expert once per rank and layer).

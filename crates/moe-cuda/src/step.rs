@@ -52,7 +52,7 @@ impl PhaseClock {
 
 /// One sequence chunk of a step on one rank.
 #[derive(Debug, Clone)]
-pub(crate) struct Item {
+pub(crate) struct StepChunk {
     pub(crate) tokens: Vec<u32>,
     pub(crate) start: usize,
     pub(crate) blocks: Vec<u32>,
@@ -62,7 +62,7 @@ pub(crate) struct Item {
 }
 
 /// One rank's part of a step in flight, from [`CudaRunner::begin`] to [`CudaRunner::finish`].
-pub(crate) struct Step {
+pub(crate) struct RankStep {
     pub(crate) ri: usize,
     pub(crate) rows: usize,
     pub(crate) path: DispatchPath,
@@ -106,14 +106,14 @@ impl CudaRunner {
         }
         let rank = &self.ranks[0];
         rank.bind()?;
-        rank.htod(rank.s.logits, logits)?;
-        rank.kernels().argmax_rows(
+        rank.htod(rank.scratch.logits, logits)?;
+        rank.launch().argmax_rows(
             Grid::new((n as u32, 1), 1024, 0),
-            DevPtr::f32(rank.s.logits),
+            DevPtr::f32(rank.scratch.logits),
             vocab as i32,
-            DevPtr::i32(rank.s.argmax),
+            DevPtr::i32(rank.scratch.argmax),
         )?;
-        let ids: Vec<i32> = rank.dtoh(rank.s.argmax, n)?;
+        let ids: Vec<i32> = rank.dtoh(rank.scratch.argmax, n)?;
         Ok(ids.into_iter().map(|i| u32::try_from(i).ok()).collect())
     }
 
@@ -124,8 +124,8 @@ impl CudaRunner {
     pub(crate) fn upload_tables(&self, ri: usize, etable: &[u64]) -> Result<(), CudaError> {
         let rank = &self.ranks[ri];
         rank.bind()?;
-        rank.htod(rank.s.etable, etable)?;
-        rank.htod(rank.s.active, &vec![0i32; self.dims.layers])
+        rank.htod(rank.scratch.etable, etable)?;
+        rank.htod(rank.scratch.active, &vec![0i32; self.dims.layers])
     }
 
     /// Starts a step on rank `ri`: checks and uploads its rows (tokens, positions, block tables,
@@ -133,9 +133,9 @@ impl CudaRunner {
     pub(crate) fn begin(
         &self,
         ri: usize,
-        items: &[Item],
+        items: &[StepChunk],
         etable: &[u64],
-    ) -> Result<Option<Step>, CudaError> {
+    ) -> Result<Option<RankStep>, CudaError> {
         let d = self.dims;
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         if rows == 0 {
@@ -190,7 +190,7 @@ impl CudaRunner {
             last: std::time::Instant::now(),
             acc: [0.0; PHASES.len()],
         };
-        let s = rank.s;
+        let s = rank.scratch;
         rank.htod(s.tokens, &tokens)?;
         rank.htod(s.pos, &pos)?;
         rank.htod(s.tbl_off, &tbl_off)?;
@@ -199,8 +199,8 @@ impl CudaRunner {
         if let DispatchPath::Padded(cap) = path {
             // Padded layout: expert e's rows at e * cap in xg / gu / eh / eo.
             let e = d.experts;
-            let (h, ie) = (d.h as u64, d.inter_e as u64);
-            let es = d.es as u64;
+            let (h, ie) = (d.hidden as u64, d.expert_inter as u64);
+            let es = d.elem_bytes as u64;
             let mut p = vec![0u64; 4 * e];
             for x in 0..e {
                 let g = (x * cap) as u64;
@@ -210,7 +210,7 @@ impl CudaRunner {
                 p[3 * e + x] = s.eo + g * 4 * h;
             }
             rank.htod(s.pptrs, &p)?;
-            let es_ie = (d.es * 2 * d.h * d.inter_e) as u64;
+            let es_ie = (d.elem_bytes * 2 * d.hidden * d.expert_inter) as u64;
             let etable_down: Vec<u64> = etable
                 .iter()
                 .map(|&a| if a == 0 { 0 } else { a + es_ie })
@@ -221,16 +221,16 @@ impl CudaRunner {
             rank.global.addr(),
             self.model.layout().global(),
             TensorRole::Embedding,
-            d.es,
+            d.elem_bytes,
         )?;
-        rank.kernels().embed(
+        rank.launch().embed(
             Grid::new((rows as u32, 1), 256, 0),
             DevPtr::i32(s.tokens),
             DevPtr::act(g_embed),
             DevPtr::f32(s.hidden),
-            d.h as i32,
+            d.hidden as i32,
         )?;
-        Ok(Some(Step {
+        Ok(Some(RankStep {
             ri,
             rows,
             path,
@@ -242,7 +242,7 @@ impl CudaRunner {
 
     /// Queues the end of a step on its rank: the final norm of every row, the LM head on the
     /// sampled rows and, where a greedy token is all the engine needs, the argmax.
-    pub(crate) fn finish(&self, st: &Step) -> Result<(), CudaError> {
+    pub(crate) fn finish(&self, st: &RankStep) -> Result<(), CudaError> {
         let d = self.dims;
         let n = st.needs.len();
         if n == 0 {
@@ -250,17 +250,27 @@ impl CudaRunner {
         }
         let rank = &self.ranks[st.ri];
         rank.bind()?;
-        let (s, h) = (rank.s, d.h);
+        let (s, h) = (rank.scratch, d.hidden);
         let eps = self.cfg.rms_norm_eps as f32;
         let glay = self.model.layout().global();
-        let g_norm = slot_addr(rank.global.addr(), glay, TensorRole::FinalNorm, d.es)?;
+        let g_norm = slot_addr(
+            rank.global.addr(),
+            glay,
+            TensorRole::FinalNorm,
+            d.elem_bytes,
+        )?;
         let g_head = if has_role(glay, TensorRole::LmHead) {
-            slot_addr(rank.global.addr(), glay, TensorRole::LmHead, d.es)?
+            slot_addr(rank.global.addr(), glay, TensorRole::LmHead, d.elem_bytes)?
         } else {
-            slot_addr(rank.global.addr(), glay, TensorRole::Embedding, d.es)?
+            slot_addr(
+                rank.global.addr(),
+                glay,
+                TensorRole::Embedding,
+                d.elem_bytes,
+            )?
         };
         rank.rms(s.hidden, h, 1, 0, g_norm, h, eps, 0, 0, s.xb, h, st.rows)?;
-        rank.kernels().gather_bf16(
+        rank.launch().gather_bf16(
             Grid::new((n as u32, 1), 256, 0),
             DevPtr::act(s.xb),
             h as i32,
@@ -271,7 +281,7 @@ impl CudaRunner {
             g_head, s.lastb, h, s.logits, d.vocab, false, n, h, d.vocab, 0.0,
         )?;
         if st.needs.contains(&Need::GreedyToken) {
-            rank.kernels().argmax_rows(
+            rank.launch().argmax_rows(
                 Grid::new((n as u32, 1), 1024, 0),
                 DevPtr::f32(s.logits),
                 d.vocab as i32,
@@ -288,7 +298,7 @@ impl CudaRunner {
     /// running its own experts for all the step's rows.
     pub(crate) fn step(
         &mut self,
-        per_rank: &[Vec<Item>],
+        per_rank: &[Vec<StepChunk>],
     ) -> Result<Vec<Vec<RowOutput>>, CudaError> {
         let n = self.ranks.len();
         let mut steps = Vec::with_capacity(n);
@@ -320,7 +330,7 @@ impl CudaRunner {
         let from: Vec<usize> = (0..n).filter(|&r| steps[r].is_some()).collect();
         let sync = Lockstep::new(n);
         let this = &*self;
-        let rank_step = |g: usize, st: Option<&mut Step>| -> Result<RankDone, CudaError> {
+        let rank_step = |g: usize, st: Option<&mut RankStep>| -> Result<RankDone, CudaError> {
             if st.is_none() && !ep {
                 return Ok(RankDone::default());
             }
@@ -383,7 +393,7 @@ impl CudaRunner {
     pub(crate) fn layers(
         &self,
         g: usize,
-        mut st: Option<&mut Step>,
+        mut st: Option<&mut RankStep>,
         ep: bool,
         offs: &[i32],
         from: &[usize],
@@ -429,7 +439,7 @@ impl CudaRunner {
     }
 
     /// Waits for rank `ri`'s part of the step and reads back what `needs` asks (see
-    /// [`Rank::read_back`]); returns it and the bytes of routed experts the rank's GPU read.
+    /// [`RankState::read_back`]); returns it and the bytes of routed experts the rank's GPU read.
     pub(crate) fn collect(
         &self,
         ri: usize,
@@ -440,6 +450,9 @@ impl CudaRunner {
         rank.bind()?;
         let (out, active) = rank.read_back(needs, d.vocab, d.layers)?;
         let routed: u64 = active.iter().map(|&a| a.max(0) as u64).sum();
-        Ok((out, routed * (3 * d.h * d.inter_e * d.es) as u64))
+        Ok((
+            out,
+            routed * (3 * d.hidden * d.expert_inter * d.elem_bytes) as u64,
+        ))
     }
 }

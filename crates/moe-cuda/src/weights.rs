@@ -10,7 +10,7 @@ use moe_model::weights::{ChunkLayout, TensorSource};
 
 use crate::error::CudaError;
 use crate::memory::DevBuf;
-use crate::rank::Rank;
+use crate::rank::RankState;
 use crate::runner::CudaRunner;
 
 /// A routed expert's chunk, on the device that holds it.
@@ -48,7 +48,7 @@ pub(crate) enum Fill<'a> {
 
 impl CudaRunner {
     pub(crate) fn fill_tensor(
-        rank: &Rank,
+        rank: &RankState,
         addr: u64,
         n: usize,
         spec: &moe_model::schema::TensorSpec,
@@ -65,7 +65,7 @@ impl CudaRunner {
                     name: spec.name.clone(),
                     msg: e.to_string(),
                 };
-                if rank.dt == blas_sys::cudaDataType::CUDA_R_32F {
+                if rank.blas_type == blas_sys::cudaDataType::CUDA_R_32F {
                     // Reference mode: the same bf16 values, stored as f32.
                     let mut f = vec![0.0f32; n];
                     src.read_f32_into(&spec.name, &mut f).map_err(tensor_err)?;
@@ -95,13 +95,18 @@ impl CudaRunner {
     }
 
     /// The address of `role`'s tensor in layer `l`'s replicated chunk on `rank`.
-    pub(crate) fn weight(&self, rank: &Rank, l: usize, role: TensorRole) -> Result<u64, CudaError> {
+    pub(crate) fn weight(
+        &self,
+        rank: &RankState,
+        l: usize,
+        role: TensorRole,
+    ) -> Result<u64, CudaError> {
         let lay = self
             .model
             .layout()
             .layer(l)
             .ok_or(CudaError::Model(ModelError::NoSuchLayer { layer: l }))?;
-        slot_addr(rank.layers[l].addr(), lay, role, self.dims.es)
+        slot_addr(rank.layers[l].addr(), lay, role, self.dims.elem_bytes)
     }
 
     /// Base addresses of every routed expert, `[layer][expert]` (0 for dense layers), as the
