@@ -19,7 +19,10 @@
 //! - it never panics on a machine without a GPU or driver: every entry point checks the CUDA
 //!   libraries first and returns `CudaError::NoGpu`;
 //! - it never decides *when* to scale; the scaler (or a test) asks, and it carries the step out;
-//! - physical memory comes only from `hbm-vmm` (`Vmm<CudaBackend>` chunks).
+//! - physical memory comes only from `hbm-vmm` (`Vmm<CudaBackend>` chunks);
+//! - a kernel starts only through its typed launcher (`kernels/launch.rs`), whose parameter list
+//!   a host test checks against the `.cu` source, and which refuses a null or misaligned pointer
+//!   before the `unsafe` launch.
 //!
 //! Module layout, by layer (bottom to top; each module's `//!` doc says more):
 //! - `error`: `CudaError` and the driver/cuBLAS status checks;
