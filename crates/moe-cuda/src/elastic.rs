@@ -47,10 +47,16 @@ pub use p2p_xfer::cuda::CudaTransport;
 use p2p_xfer::cuda::CudaTransportConfig;
 use p2p_xfer::{CopyOp, LinkModel, Location, Need, Planner, PlannerConfig, Transport};
 
-use super::{
-    CudaBackend, CudaConfig, CudaError, CudaRunner, DevBuf, DeviceId, Dims, ExpertBuf, Fill,
-    Ledger, Rank, RankLedger, Vmm,
-};
+use hbm_vmm::cuda::CudaBackend;
+use hbm_vmm::{DeviceId, Vmm};
+
+use crate::config::CudaConfig;
+use crate::error::CudaError;
+use crate::kv_ledger::{BlockLedger, RankBlocks};
+use crate::memory::{DevBuf, Dims};
+use crate::rank::RankState;
+use crate::runner::CudaRunner;
+use crate::weights::{ExpertBuf, Fill};
 use moe_engine::{KvLedger, RankId, RequestId, Scheduler};
 use moe_host::compute::cpu::CpuCompute;
 use moe_host::model::Model;
@@ -177,7 +183,7 @@ impl std::fmt::Debug for Blueprint {
 /// only waits for its bytes.
 #[derive(Debug, Default)]
 pub struct CudaWarmPool {
-    ranks: BTreeMap<DeviceId, Rank>,
+    ranks: BTreeMap<DeviceId, RankState>,
     /// Fresh (unmapped) physical chunks for experts about to arrive, by `(device, bytes)`.
     chunks: BTreeMap<(DeviceId, usize), Vec<PhysChunk<CudaBackend>>>,
 }
@@ -204,7 +210,7 @@ impl CudaWarmPool {
         self.ranks.keys().copied().collect()
     }
 
-    fn take(&mut self, d: DeviceId) -> Option<Rank> {
+    fn take(&mut self, d: DeviceId) -> Option<RankState> {
         self.ranks.remove(&d)
     }
 
@@ -277,7 +283,7 @@ pub struct PrepareReport {
 pub struct Staged {
     snapshot: Snapshot,
     target: Vec<DeviceId>,
-    joining: Vec<Rank>,
+    joining: Vec<RankState>,
     experts: Vec<Vec<ExpertBuf>>,
     kv_alias: BTreeMap<DeviceId, DevBuf>,
     needs: Vec<Need>,
@@ -317,7 +323,7 @@ impl std::fmt::Debug for Staged {
 pub struct Prepared {
     snapshot: Snapshot,
     target: Vec<DeviceId>,
-    joining: Vec<Rank>,
+    joining: Vec<RankState>,
     experts: Vec<Vec<ExpertBuf>>,
     kv_alias: BTreeMap<DeviceId, DevBuf>,
     transport: Arc<CudaTransport>,
@@ -353,7 +359,7 @@ pub struct SwitchReport {
 /// What the switch replaced; drop it off the serving path (its `Drop` synchronises the old
 /// ranks' streams, then unmaps).
 pub struct Retired {
-    ranks: Vec<Rank>,
+    ranks: Vec<RankState>,
     experts: Vec<Vec<ExpertBuf>>,
     _runner: Option<CudaRunner>,
     _aliases: Vec<DevBuf>,
@@ -458,7 +464,7 @@ impl Blueprint {
             .map_err(|e| CudaError::Scale(format!("starting the peer-copy transport: {e}")))
     }
 
-    fn warm_rank(&self, dev: DeviceId) -> Result<Rank, CudaError> {
+    fn warm_rank(&self, dev: DeviceId) -> Result<RankState, CudaError> {
         let model = Model::new(&self.cfg, CpuCompute::new())?;
         let layout = model.layout().clone();
         let mut seed = 0;
@@ -520,7 +526,7 @@ impl Blueprint {
         let target = check_disjoint(&snap.devices, target, self.vmm.device_count())?;
         let model = Model::new(&self.cfg, CpuCompute::new())?;
         let layout = model.layout().clone();
-        let es = self.dims.es;
+        let es = self.dims.elem_bytes;
         let mut report = PrepareReport {
             plan_ms: ms(t0.elapsed()),
             ..PrepareReport::default()
@@ -601,12 +607,12 @@ impl Blueprint {
         &self,
         snap: &Snapshot,
         holders: &[usize],
-        r: &Rank,
+        r: &RankState,
         layout: &WeightLayout,
         needs: &mut Vec<Need>,
         keep_alive: &mut Vec<DevBuf>,
     ) -> Result<(), CudaError> {
-        let es = self.dims.es;
+        let es = self.dims.elem_bytes;
         let from = |pick: &dyn Fn(usize) -> Option<u64>| -> Vec<Location> {
             holders
                 .iter()
@@ -698,7 +704,7 @@ impl Blueprint {
         let union: Vec<DeviceId> = old.union(&new).copied().collect();
         let model = Model::new(&self.cfg, CpuCompute::new())?;
         let layout = model.layout().clone();
-        let es = self.dims.es;
+        let es = self.dims.elem_bytes;
         let mut report = PrepareReport {
             plan_ms: ms(t0.elapsed()),
             ..PrepareReport::default()
@@ -886,7 +892,7 @@ struct Move {
 }
 
 /// The running sequences of `ranks` and their blocks in `ledger`.
-fn moves_of(sched: &Scheduler, ledger: &Ledger, ranks: &[RankId]) -> Vec<Move> {
+fn moves_of(sched: &Scheduler, ledger: &BlockLedger, ranks: &[RankId]) -> Vec<Move> {
     let mut out = Vec::new();
     for &from in ranks {
         for &seq in sched.running_on(from) {
@@ -910,7 +916,7 @@ fn moves_of(sched: &Scheduler, ledger: &Ledger, ranks: &[RankId]) -> Vec<Move> {
 /// blocks first (the least to copy).
 fn balance_moves(
     sched: &Scheduler,
-    ledger: &Ledger,
+    ledger: &BlockLedger,
     staying: &[RankId],
     joining: usize,
 ) -> Vec<Move> {
@@ -934,7 +940,7 @@ fn balance_moves(
 /// has room; `None` where none has.
 fn place(
     moves: &[Move],
-    dst: &mut Ledger,
+    dst: &mut BlockLedger,
     targets: &[RankId],
     bt: usize,
 ) -> Vec<Option<(RankId, Vec<u32>)>> {
@@ -1092,7 +1098,7 @@ impl CudaRunner {
         for r in &next.joining {
             self.ledger.ranks.push((
                 RankId(r.dev.0),
-                RankLedger {
+                RankBlocks {
                     total: self.config.kv_blocks_per_rank,
                     free: (0..self.config.kv_blocks_per_rank as u32).rev().collect(),
                     tables: BTreeMap::new(),
@@ -1183,7 +1189,7 @@ impl CudaRunner {
             ..
         } = next;
         let old_ranks = std::mem::take(&mut self.ranks);
-        let (stay, gone): (Vec<Rank>, Vec<Rank>) =
+        let (stay, gone): (Vec<RankState>, Vec<RankState>) =
             old_ranks.into_iter().partition(|r| target.contains(&r.dev));
         self.ranks = stay;
         self.ranks.extend(joining);
@@ -1506,8 +1512,8 @@ mod tests {
         balance_moves, block_runs, check_disjoint, disjoint_devices, expert_range, moving_chunks,
         place, DeviceSetError, Move,
     };
-    use crate::DeviceId;
-    use crate::{Ledger, RankLedger};
+    use crate::kv_ledger::{BlockLedger, RankBlocks};
+    use hbm_vmm::DeviceId;
     use moe_engine::{RankId, RequestId};
     use moe_engine::{Scheduler, SchedulerConfig};
     use proptest::prelude::*;
@@ -1529,15 +1535,15 @@ mod tests {
         }
     }
 
-    fn ledger(free: &[(u32, u32)]) -> Ledger {
-        Ledger {
+    fn ledger(free: &[(u32, u32)]) -> BlockLedger {
+        BlockLedger {
             block_tokens: 4,
             ranks: free
                 .iter()
                 .map(|&(r, n)| {
                     (
                         RankId(r),
-                        RankLedger {
+                        RankBlocks {
                             total: n as usize,
                             free: (0..n).rev().collect(),
                             tables: BTreeMap::new(),

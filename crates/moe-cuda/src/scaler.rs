@@ -20,11 +20,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::elastic::{
+use crate::elastic::{
     disjoint_devices, first_devices, Blueprint, CudaTransport, CudaWarmPool, Snapshot, Staged,
     SwitchReport,
 };
-use super::{CudaError, CudaRunner, DeviceId};
+use crate::error::CudaError;
+use crate::runner::CudaRunner;
+use hbm_vmm::DeviceId;
 use moe_engine::{Engine, Scheduler};
 use moe_model::weights::TensorSource;
 
