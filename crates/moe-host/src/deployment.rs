@@ -931,10 +931,60 @@ impl Rank {
 
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// Tokens routed to each expert of each MoE layer, counted where the router runs (each
+/// (token, slot) pair once) with relaxed atomic adds, so counting never blocks a step. The
+/// executor's plan reads it as the load that load-aware placement balances.
+#[derive(Debug)]
+pub struct RoutedLoad {
+    experts: usize,
+    /// Row-major `[moe layer][expert]`.
+    tokens: Vec<AtomicU64>,
+}
+
+impl RoutedLoad {
+    /// Zero counts for `layers` MoE layers of `experts` experts.
+    pub fn new(layers: usize, experts: usize) -> Self {
+        Self {
+            experts,
+            tokens: (0..layers * experts).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Counts one routed (token, slot) to `expert` of MoE layer `moe_layer`; out-of-range
+    /// indices are ignored (the router only returns experts of the model).
+    pub fn add(&self, moe_layer: usize, expert: usize) {
+        if expert < self.experts {
+            if let Some(c) = self.tokens.get(moe_layer * self.experts + expert) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The tokens routed so far, as `expert-placement`'s load table; `None` before any token
+    /// was routed (or for a model without MoE layers), when there is no load to go by.
+    pub fn snapshot(&self) -> Option<ExpertLoad> {
+        if self.experts == 0 || self.tokens.is_empty() {
+            return None;
+        }
+        let counts: Vec<u64> = self
+            .tokens
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        if counts.iter().all(|&c| c == 0) {
+            return None;
+        }
+        ExpertLoad::from_rows(counts.chunks(self.experts).map(<[u64]>::to_vec).collect()).ok()
+    }
+}
+
 /// An immutable set of devices, ranks and weight views. See the module docs.
 #[derive(Debug)]
 pub struct Deployment {
     generation: u64,
+    /// Tokens routed to each expert of each MoE layer since the first deployment of this
+    /// lineage (shared with the deployments built from it), for load-aware placement.
+    load: Arc<RoutedLoad>,
     model: Arc<Model>,
     placement: Arc<Placement>,
     ranks: Vec<Rank>,
@@ -1045,8 +1095,13 @@ impl Deployment {
                 experts,
             });
         }
+        let load = match previous {
+            Some(p) => Arc::clone(&p.load),
+            None => Arc::new(RoutedLoad::new(moe.len(), cfg.moe.num_experts)),
+        };
         Ok(Self {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            load,
             model,
             placement: Arc::new(placement.clone()),
             ranks,
@@ -1093,6 +1148,12 @@ impl Deployment {
     /// The index of `device` among the ranks.
     pub fn index_of(&self, device: DeviceId) -> Option<usize> {
         self.ranks.iter().position(|r| r.device == device)
+    }
+
+    /// The tokens routed to each expert so far (counted by the workers as they route, across
+    /// every deployment built from this one's lineage).
+    pub fn routed_load(&self) -> &RoutedLoad {
+        &self.load
     }
 
     /// The MoE-layer index (into the placement) of decoder layer `layer`.

@@ -442,6 +442,11 @@ fn moe_layer(
     let (x, routes) = if rows > 0 {
         let x = model.mlp_input(lw, hidden)?;
         let routes = model.route(lw, &x)?;
+        if let Some(m) = dep.moe_index(layer) {
+            for c in routes.iter().flatten() {
+                dep.routed_load().add(m, c.expert as usize);
+            }
+        }
         (x, routes)
     } else {
         (Vec::new(), Vec::new())

@@ -7,7 +7,7 @@
 //!
 //! | action | host implementation |
 //! |---|---|
-//! | `ComputePlan` | target [`Placement`] (`rebalanced_for` the running one, uniform load; a fresh balanced one for a cold restart) and, per destination device, the weight chunks to copy from a healthy holder or reload from the checkpoint ([`HostPlan`]) |
+//! | `ComputePlan` | target [`Placement`] (`rebalanced_for` the running one, for the load the workers observed: tokens routed per expert per layer, `Deployment::routed_load`; uniform before any traffic; a fresh balanced one for a cold restart) and, per destination device, the weight chunks to copy from a healthy holder or reload from the checkpoint ([`HostPlan`]) |
 //! | `AcquireWorkers` | device leases from the [`WarmPool`] ([`HostWorkers`]) |
 //! | `StartCopies` | per destination, one batch through `p2p-xfer`'s [`HostTransport`] ([`WeightStore::copy_through`]: each chunk striped by the [`Planner`] over every device that holds it, as on GPUs; all or nothing), [`WeightStore::load`] for reloads; one `CopiesDone`/`CopiesFailed` per destination |
 //! | `DiscardCopies` | releases every chunk the copies registered |
@@ -898,7 +898,12 @@ impl HostExecutor {
         let placement = if strategy == Strategy::ColdRestart {
             PlacementKind::Balanced.placement_on(cfg, &ids)?
         } else {
-            let load = ExpertLoad::uniform(cfg.num_moe_layers(), cfg.moe.num_experts)?;
+            // The load the workers observed (tokens routed per expert per layer); uniform
+            // before any traffic.
+            let load = match cur.routed_load().snapshot() {
+                Some(observed) => observed,
+                None => ExpertLoad::uniform(cfg.num_moe_layers(), cfg.moe.num_experts)?,
+            };
             Placement::rebalanced_for(cur.placement(), &ids, &load)?
         };
         let failed = kind.failed();
