@@ -43,6 +43,7 @@ struct Opts {
     admin: bool,
     run_engine: bool,
     drain: Duration,
+    api_key: Option<String>,
 }
 
 impl Default for Opts {
@@ -55,6 +56,7 @@ impl Default for Opts {
             admin: true,
             run_engine: true,
             drain: Duration::from_secs(10),
+            api_key: None,
         }
     }
 }
@@ -68,6 +70,9 @@ impl Harness {
             placement: PlacementArg::Balanced,
             max_queue: opts.max_queue,
             admin_token: opts.admin.then(|| TOKEN.to_string()),
+            api_key: opts.api_key.clone(),
+            chat_template: None,
+            deployment: moe_host::deployment::DeploymentConfig::default(),
             model_id: "tiny".into(),
             engine: EngineConfig::default(),
             autoscale: opts.autoscale,
