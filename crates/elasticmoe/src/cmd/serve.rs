@@ -1803,7 +1803,7 @@ pub fn deployment_config(
 
 /// Runs `serve`.
 pub fn run(args: &Args) -> Result<()> {
-    audit::init_logging();
+    audit::init_logging("info");
     let max_devices = parse_devices(&args.devices)?;
     let initial = args.initial.unwrap_or(max_devices);
     if args.max_queue == 0 {

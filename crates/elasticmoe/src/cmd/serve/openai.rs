@@ -342,7 +342,9 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
         };
         let content = match obj.get("content") {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => String::new(),
+            Some(Value::Null) | None if role == "assistant" => String::new(),
+            None => return Err(bad(format!("messages[{i}].content is missing"))),
+            Some(Value::Null) => return Err(bad(format!("messages[{i}].content is null"))),
             Some(Value::Array(parts)) => {
                 let mut texts = Vec::with_capacity(parts.len());
                 for (j, p) in parts.iter().enumerate() {

@@ -677,6 +677,12 @@ impl TextCodec {
         encode_with(&self.client_tokenizer, text)
     }
 
+    /// Token ids of trusted text (a command line's prompt): special-token spellings in it are
+    /// control tokens, as in transformers' `tokenizer(text)`.
+    pub fn encode_trusted(&self, text: &str) -> Result<Vec<u32>, TextError> {
+        encode_with(&self.tokenizer, text)
+    }
+
     /// `messages` rendered by the chat template, as pieces of template text and client text.
     pub fn render_pieces(
         &self,
