@@ -129,7 +129,13 @@ fn ci(args: &[String]) -> Result<()> {
     ]))?;
     // Every crate stands alone: its package (manifest, README, sources) builds from the packaged
     // files, path dependencies resolved through their versions.
-    run(cargo().args(["package", "--workspace", "--exclude", "xtask", "--allow-dirty"]))?;
+    run(cargo().args([
+        "package",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--allow-dirty",
+    ]))?;
     msrv(&pkgs)?;
     if !args.iter().any(|a| a == "--no-loom") {
         for pkg in loom_packages(&pkgs) {
@@ -170,10 +176,20 @@ fn msrv(pkgs: &[Value]) -> Result<()> {
         .context("cargo metadata")?;
     let meta: Value = serde_json::from_slice(&meta.stdout)?;
     let host = String::from_utf8(
-        Command::new("rustc").args(["--print", "host-tuple"]).output()?.stdout,
+        Command::new("rustc")
+            .args(["--print", "host-tuple"])
+            .output()?
+            .stdout,
     )?;
     let tree = cargo()
-        .args(["tree", "--workspace", "-e", "normal,dev,build", "--prefix", "none"])
+        .args([
+            "tree",
+            "--workspace",
+            "-e",
+            "normal,dev,build",
+            "--prefix",
+            "none",
+        ])
         .args(["--format", "{p}", "--target", host.trim()])
         .args(["--features"])
         .arg(cuda_features(pkgs).join(","))
@@ -183,7 +199,11 @@ fn msrv(pkgs: &[Value]) -> Result<()> {
         .lines()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
-            Some(format!("{} {}", w.next()?, w.next()?.trim_start_matches('v')))
+            Some(format!(
+                "{} {}",
+                w.next()?,
+                w.next()?.trim_start_matches('v')
+            ))
         })
         .collect();
     let mut worst: Option<(Vec<u64>, String)> = None;

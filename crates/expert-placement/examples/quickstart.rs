@@ -7,7 +7,6 @@ use expert_placement::{
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-
     let shape = PlacementShape::new(2, 8, 2); // 2 MoE layers, 8 experts, 2 redundant slots
     let two: Vec<DeviceId> = (0..2).map(DeviceId).collect();
     let three: Vec<DeviceId> = (0..3).map(DeviceId).collect();

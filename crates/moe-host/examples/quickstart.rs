@@ -8,7 +8,6 @@ use moe_model::presets::Preset;
 use moe_model::weights::MemTensors;
 
 fn main() {
-
     let cfg = Preset::TinyQwen3.config();
     let src = MemTensors::seeded(&cfg, 1);
     let host = HostEngineConfig::default(); // one host device

@@ -2,13 +2,16 @@
 //!
 //! Run: `cargo run -p p2p-xfer --example quickstart` (no GPU needed).
 
-use hbm_vmm::{host::{HostBackend, HostConfig}, DeviceId, Vmm};
+use hbm_vmm::{
+    host::{HostBackend, HostConfig},
+    DeviceId, Vmm,
+};
 use p2p_xfer::{
-    HostTransport, HostTransportConfig, LinkModel, Location, Need, Planner, PlannerConfig, Transport,
+    HostTransport, HostTransportConfig, LinkModel, Location, Need, Planner, PlannerConfig,
+    Transport,
 };
 
 fn main() {
-
     let vmm = Vmm::new(HostBackend::new(HostConfig::devices(3, 64 << 20)));
     let gran = vmm.granularity(DeviceId(0)).unwrap();
     // Devices 0 and 1 hold the same 4 MiB; device 2 needs them.
@@ -25,7 +28,9 @@ fn main() {
     let at = |dev: usize| Location::new(DeviceId(dev as u32), maps[dev].1.addr());
 
     let planner = Planner::new(LinkModel::nvlink4(), PlannerConfig::default()).unwrap();
-    let plan = planner.plan(&[Need::new(at(2), 4 << 20, vec![at(0), at(1)])]).unwrap();
+    let plan = planner
+        .plan(&[Need::new(at(2), 4 << 20, vec![at(0), at(1)])])
+        .unwrap();
     assert_eq!(plan.copies().len(), 2); // striped over both holders
 
     let transport = HostTransport::new(vmm.clone(), HostTransportConfig::default());

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 fn main() {
-
     use moe_host::worker::{DeploymentRunner, HostEngineConfig};
     use moe_model::presets::Preset;
     use moe_model::weights::MemTensors;
@@ -15,7 +14,11 @@ fn main() {
     // A tiny model on one host device, of at most two.
     let cfg = Preset::TinyQwen3.config();
     let checkpoint: Checkpoint = Arc::new(MemTensors::seeded(&cfg, 7));
-    let host = HostEngineConfig { devices: 1, max_devices: 2, ..HostEngineConfig::default() };
+    let host = HostEngineConfig {
+        devices: 1,
+        max_devices: 2,
+        ..HostEngineConfig::default()
+    };
     let (engine, _store) = DeploymentRunner::host_engine(&cfg, checkpoint.as_ref(), &host).unwrap();
 
     // Scale up to two devices while the engine's run loop serves.

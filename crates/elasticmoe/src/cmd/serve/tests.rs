@@ -378,7 +378,10 @@ fn chat_applies_the_template_and_streams_deltas() {
     // Mixtral's real template: the system message goes into the first [INST]; <s> is one
     // special token, every other byte one token.
     let rendered = "<s> [INST] Be brief.\n\nHello [/INST]";
-    assert_eq!(v["usage"]["prompt_tokens"], rendered.len() - "<s>".len() + 1);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        rendered.len() - "<s>".len() + 1
+    );
     let text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -1226,10 +1229,18 @@ fn stop_strings_end_the_text_before_them_streamed_or_not() {
     let stop: String = chars[5..7].iter().collect();
     let at = text.find(&stop).unwrap();
     let v = complete(a, "Hello", json!({"stop": [stop.clone(), "never-there"]}));
-    assert_eq!(v["choices"][0]["text"], text[..at], "stop {stop:?} in {text:?}");
+    assert_eq!(
+        v["choices"][0]["text"],
+        text[..at],
+        "stop {stop:?} in {text:?}"
+    );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 24);
-    let inc = complete(a, "Hello", json!({"stop": stop.clone(), "include_stop_str_in_output": true}));
+    let inc = complete(
+        a,
+        "Hello",
+        json!({"stop": stop.clone(), "include_stop_str_in_output": true}),
+    );
     assert_eq!(inc["choices"][0]["text"], text[..at + stop.len()]);
     let s = post(
         a,
@@ -1258,7 +1269,11 @@ fn n_choices_logprobs_echo_and_created() {
         .unwrap()
         .as_secs();
     let sampled = json!({"temperature": 0.9, "seed": 11, "max_tokens": 8});
-    let v = complete(a, "Hi", json!({"temperature": 0.9, "seed": 11, "max_tokens": 8, "n": 3}));
+    let v = complete(
+        a,
+        "Hi",
+        json!({"temperature": 0.9, "seed": 11, "max_tokens": 8, "n": 3}),
+    );
     assert!(v["created"].as_u64().unwrap() >= before);
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
@@ -1272,7 +1287,11 @@ fn n_choices_logprobs_echo_and_created() {
         assert_eq!(c["text"], single["choices"][0]["text"], "choice {i}");
     }
     // Completion logprobs: the chosen token's and the alternatives, most likely first.
-    let v = complete(a, "Hi", json!({"max_tokens": 5, "logprobs": 2, "echo": true}));
+    let v = complete(
+        a,
+        "Hi",
+        json!({"max_tokens": 5, "logprobs": 2, "echo": true}),
+    );
     let c = &v["choices"][0];
     assert!(c["text"].as_str().unwrap().starts_with("Hi"));
     let lp = &c["logprobs"];
@@ -1318,9 +1337,18 @@ fn content_parts_api_key_model_and_template_errors() {
         ..Opts::default()
     });
     let a = h.addr;
-    let auth = [("content-type", "application/json"), ("authorization", "Bearer k3y")];
+    let auth = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer k3y"),
+    ];
     let chat = |body: &Value, headers: &[(&str, &str)]| {
-        call(a, "POST", "/v1/chat/completions", headers, &body.to_string())
+        call(
+            a,
+            "POST",
+            "/v1/chat/completions",
+            headers,
+            &body.to_string(),
+        )
     };
     // No key, a wrong key: 401; /health, /metrics open; the admin token is not the API key.
     let body = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 3});
@@ -1334,7 +1362,14 @@ fn content_parts_api_key_model_and_template_errors() {
     assert_eq!(get(a, "/health").status, 200);
     assert_eq!(get(a, "/metrics").status, 200);
     assert_eq!(
-        call(a, "GET", "/v1/models", &[("authorization", "Bearer k3y")], "").status,
+        call(
+            a,
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer k3y")],
+            ""
+        )
+        .status,
         200
     );
     let plain = chat(&body, &auth);
@@ -1348,13 +1383,27 @@ fn content_parts_api_key_model_and_template_errors() {
         chat(&joined, &auth).json()["usage"]
     );
     for (bad, param) in [
-        (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages"),
-        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}), "frobnicate"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}),
+            "frobnicate",
+        ),
         // Mixtral's template refuses two user turns in a row: its message comes back.
-        (json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
-         "messages"),
+        (
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+            "messages",
+        ),
     ] {
         let r = chat(&bad, &auth);
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
@@ -1364,8 +1413,15 @@ fn content_parts_api_key_model_and_template_errors() {
         &json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
         &auth,
     );
-    assert!(r.body.contains("conversation roles must alternate"), "{}", r.body);
-    let r = chat(&json!({"model": "other", "messages": [{"role": "user", "content": "a"}]}), &auth);
+    assert!(
+        r.body.contains("conversation roles must alternate"),
+        "{}",
+        r.body
+    );
+    let r = chat(
+        &json!({"model": "other", "messages": [{"role": "user", "content": "a"}]}),
+        &auth,
+    );
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(r.json()["error"]["param"], "model");
 }
