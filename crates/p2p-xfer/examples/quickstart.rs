@@ -13,13 +13,12 @@ use p2p_xfer::{
 
 fn main() {
     let vmm = Vmm::new(HostBackend::new(HostConfig::devices(3, 64 << 20)));
-    let gran = vmm.granularity(DeviceId(0)).unwrap();
     // Devices 0 and 1 hold the same 4 MiB; device 2 needs them.
     let mut maps = Vec::new();
     for dev in 0..3 {
         let chunk = vmm.create_chunk(DeviceId(dev), 4 << 20, false).unwrap();
         let res = vmm.reserve(DeviceId(dev), 4 << 20).unwrap();
-        let mut map = res.map(0, &chunk, 0, 4 << 20).unwrap();
+        let map = res.map(0, &chunk, 0, 4 << 20).unwrap();
         if dev < 2 {
             map.as_mut_slice().fill(7);
         }
