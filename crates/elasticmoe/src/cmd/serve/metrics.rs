@@ -163,162 +163,162 @@ impl ServerMetrics {
         };
         r.register(
             "http_requests",
-            "HTTP responses by endpoint and status code.",
+            "HTTP responses by endpoint and status code",
             m.http_requests.clone(),
         );
         r.register(
             "requests_finished",
-            "Generations finished, by finish reason.",
+            "Generations finished, by finish reason",
             m.finished.clone(),
         );
         r.register(
             "prompt_tokens",
-            "Prompt tokens of finished generations.",
+            "Prompt tokens of finished generations",
             m.prompt_tokens.clone(),
         );
         r.register(
             "generation_tokens",
-            "Tokens generated for finished generations.",
+            "Tokens generated for finished generations",
             m.generation_tokens.clone(),
         );
         r.register(
             "client_disconnects",
-            "Requests cancelled because the client went away.",
+            "Requests cancelled because the client went away",
             m.client_disconnects.clone(),
         );
         r.register(
             "ttft_seconds",
-            "Time to first token, from submission to the engine.",
+            "Time to first token, from submission to the engine",
             m.ttft.clone(),
         );
         r.register(
             "inter_token_latency_seconds",
-            "Time between consecutive output tokens of a generation, one sample per token.",
+            "Time between consecutive output tokens of a generation, one sample per token",
             m.itl.clone(),
         );
         r.register(
             "tpot_seconds",
-            "Mean time per output token after the first, one sample per generation.",
+            "Mean time per output token after the first, one sample per generation",
             m.tpot.clone(),
         );
         r.register(
             "e2e_request_latency_seconds",
-            "Time from submission to the end of a generation.",
+            "Time from submission to the end of a generation",
             m.e2e.clone(),
         );
         r.register(
             "request_queue_time_seconds",
-            "Time a generation waited before the engine first computed it.",
+            "Time a generation waited before the engine first computed it",
             m.queue_time.clone(),
         );
         r.register(
             "queue_depth",
-            "Requests waiting for admission to a rank.",
+            "Requests waiting for admission to a rank",
             m.queue_depth.clone(),
         );
         r.register(
             "running_sequences",
-            "Sequences admitted on a rank.",
+            "Sequences admitted on a rank",
             m.running.clone(),
         );
         r.register(
             "kv_usage_ratio",
-            "Fraction of all KV blocks in use.",
+            "Fraction of all KV blocks in use",
             m.kv_usage.clone(),
         );
         r.register(
             "kv_blocks_used",
-            "KV blocks held by sequences, per rank.",
+            "KV blocks held by sequences, per rank",
             m.kv_used.clone(),
         );
         r.register(
             "kv_blocks_capacity",
-            "KV blocks in each rank's pool.",
+            "KV blocks in each rank's pool",
             m.kv_capacity.clone(),
         );
         r.register(
             "requests_waiting",
-            "Generations accepted that wait for their first token (at most --max-queue).",
+            "Generations accepted that wait for their first token (at most --max-queue)",
             m.requests_waiting.clone(),
         );
         r.register(
             "connections_open",
-            "Client connections open, control slots included.",
+            "Client connections open, control slots included",
             m.connections_open.clone(),
         );
         r.register(
             "connections_control_open",
-            "Control slots in use (connections past the caps).",
+            "Control slots in use (connections past the caps)",
             m.connections_control_open.clone(),
         );
         r.register(
             "connections_accepted",
-            "Client connections accepted.",
+            "Client connections accepted",
             m.connections_accepted.clone(),
         );
         r.register(
             "connections_rejected",
-            "Connections refused at a connection cap, by cap.",
+            "Connections refused at a connection cap, by cap",
             m.connections_rejected.clone(),
         );
         r.register(
             "connection_timeouts",
-            "Connections ended by a timeout, by kind (header and body answer 408).",
+            "Connections ended by a timeout, by kind (header and body answer 408)",
             m.connection_timeouts.clone(),
         );
         r.register(
             "accept_errors",
-            "Failed accept calls (for example out of descriptors).",
+            "Failed accept calls (for example out of descriptors)",
             m.accept_errors.clone(),
         );
         r.register(
             "engine_tokens_per_second",
-            "Generated tokens per second over recent iterations.",
+            "Generated tokens per second over recent iterations",
             m.engine_tokens_per_second.clone(),
         );
         r.register(
             "engine_generated_tokens",
-            "Tokens the engine generated.",
+            "Tokens the engine generated",
             m.engine_generated.clone(),
         );
         r.register(
             "engine_prefill_tokens",
-            "Tokens computed in prefill, recompute included.",
+            "Tokens computed in prefill, recompute included",
             m.engine_prefill.clone(),
         );
         r.register(
             "engine_preemptions",
-            "Sequences preempted.",
+            "Sequences preempted",
             m.engine_preemptions.clone(),
         );
         r.register(
             "engine_iterations",
-            "Engine iterations.",
+            "Engine iterations",
             m.engine_iterations.clone(),
         );
         r.register(
             "active_devices",
-            "Devices serving.",
+            "Devices serving",
             m.active_devices.clone(),
         );
         r.register(
             "max_devices",
-            "Devices this server may use.",
+            "Devices this server may use",
             m.max_devices.clone(),
         );
         r.register(
             "scale_transition_running",
-            "1 while a scaling transition runs.",
+            "1 while a scaling transition runs",
             m.transition_running.clone(),
         );
         r.register(
             "scale_events",
-            "Scaling transitions by kind, strategy and outcome.",
+            "Scaling transitions by kind, strategy and outcome",
             m.scale_events.clone(),
         );
         r.register(
             "scale_bytes_moved",
-            "Bytes moved between devices by scaling transitions.",
+            "Bytes moved between devices by scaling transitions",
             m.scale_bytes_moved.clone(),
         );
         ServerMetrics { registry: r, ..m }
@@ -484,6 +484,9 @@ mod tests {
         let text = sample();
         let mut types = std::collections::BTreeMap::new();
         for line in text.lines() {
+            if line.starts_with("# HELP ") {
+                assert!(line.ends_with('.') && !line.ends_with(".."), "{line}");
+            }
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
                 assert!(

@@ -1425,3 +1425,60 @@ fn content_parts_api_key_model_and_template_errors() {
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(r.json()["error"]["param"], "model");
 }
+
+#[test]
+fn engine_sizing_flags_have_defaults_and_clear_range_errors() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+    use clap::Parser as _;
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["serve", "--model", "m"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().args
+    };
+    let c = super::engine_config(&parse(&[])).unwrap();
+    assert_eq!(
+        (
+            c.scheduler.max_batch_tokens,
+            c.scheduler.max_running_per_rank
+        ),
+        (256, 64)
+    );
+    let c = super::engine_config(&parse(&[
+        "--max-num-batched-tokens",
+        "512",
+        "--max-num-seqs",
+        "8",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (
+            c.scheduler.max_batch_tokens,
+            c.scheduler.max_running_per_rank
+        ),
+        (512, 8)
+    );
+    for (flag, value, needle) in [
+        ("--max-num-batched-tokens", "0", "between 1 and 1048576"),
+        ("--max-num-seqs", "0", "between 1 and 4096"),
+        ("--max-num-seqs", "5000", "between 1 and 4096"),
+    ] {
+        let e = super::engine_config(&parse(&[flag, value])).unwrap_err();
+        assert!(e.to_string().contains(needle), "{flag} {value}: {e}");
+    }
+    let d = super::deployment_config(None).unwrap();
+    assert_eq!(d, moe_host::deployment::DeploymentConfig::default());
+    let d = super::deployment_config(Some(1000)).unwrap();
+    assert_eq!(
+        (d.kv_chunks, d.kv_max_chunks),
+        (4, 16),
+        "rounded up to whole chunks"
+    );
+    for bad in [0, 255, (1 << 24) + 1] {
+        let e = super::deployment_config(Some(bad)).unwrap_err();
+        assert!(e.to_string().contains("--kv-cache-tokens"), "{e}");
+    }
+}
