@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's automation, in Rust so that it runs wherever cargo does.
 //!
 //! - `cargo xtask ci`: fmt check, clippy (twice: as is and with every crate's `cuda` feature),
-//!   workspace tests, the GPU-free unit tests of `moe-cuda`'s elastic scaling, and the
-//!   loom models of the crates that have them.
+//!   workspace tests, docs, the GPU-free unit tests of `moe-cuda`'s elastic scaling,
+//!   `cargo package --workspace` (every crate builds from its packaged files), the MSRV check
+//!   (the declared `rust-version` covers the lockfile) and the loom models of the crates that
+//!   have them.
 //! - `cargo xtask hil [--run] [FILTER]`: build the GPU bundle into `target/hil/` (test and bench
 //!   binaries built with `--features cuda`, plus `run.sh`, and `scale.sh` for the elastic scaling
 //!   benchmark of issue 11); with `--run`, also run it here.
@@ -21,11 +23,13 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&args[1..]),
         Some("hil") => hil(&root, &args[1..]),
+        Some("msrv") => msrv(&packages()?),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci [--no-loom] | hil [--run] [FILTER]>\n\
+                "usage: cargo xtask <ci [--no-loom] | hil [--run] [FILTER] | msrv>\n\
                  \n  ci    fmt, clippy (host and --features cuda), tests, loom models\
-                 \n  hil   build the GPU bundle into target/hil (run it with bash target/hil/run.sh)"
+                 \n  hil   build the GPU bundle into target/hil (run it with bash target/hil/run.sh)\
+                 \n  msrv  check that the declared rust-version covers the lockfile"
             );
             bail!("unknown or missing subcommand");
         }
@@ -125,6 +129,16 @@ fn ci(args: &[String]) -> Result<()> {
         "--lib",
         "elastic::",
     ]))?;
+    // Every crate stands alone: its package (manifest, README, sources) builds from the packaged
+    // files, path dependencies resolved through their versions.
+    run(cargo().args([
+        "package",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--allow-dirty",
+    ]))?;
+    msrv(&pkgs)?;
     if !args.iter().any(|a| a == "--no-loom") {
         for pkg in loom_packages(&pkgs) {
             // A separate target dir keeps the cfg(loom) build from invalidating the normal one.
@@ -143,6 +157,83 @@ fn ci(args: &[String]) -> Result<()> {
         }
     }
     eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// The declared `rust-version` must cover every locked dependency that a build or test on this
+/// host uses (normal, build and dev edges, CUDA features included): no toolchain older than the
+/// current one can be installed here, so the claim is checked against the lockfile instead.
+/// `cfg(loom)` builds are excluded (loom's `generator` needs a newer compiler; they run on the
+/// current toolchain).
+fn msrv(pkgs: &[Value]) -> Result<()> {
+    let parse = |v: &str| -> Vec<u64> { v.split('.').filter_map(|x| x.parse().ok()).collect() };
+    let declared: Vec<u64> = pkgs
+        .iter()
+        .find_map(|p| p["rust_version"].as_str())
+        .map(parse)
+        .context("no workspace package declares a rust-version")?;
+    let meta = cargo()
+        .args(["metadata", "--format-version", "1"])
+        .output()
+        .context("cargo metadata")?;
+    let meta: Value = serde_json::from_slice(&meta.stdout)?;
+    let host = String::from_utf8(
+        Command::new("rustc")
+            .args(["--print", "host-tuple"])
+            .output()?
+            .stdout,
+    )?;
+    let tree = cargo()
+        .args([
+            "tree",
+            "--workspace",
+            "-e",
+            "normal,dev,build",
+            "--prefix",
+            "none",
+        ])
+        .args(["--format", "{p}", "--target", host.trim()])
+        .args(["--features"])
+        .arg(cuda_features(pkgs).join(","))
+        .output()
+        .context("cargo tree")?;
+    let used: std::collections::BTreeSet<String> = String::from_utf8_lossy(&tree.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some(format!(
+                "{} {}",
+                w.next()?,
+                w.next()?.trim_start_matches('v')
+            ))
+        })
+        .collect();
+    let mut worst: Option<(Vec<u64>, String)> = None;
+    for p in meta["packages"].as_array().into_iter().flatten() {
+        if p["source"].is_null() {
+            continue; // our own crates carry the declared version
+        }
+        let id = format!(
+            "{} {}",
+            p["name"].as_str().unwrap_or_default(),
+            p["version"].as_str().unwrap_or_default()
+        );
+        if let (true, Some(rv)) = (used.contains(&id), p["rust_version"].as_str()) {
+            let rv = parse(rv);
+            if worst.as_ref().is_none_or(|(w, _)| rv > *w) {
+                worst = Some((rv, id));
+            }
+        }
+    }
+    if let Some((rv, id)) = worst {
+        if rv > declared {
+            bail!(
+                "{id} needs Rust {rv:?} but the workspace declares rust-version {declared:?}; \
+                 raise it in Cargo.toml or pin an older {id}"
+            );
+        }
+        eprintln!("xtask: rust-version {declared:?} covers the lockfile (highest: {id}, {rv:?})");
+    }
     Ok(())
 }
 

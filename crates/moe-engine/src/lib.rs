@@ -742,6 +742,13 @@ impl<R: Runner> Core<R> {
         }
         report.chunks = plan.chunks.len();
         report.tokens = plan.tokens();
+        for c in &plan.chunks {
+            if let Some(l) = self.live.get_mut(&c.seq) {
+                if l.timings.queued.is_none() {
+                    l.timings.queued = Some(l.submitted.elapsed());
+                }
+            }
+        }
         let prefill: usize = plan
             .chunks
             .iter()
@@ -765,7 +772,10 @@ impl<R: Runner> Core<R> {
                 .filter(|c| c.sample)
                 .map(|c| {
                     let r = &self.live[&c.seq].request;
-                    (c.seq, Need::of(&r.sampling, r.logprobs))
+                    (
+                        c.seq,
+                        Need::of(&r.sampling, r.logprobs || r.top_logprobs > 0),
+                    )
                 })
                 .collect();
             let needs: Vec<Need> = samples.iter().map(|s| s.1).collect();
@@ -849,8 +859,10 @@ impl<R: Runner> Core<R> {
                 return (0, true);
             }
         }
+        let mut top = Vec::new();
         let sampled = match row {
             RowOutput::Logits(logits) => {
+                top = sampling::top_logprobs(&logits, l.request.top_logprobs);
                 sampling::sample(&logits, &l.request.sampling, l.generated)
             }
             // Only a greedy request without logprobs may be answered with a token; its logprob
@@ -879,6 +891,7 @@ impl<R: Runner> Core<R> {
             index: l.generated,
             token: sampled.token,
             logprob: l.request.logprobs.then_some(sampled.logprob),
+            top_logprobs: top,
             at,
         };
         l.tokens.push(sampled.token);

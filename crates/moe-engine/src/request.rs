@@ -34,6 +34,9 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Whether token events carry the chosen token's log-probability.
     pub logprobs: bool,
+    /// How many of the most likely tokens (with their log-probabilities) each token event
+    /// carries (0: none).
+    pub top_logprobs: usize,
 }
 
 impl Request {
@@ -45,6 +48,7 @@ impl Request {
             stop_tokens: Vec::new(),
             sampling: SamplingParams::Greedy,
             logprobs: false,
+            top_logprobs: 0,
         }
     }
 
@@ -66,6 +70,13 @@ impl Request {
     #[must_use]
     pub fn with_logprobs(mut self, logprobs: bool) -> Self {
         self.logprobs = logprobs;
+        self
+    }
+
+    /// Asks for the `k` most likely tokens, with their log-probabilities, on every token event.
+    #[must_use]
+    pub fn with_top_logprobs(mut self, k: usize) -> Self {
+        self.top_logprobs = k;
         self
     }
 
@@ -238,6 +249,9 @@ pub struct TokenEvent {
     pub token: TokenId,
     /// Its natural log-probability under the model (before temperature and top-p), if asked.
     pub logprob: Option<f32>,
+    /// The most likely tokens at this position and their log-probabilities, most likely first
+    /// (ties to the lower id); as many as [`Request::top_logprobs`] asked.
+    pub top_logprobs: Vec<(TokenId, f32)>,
     /// Time from submission to this token.
     pub at: Duration,
 }
@@ -247,6 +261,9 @@ pub struct TokenEvent {
 pub struct RequestTimings {
     /// Time to first token (none if no token was produced).
     pub ttft: Option<Duration>,
+    /// Time from submission to the first iteration that computed this sequence: its time in
+    /// the queue (none if it never ran).
+    pub queued: Option<Duration>,
     /// Time from submission to each token.
     pub token_times: Vec<Duration>,
     /// Time from submission to the finish event.
@@ -384,6 +401,7 @@ mod tests {
             ],
             total: Duration::from_millis(40),
             preemptions: 0,
+            queued: Some(Duration::from_millis(1)),
         };
         assert_eq!(t.tpot(), Some(Duration::from_millis(15)));
         assert_eq!(RequestTimings::default().tpot(), None);

@@ -106,6 +106,29 @@ pub fn sample(
     })
 }
 
+/// The `k` most likely tokens and their `log_softmax` values, most likely first (ties to the
+/// lower id); non-finite logits are never among them.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(TokenId, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let Some((_, max)) = argmax(logits) else {
+        return Vec::new();
+    };
+    let mut idx: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if idx.len() > k {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_logit);
+    idx.into_iter()
+        .map(|i| (i as TokenId, logprob(logits, max, i)))
+        .collect()
+}
+
 /// The first index of the largest finite logit, and that logit.
 fn argmax(logits: &[f32]) -> Option<(usize, f32)> {
     let mut best: Option<(usize, f32)> = None;
@@ -189,6 +212,24 @@ mod tests {
         assert_eq!(s.token, 1);
         let s = sample(&[f32::NAN, 1.0, f32::INFINITY], &SamplingParams::Greedy, 0).unwrap();
         assert_eq!(s.token, 1, "non-finite logits are never chosen");
+    }
+
+    #[test]
+    fn top_logprobs_are_the_largest_in_order() {
+        let logits = [1.0, 3.0, f32::NAN, 3.0, 2.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 4],
+            "ties go to the lower id"
+        );
+        assert_eq!(
+            top[0].1,
+            sample(&logits, &SamplingParams::Greedy, 0).unwrap().logprob
+        );
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert_eq!(top_logprobs(&logits, 10).len(), 4);
     }
 
     #[test]

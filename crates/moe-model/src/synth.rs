@@ -19,9 +19,17 @@
 //! hold a whole model in memory; pieces are filled on all cores.
 //!
 //! **Tokenizer.** 256 byte tokens (ids 0–255 are the bytes 0x00–0xFF, in GPT-2's byte-to-unicode
-//! spelling, with no merges) plus [`SPECIAL_TOKENS`] from id 256 on. Every text encodes, one token
-//! per UTF-8 byte, and decodes back exactly. The generated `config.json` uses its ids for
-//! `bos_token_id` (`<|bos|>`) and `eos_token_id` (`<|eos|>`, `<|im_end|>`).
+//! spelling, with no merges) plus five special tokens from id 256 on (bos, eos, `<|im_start|>`,
+//! `<|im_end|>`, pad). Every text encodes, one token per UTF-8 byte, and decodes back exactly. The
+//! generated `config.json` uses their ids for `bos_token_id` and `eos_token_id` (eos and
+//! `<|im_end|>`). The bos, eos and pad tokens are spelled as the architecture's real tokenizer
+//! spells them ([`special_tokens`]: `<|bos|>`/`<|eos|>` for Qwen3, `<｜begin▁of▁sentence｜>` for
+//! DeepSeek-V2, `<s>`/`</s>` for Mixtral), so that the real chat template works unchanged.
+//!
+//! **Chat templates.** `tokenizer_config.json` carries the architecture's real chat template
+//! ([`chat_template`]), byte for byte as the model's Hugging Face repository ships it: Qwen3
+//! (with its `enable_thinking` switch), DeepSeek-V2 and Mixtral-8x7B-Instruct. They live in
+//! `src/chat_templates/`, where their sources are noted.
 //!
 //! ```
 //! use moe_model::{presets::Preset, synth::{self, SynthOptions}};
@@ -34,7 +42,7 @@
 //! ```
 
 use crate::checkpoint::{CheckpointError, CheckpointWriter, TensorEntry};
-use crate::config::{DType, ModelConfig};
+use crate::config::{Architecture, DType, ModelConfig};
 use crate::schema::{ModelSchema, TensorRole, TensorSpec};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -64,8 +72,40 @@ pub const PAD_ID: u32 = 260;
 /// Vocabulary the tokenizer needs: `vocab_size` must be at least this.
 pub const TOKENIZER_VOCAB: usize = BYTE_TOKENS as usize + SPECIAL_TOKENS.len();
 
-/// A ChatML-style chat template.
-pub const CHAT_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+/// Qwen3's chat template (`Qwen/Qwen3-30B-A3B`, shared by the Qwen3 family at release): ChatML
+/// with `<think>` handling and the `enable_thinking` switch.
+pub const QWEN3_CHAT_TEMPLATE: &str = include_str!("chat_templates/qwen3.jinja");
+/// DeepSeek-V2's chat template (`deepseek-ai/DeepSeek-V2-Lite-Chat`).
+pub const DEEPSEEK_V2_CHAT_TEMPLATE: &str = include_str!("chat_templates/deepseek_v2.jinja");
+/// Mixtral's chat template (`mistralai/Mixtral-8x7B-Instruct-v0.1`).
+pub const MIXTRAL_CHAT_TEMPLATE: &str = include_str!("chat_templates/mixtral.jinja");
+/// The chat template of the default (Qwen3) tokenizer: [`QWEN3_CHAT_TEMPLATE`].
+pub const CHAT_TEMPLATE: &str = QWEN3_CHAT_TEMPLATE;
+
+/// The real chat template of `arch`'s instruct models.
+pub fn chat_template(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Qwen3Moe => QWEN3_CHAT_TEMPLATE,
+        Architecture::DeepseekV2 => DEEPSEEK_V2_CHAT_TEMPLATE,
+        Architecture::Mixtral => MIXTRAL_CHAT_TEMPLATE,
+    }
+}
+
+/// The five special tokens (ids 256–260: bos, eos, `<|im_start|>`, `<|im_end|>`, pad) as `arch`'s
+/// tokenizer spells them. [`SPECIAL_TOKENS`] is the Qwen3 spelling.
+pub fn special_tokens(arch: Architecture) -> [&'static str; 5] {
+    match arch {
+        Architecture::Qwen3Moe => SPECIAL_TOKENS,
+        Architecture::DeepseekV2 => [
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<｜▁pad▁｜>",
+        ],
+        Architecture::Mixtral => ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"],
+    }
+}
 
 /// Elements generated per piece (per thread task).
 const PIECE_ELEMS: usize = 1 << 20;
@@ -263,10 +303,10 @@ pub fn write_model(
     };
     put("config.json", &out_cfg.to_hf_json())?;
     put("generation_config.json", &generation_config_json())?;
-    put("tokenizer.json", &byte_tokenizer_json())?;
+    put("tokenizer.json", &byte_tokenizer_json_for(cfg.architecture))?;
     put(
         "tokenizer_config.json",
-        &tokenizer_config_json(cfg.max_position_embeddings),
+        &tokenizer_config_json_for(cfg.architecture, cfg.max_position_embeddings),
     )?;
 
     let schema = ModelSchema::new(cfg);
@@ -337,13 +377,18 @@ pub fn byte_char(b: u8) -> char {
     }
 }
 
-/// The byte-level `tokenizer.json` (format of the `tokenizers` library).
+/// The byte-level `tokenizer.json` (format of the `tokenizers` library), Qwen3 spelling.
 pub fn byte_tokenizer_json() -> Value {
+    byte_tokenizer_json_for(Architecture::Qwen3Moe)
+}
+
+/// The byte-level `tokenizer.json` with `arch`'s [`special_tokens`].
+pub fn byte_tokenizer_json_for(arch: Architecture) -> Value {
     let mut vocab = Map::new();
     for b in 0..=255u8 {
         vocab.insert(byte_char(b).to_string(), u32::from(b).into());
     }
-    let added: Vec<Value> = SPECIAL_TOKENS
+    let added: Vec<Value> = special_tokens(arch)
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -370,10 +415,17 @@ pub fn byte_tokenizer_json() -> Value {
     })
 }
 
-/// `tokenizer_config.json` for the byte-level tokenizer, with [`CHAT_TEMPLATE`].
+/// `tokenizer_config.json` for the byte-level tokenizer, with [`CHAT_TEMPLATE`] (Qwen3).
 pub fn tokenizer_config_json(model_max_length: usize) -> Value {
+    tokenizer_config_json_for(Architecture::Qwen3Moe, model_max_length)
+}
+
+/// `tokenizer_config.json` for the byte-level tokenizer with `arch`'s [`special_tokens`] and
+/// real [`chat_template`].
+pub fn tokenizer_config_json_for(arch: Architecture, model_max_length: usize) -> Value {
+    let specials = special_tokens(arch);
     let mut decoder = Map::new();
-    for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+    for (i, t) in specials.iter().enumerate() {
         decoder.insert(
             (BYTE_TOKENS + i as u32).to_string(),
             json!({ "content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true }),
@@ -381,15 +433,16 @@ pub fn tokenizer_config_json(model_max_length: usize) -> Value {
     }
     json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKENS[0],
-        "eos_token": SPECIAL_TOKENS[3],
-        "pad_token": SPECIAL_TOKENS[4],
+        "bos_token": specials[0],
+        // Qwen3's instruct turns end with <|im_end|>; the others with their eos token.
+        "eos_token": if arch == Architecture::Qwen3Moe { specials[3] } else { specials[1] },
+        "pad_token": specials[4],
         "unk_token": null,
         "add_bos_token": false,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template(arch),
         "added_tokens_decoder": decoder
     })
 }

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use moe_model::config::DType;
 use moe_model::presets::{self, Preset};
 use moe_model::synth::{self, SynthOptions};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -83,17 +83,29 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let started = Instant::now();
     let mut last = Instant::now();
+    let tty = std::io::stderr().is_terminal();
     let report = synth::write_model(&cfg, &args.out, &opts, |p| {
         let done = p.tensors_done == p.tensors_total;
-        if done || last.elapsed() >= Duration::from_secs(2) {
+        // A line redrawn in place on a terminal; whole lines, less often, into a log file.
+        let every = if tty {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(30)
+        };
+        if done || last.elapsed() >= every {
             last = Instant::now();
             let pct = 100.0 * p.bytes_done as f64 / p.bytes_total.max(1) as f64;
-            eprint!(
-                "\r  {pct:5.1}%  {}/{} tensors  {}",
+            let line = format!(
+                "  {pct:5.1}%  {}/{} tensors  {}",
                 p.tensors_done, p.tensors_total, p.tensor.name
             );
-            if done {
-                eprintln!();
+            if tty {
+                eprint!("\r{line}");
+                if done {
+                    eprintln!();
+                }
+            } else {
+                eprintln!("{line}");
             }
             let _ = std::io::stderr().flush();
         }

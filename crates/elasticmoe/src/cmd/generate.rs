@@ -10,8 +10,10 @@
 //! `cuda` feature; experts split between the GPUs, placement flags do not apply). Greedy tokens
 //! are then chosen on the GPU.
 //!
-//! Text prompts are byte-level: each byte is one token id (the tokenizer of `gen-model`'s model
-//! directories maps bytes 1:1). Generated ids below 256 are printed as bytes, others as `<id>`.
+//! Text prompts are encoded, and generated tokens decoded, with the model's own `tokenizer.json`
+//! (the `tokenizers` crate, as `serve` does; special-token spellings in `--prompt` are control
+//! tokens, as in `tokenizer(text)`), and the output is decoded incrementally. The tokenizer of
+//! `gen-model`'s model directories is byte-level: each byte is one token.
 //! The model's end-of-sequence ids stop generation unless `--ignore-eos` is given.
 
 use std::io::Write;
@@ -26,6 +28,8 @@ use moe_host::worker::{DeploymentRunner, HostEngineConfig};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
 use scaler_exec::DeviceKind;
+
+use crate::cmd::serve::text::{Detokenizer, TextCodec};
 
 /// Expert placement on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,7 +64,7 @@ pub struct Args {
     /// Expert placement.
     #[arg(long, value_enum, default_value_t = PlacementArg::Balanced)]
     pub placement: PlacementArg,
-    /// A text prompt (byte-level tokens); repeat for several prompts.
+    /// A text prompt (encoded with the model's tokenizer); repeat for several prompts.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// A prompt as comma-separated token ids; repeat for several prompts.
@@ -148,16 +152,13 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Byte-level decoding: ids below 256 are bytes, others `<id>`.
-fn decode(tokens: &[u32]) -> String {
-    let mut bytes = Vec::new();
-    for &t in tokens {
-        match u8::try_from(t) {
-            Ok(b) => bytes.push(b),
-            Err(_) => bytes.extend_from_slice(format!("<{t}>").as_bytes()),
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
+/// The text of generated `tokens`, decoded incrementally as a stream would be (special tokens
+/// left out).
+fn decode(codec: &TextCodec, tokens: &[u32]) -> String {
+    let mut d = Detokenizer::default();
+    let mut text: String = tokens.iter().map(|&t| d.push(codec, t)).collect();
+    text.push_str(&d.finish(codec));
+    text
 }
 
 fn sampling(args: &Args, i: usize) -> SamplingParams {
@@ -173,6 +174,7 @@ fn sampling(args: &Args, i: usize) -> SamplingParams {
 
 /// Runs `generate`.
 pub fn run(args: &Args) -> Result<()> {
+    crate::cmd::serve::audit::init_logging("warn");
     let stdout = std::io::stdout();
     generate(args, &mut stdout.lock())
 }
@@ -184,15 +186,11 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
     if let Devices::Cuda(_) = devices {
         return Err(no_cuda_build(devices));
     }
-    let mut prompts: Vec<Vec<u32>> = args
-        .prompt
-        .iter()
-        .map(|p| p.bytes().map(u32::from).collect())
-        .collect();
+    let mut id_prompts = Vec::new();
     for ids in &args.prompt_ids {
-        prompts.push(parse_ids(ids)?);
+        id_prompts.push(parse_ids(ids)?);
     }
-    if prompts.is_empty() {
+    if args.prompt.is_empty() && id_prompts.is_empty() {
         bail!("give at least one --prompt TEXT or --prompt-ids 1,2,3");
     }
     if !args.model.is_dir() {
@@ -201,6 +199,17 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
             args.model.display()
         );
     }
+    let codec = TextCodec::from_dir(&args.model, None)?;
+    let mut prompts: Vec<Vec<u32>> = args
+        .prompt
+        .iter()
+        .map(|p| {
+            codec
+                .encode_trusted(p)
+                .with_context(|| format!("--prompt {p:?}"))
+        })
+        .collect::<Result<_>>()?;
+    prompts.extend(id_prompts);
     let cfg = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading the config of {}", args.model.display()))?;
     let checkpoint = Checkpoint::open(&args.model)
@@ -258,7 +267,7 @@ pub fn generate(args: &Args, out: &mut dyn Write) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Devices::Cuda(_) => return Err(no_cuda_build(devices)),
     };
-    report(args, devices, &prompts, &done, &m, loaded, out)?;
+    report(args, devices, &codec, &prompts, &done, &m, loaded, out)?;
     if let Some(c) = done
         .iter()
         .find(|c| matches!(c.finish, moe_engine::FinishReason::Error(_)))
@@ -289,9 +298,11 @@ fn complete<R: Runner>(
     Ok((done, engine.metrics()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     args: &Args,
     devices: Devices,
+    codec: &TextCodec,
     prompts: &[Vec<u32>],
     done: &[Completion],
     m: &EngineMetrics,
@@ -306,7 +317,7 @@ fn report(
                 let mut v = serde_json::json!({
                     "prompt_ids": p,
                     "tokens": c.tokens,
-                    "text": decode(&c.tokens),
+                    "text": decode(codec, &c.tokens),
                     "finish_reason": c.finish.as_str(),
                     "ttft_ms": c.timings.ttft.map(|d| d.as_secs_f64() * 1e3),
                     "tpot_ms": c.timings.tpot().map(|d| d.as_secs_f64() * 1e3),
@@ -338,7 +349,7 @@ fn report(
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         for (i, c) in done.iter().enumerate() {
-            writeln!(out, "{}", decode(&c.tokens))?;
+            writeln!(out, "{}", decode(codec, &c.tokens))?;
             let ttft = c
                 .timings
                 .ttft

@@ -80,10 +80,10 @@ use self::connections::{ClientAddr, ConnectionCaps, ConnectionStats, HttpConfig,
 use self::descriptors::DescriptorBudget;
 use self::executor_scale::ExecutorScale;
 use self::http1::FramingLimits;
-use self::metrics::ServerMetrics;
-use self::openai::{ApiError, ChatRequest, CompletionRequest, Generation};
+use self::metrics::{Finished, ServerMetrics};
+use self::openai::{ApiError, Endpoint, Generation};
 use self::scale::{NoScaling, ScaleControl, ScaleError};
-use self::text::{Detokenizer, TextCodec};
+use self::text::{Detokenizer, StopMatcher, StopStep, TextCodec};
 use crate::cmd::generate::PlacementArg;
 
 /// Arguments of `serve`.
@@ -143,9 +143,30 @@ pub struct Args {
     /// Seconds running requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// Model name reported by `/v1/models` (default: the model directory's name).
+    /// Model name reported by `/v1/models` and in responses (default: the model directory's
+    /// name); requests naming another model get 404.
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Chat template file (Jinja) to use instead of `tokenizer_config.json`'s `chat_template`.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// API key that `/v1/*` requests must send as `Authorization: Bearer <key>` (separate from
+    /// the admin token; `/health`, `/ready` and `/metrics` stay open).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// File holding the API key (alternative to `--api-key`, which shows in `ps`).
+    #[arg(long, value_name = "FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+    /// Tokens one rank computes per iteration (prefill chunks and decodes), 1 to 1048576.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences one rank runs at once, 1 to 4096.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// KV cache per rank, in tokens (rounded up to whole KV chunks of 256 tokens); the pool may
+    /// grow to 4 times this (default: 2048 tokens, growing to 8192).
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
     /// Milliseconds a request head may take to arrive (from the connection's start, or from the
     /// first byte on a kept-alive connection); then 408 and the connection closes.
     #[arg(long, default_value_t = 10_000)]
@@ -209,6 +230,7 @@ pub struct AppState {
     /// Generations accepted that have not produced their first event yet (at most `max_queue`).
     waiting: AtomicUsize,
     admin_token: Option<String>,
+    api_key: Option<String>,
     auth: AuthThrottle,
     scale: Arc<dyn ScaleControl>,
     autoscaler: Option<Autoscaler>,
@@ -250,6 +272,12 @@ pub struct SetupConfig {
     pub max_queue: usize,
     /// Admin bearer token.
     pub admin_token: Option<String>,
+    /// API key of `/v1/*`.
+    pub api_key: Option<String>,
+    /// `--chat-template`.
+    pub chat_template: Option<PathBuf>,
+    /// KV pools (sizes from `--kv-cache-tokens`).
+    pub deployment: moe_host::deployment::DeploymentConfig,
     /// Model name.
     pub model_id: String,
     /// Engine batching.
@@ -283,7 +311,7 @@ impl Setup {
         }
         let cfg = ModelConfig::from_dir(model)
             .with_context(|| format!("reading the config of {}", model.display()))?;
-        let codec = TextCodec::from_dir(model)?;
+        let codec = TextCodec::from_dir(model, config.chat_template.as_deref())?;
         let checkpoint: scaler_exec::executor::Checkpoint = Arc::new(
             Checkpoint::open(model)
                 .with_context(|| format!("opening the checkpoint in {}", model.display()))?,
@@ -293,6 +321,7 @@ impl Setup {
             max_devices: config.max_devices,
             placement: config.placement.into(),
             engine: config.engine,
+            deployment: config.deployment,
             ..HostEngineConfig::default()
         };
         let (engine, _store) = DeploymentRunner::host_engine(&cfg, checkpoint.as_ref(), &host)
@@ -351,10 +380,11 @@ impl Setup {
                 max_queue: config.max_queue,
                 waiting: AtomicUsize::new(0),
                 admin_token: config.admin_token.clone(),
+                api_key: config.api_key.clone(),
                 auth: AuthThrottle::new(config.auth_throttle),
                 scale,
                 autoscaler,
-                metrics: ServerMetrics::default(),
+                metrics: ServerMetrics::new(&config.model_id),
                 connections: Arc::new(ConnectionStats::default()),
                 text_jobs: tokio::sync::Semaphore::new(text_jobs),
                 draining: AtomicBool::new(false),
@@ -429,10 +459,15 @@ impl Drop for QueueSlot {
 
 /// The router over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
-    let mut r = Router::new()
+    let v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_api_key,
+        ));
+    let mut r = v1
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text));
@@ -446,6 +481,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The connection layer bounds bodies (`--max-body-bytes`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Checks `--api-key` on `/v1/*`: `Authorization: Bearer <key>`, compared in constant time.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = &state.api_key else {
+        return next.run(req).await;
+    };
+    let values: Vec<&HeaderValue> = req
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .collect();
+    let ok = match values.as_slice() {
+        [one] => bearer_token(one).is_some_and(|t| same_token(t, key)),
+        _ => false,
+    };
+    if ok {
+        return next.run(req).await;
+    }
+    let endpoint = match req.uri().path() {
+        "/v1/completions" => "completions",
+        "/v1/chat/completions" => "chat_completions",
+        _ => "models",
+    };
+    let message = if values.is_empty() {
+        "this server needs an API key: send `Authorization: Bearer <key>`"
+    } else {
+        "the API key is wrong (send exactly one `Authorization: Bearer <key>`)"
+    };
+    let e = ApiError::with_status(401, "authentication_error", message);
+    error_response(&state, endpoint, &e)
 }
 
 /// Gives every error the router itself makes (405 with its `Allow` header, ...) an OpenAI body.
@@ -537,14 +607,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         &state.connections.snapshot(),
         state.waiting_count(),
     );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -570,9 +633,16 @@ async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     generate(state, Kind::Chat, body).await
 }
 
+/// A parsed, templated and tokenised request.
+struct Prepared {
+    g: Generation,
+    /// The prompt's text, for `echo`.
+    prompt_text: Option<String>,
+}
+
 /// Parses, templates and tokenises a request body (on a blocking thread: it can take
 /// milliseconds for a big prompt).
-fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Generation, ApiError> {
+fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Prepared, ApiError> {
     let too_long = |bytes: usize, param: &'static str| {
         let at_least = state.codec.min_tokens(bytes);
         if at_least >= state.limits.max_context {
@@ -588,31 +658,44 @@ fn prepare(state: &AppState, kind: Kind, body: &[u8]) -> Result<Generation, ApiE
             Ok(())
         }
     };
-    match kind {
+    let obj = openai::parse_object(body)?;
+    let endpoint = match kind {
+        Kind::Completion => Endpoint::Completions,
+        Kind::Chat => Endpoint::Chat,
+    };
+    openai::check_fields(&obj, endpoint)?;
+    if let Some(Value::String(m)) = obj.get("model") {
+        if *m != state.model_id {
+            return Err(ApiError {
+                status: 404,
+                kind: "not_found_error",
+                param: Some("model".into()),
+                message: format!(
+                    "the model {m:?} does not exist here; this server serves {:?} (GET /v1/models)",
+                    state.model_id
+                ),
+            });
+        }
+    }
+    let ids = match kind {
         Kind::Completion => {
-            let req = openai::parse_body::<CompletionRequest>(body)?;
-            too_long(req.text_bytes(), "prompt")?;
-            let ids = req.prompt_ids(&state.codec)?;
-            req.common
-                .generation(ids, openai::DEFAULT_COMPLETION_TOKENS, &state.limits)
+            too_long(openai::prompt_text_bytes(&obj), "prompt")?;
+            openai::prompt_ids(&obj, &state.codec)?
         }
         Kind::Chat => {
-            let req = openai::parse_body::<ChatRequest>(body)?;
-            openai::check_messages(&req.messages)?;
-            let bytes = req
-                .messages
+            let messages = openai::parse_messages(obj.get("messages"))?;
+            let opts = openai::render_options(&obj)?;
+            let bytes = messages
                 .iter()
                 .map(|m| m.role.len() + m.content.len())
                 .sum();
             too_long(bytes, "messages")?;
-            let ids = state
-                .codec
-                .encode_chat(&req.messages)
-                .map_err(|e| ApiError::bad(Some("messages"), e))?;
-            req.common
-                .generation(ids, openai::DEFAULT_CHAT_TOKENS, &state.limits)
+            state.codec.encode_chat(&messages, &opts)?
         }
-    }
+    };
+    let g = openai::generation(&obj, endpoint, ids, &state.limits)?;
+    let prompt_text = g.echo.then(|| state.codec.decode(&g.prompt));
+    Ok(Prepared { g, prompt_text })
 }
 
 /// Runs `prepare` off the async workers, on at most all cores but one at a time.
@@ -620,7 +703,7 @@ async fn prepare_off_worker(
     state: &Arc<AppState>,
     kind: Kind,
     body: Bytes,
-) -> Result<Generation, ApiError> {
+) -> Result<Prepared, ApiError> {
     let _permit =
         state.text_jobs.acquire().await.map_err(|_| {
             ApiError::with_status(503, "unavailable", "the server is shutting down")
@@ -647,32 +730,74 @@ fn engine_error(e: &RequestError) -> ApiError {
     }
 }
 
-/// What the pump sends the response: text, decoded on the pump's blocking thread.
+/// One generated token as the response reports it.
+#[derive(Debug, Clone)]
+struct TokenOut {
+    /// The text it completed (empty while a character is unfinished or a stop string may
+    /// begin).
+    text: String,
+    /// With logprobs: the token, its logprob and the alternatives.
+    logprob: Option<TokenLogprob>,
+}
+
+#[derive(Debug, Clone)]
+struct TokenLogprob {
+    token: String,
+    logprob: f32,
+    top: Vec<(String, f32)>,
+}
+
+/// What a pump sends the response: text, decoded on the pump's blocking thread.
 enum Piece {
-    /// One generated token and the text it completed (empty while a character is unfinished).
-    Token(String),
-    /// The end, with the text held back until then.
+    /// One generated token of choice `index`.
+    Token { index: usize, out: TokenOut },
+    /// The end of choice `index`, with the text held back until then.
     Finished {
+        index: usize,
         reason: FinishReason,
         timings: RequestTimings,
+        tokens: usize,
         rest: String,
     },
 }
 
-/// A submitted generation: its pieces, arriving from the pump.
+/// A submitted generation: its pieces, arriving from the pumps (one per choice).
 struct Live {
     state: Arc<AppState>,
     kind: Kind,
     id: String,
+    created: u64,
     rx: mpsc::Receiver<Piece>,
     prompt_tokens: usize,
+    n: usize,
     include_usage: bool,
+    logprobs: bool,
+    /// The prompt's text, sent first (`echo`).
+    echo: Option<String>,
     /// The sampling seed, for sampled generations.
     seed: Option<u64>,
+    user: Option<String>,
+    received: std::time::Instant,
+}
+
+/// The engine request of choice `i` of `g`.
+fn engine_request(state: &AppState, g: &Generation, i: usize) -> Request {
+    let mut stop = if g.stop_at_eos {
+        state.eos.clone()
+    } else {
+        Vec::new()
+    };
+    stop.extend(&g.stop_token_ids);
+    Request::greedy(g.prompt.clone(), g.max_tokens)
+        .with_stop_tokens(stop)
+        .with_sampling(g.sampling_of(i))
+        .with_logprobs(g.logprobs.is_some())
+        .with_top_logprobs(g.logprobs.unwrap_or(0))
 }
 
 async fn generate(state: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
     let endpoint = kind.endpoint();
+    let received = std::time::Instant::now();
     if state.draining.load(Ordering::SeqCst) {
         let e = ApiError::with_status(503, "unavailable", "the server is shutting down");
         return error_response(&state, endpoint, &e);
@@ -688,29 +813,35 @@ async fn generate(state: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         );
         return error_response(&state, endpoint, &e);
     };
-    let g = match prepare_off_worker(&state, kind, body).await {
-        Ok(g) => g,
+    let Prepared { g, prompt_text } = match prepare_off_worker(&state, kind, body).await {
+        Ok(p) => p,
         Err(e) => return error_response(&state, endpoint, &e),
     };
-    let stop = if g.stop_at_eos {
-        state.eos.clone()
-    } else {
-        Vec::new()
-    };
-    let prompt_tokens = g.prompt.len();
-    let seed = g.seed();
-    let request = Request::greedy(g.prompt, g.max_tokens)
-        .with_stop_tokens(stop)
-        .with_sampling(g.sampling);
-    let handle = match state.engine.submit(request) {
-        Ok(h) => h,
-        Err(e) => return error_response(&state, endpoint, &engine_error(&e)),
-    };
-    let rid = handle.id();
-    state.inflight().insert(rid);
+    let mut handles = Vec::with_capacity(g.n);
+    for i in 0..g.n {
+        match state.engine.submit(engine_request(&state, &g, i)) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                for h in &handles {
+                    h.cancel();
+                }
+                return error_response(&state, endpoint, &engine_error(&e));
+            }
+        }
+    }
     let (tx, rx) = mpsc::channel(64);
-    let pump_state = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || pump(&pump_state, handle, &tx, slot));
+    let slot = Arc::new(slot);
+    for (index, handle) in handles.into_iter().enumerate() {
+        state.inflight().insert(handle.id());
+        let pump_state = Arc::clone(&state);
+        let tx = tx.clone();
+        let slot = Arc::clone(&slot);
+        let stops = StopMatcher::new(g.stop.clone(), g.include_stop);
+        tokio::task::spawn_blocking(move || {
+            pump(&pump_state, handle, index, stops, &tx, slot);
+        });
+    }
+    drop(tx);
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Completion => format!("cmpl-{n}"),
@@ -720,10 +851,16 @@ async fn generate(state: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         state: Arc::clone(&state),
         kind,
         id,
+        created: unix_now(),
         rx,
-        prompt_tokens,
+        prompt_tokens: g.prompt.len(),
+        n: g.n,
         include_usage: g.include_usage,
-        seed,
+        logprobs: g.logprobs.is_some(),
+        echo: prompt_text,
+        seed: g.seed(),
+        user: g.user.clone(),
+        received,
     };
     if g.stream {
         state.metrics.request(endpoint, 200);
@@ -733,18 +870,29 @@ async fn generate(state: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
     }
 }
 
-/// Moves a request's events from the engine to the response, detokenising on the way; gives
-/// its queue slot back at the first event; cancels it when the response is gone (the client
-/// disconnected).
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Moves one choice's events from the engine to the response, detokenising incrementally and
+/// matching stop strings on the way; gives the request's queue slot back once every choice had
+/// its first event; cancels the choice when the response is gone (the client disconnected) or
+/// a stop string matched.
 fn pump(
     state: &AppState,
     mut handle: moe_engine::RequestHandle,
+    index: usize,
+    mut stops: StopMatcher,
     tx: &mpsc::Sender<Piece>,
-    slot: QueueSlot,
+    slot: Arc<QueueSlot>,
 ) {
     let id = handle.id();
     let mut slot = Some(slot);
     let mut detok = Detokenizer::default();
+    let mut tokens = 0usize;
     loop {
         if tx.is_closed() {
             handle.cancel();
@@ -759,15 +907,71 @@ fn pump(
         };
         slot = None;
         let (piece, last) = match ev {
-            Event::Token(t) => (Piece::Token(detok.push(&state.codec, t.token)), false),
-            Event::Finished { reason, timings } => (
-                Piece::Finished {
-                    reason,
-                    timings,
-                    rest: detok.finish(&state.codec),
-                },
-                true,
-            ),
+            Event::Token(t) => {
+                tokens += 1;
+                let delta = detok.push(&state.codec, t.token);
+                let logprob = t.logprob.map(|lp| TokenLogprob {
+                    token: state.codec.token_text(t.token),
+                    logprob: lp,
+                    top: t
+                        .top_logprobs
+                        .iter()
+                        .map(|&(id, lp)| (state.codec.token_text(id), lp))
+                        .collect(),
+                });
+                match stops.push(&delta) {
+                    StopStep::Emit(text) => (
+                        Piece::Token {
+                            index,
+                            out: TokenOut { text, logprob },
+                        },
+                        false,
+                    ),
+                    StopStep::Stopped(text) => {
+                        // The stop string ends this choice: its text goes out, the engine
+                        // stops, and the finish says `stop`.
+                        handle.cancel();
+                        let out = TokenOut { text, logprob };
+                        if tx.blocking_send(Piece::Token { index, out }).is_err() {
+                            break;
+                        }
+                        let timings = loop {
+                            match handle.recv() {
+                                Some(Event::Finished { timings, .. }) => break timings,
+                                Some(Event::Token(_)) => {}
+                                None => break RequestTimings::default(),
+                            }
+                        };
+                        (
+                            Piece::Finished {
+                                index,
+                                reason: FinishReason::Stop(t.token),
+                                timings,
+                                tokens,
+                                rest: String::new(),
+                            },
+                            true,
+                        )
+                    }
+                }
+            }
+            Event::Finished { reason, timings } => {
+                let mut rest = String::new();
+                if let StopStep::Emit(s) = stops.push(&detok.finish(&state.codec)) {
+                    rest.push_str(&s);
+                }
+                rest.push_str(&stops.finish());
+                (
+                    Piece::Finished {
+                        index,
+                        reason,
+                        timings,
+                        tokens,
+                        rest,
+                    },
+                    true,
+                )
+            }
         };
         if tx.blocking_send(piece).is_err() {
             if !last {
@@ -786,16 +990,39 @@ fn pump(
 
 impl Live {
     fn record(&self, reason: &FinishReason, tokens: usize, t: &RequestTimings) {
-        self.state.metrics.finished(
-            openai::finish_reason(reason),
-            self.prompt_tokens,
-            tokens,
-            t.ttft,
-            t.tpot(),
-        );
+        self.state.metrics.finished(&Finished {
+            reason: openai::finish_reason(reason),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: tokens,
+            timings: t,
+        });
         if let Some(a) = &self.state.autoscaler {
             a.finished(t.ttft, t.tpot());
         }
+    }
+
+    /// The request log line, once every choice finished.
+    fn log(
+        &self,
+        status: u16,
+        reasons: &[Option<&'static str>],
+        tokens: usize,
+        ttft: Option<Duration>,
+    ) {
+        tracing::info!(
+            target: "request",
+            id = %self.id,
+            endpoint = self.kind.endpoint(),
+            status,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = tokens,
+            n = self.n,
+            ttft_ms = ttft.map(|d| d.as_secs_f64() * 1e3),
+            latency_ms = self.received.elapsed().as_secs_f64() * 1e3,
+            finish = ?reasons,
+            user = self.user.as_deref(),
+            "request finished"
+        );
     }
 
     fn usage(&self, completion: usize) -> Value {
@@ -814,13 +1041,54 @@ impl Live {
         v
     }
 
-    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
+    /// The `logprobs` object of some tokens, in the endpoint's shape (`None`: not asked).
+    fn logprobs_of(&self, toks: &[TokenOut], offset: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let lps: Vec<&TokenLogprob> = toks.iter().filter_map(|t| t.logprob.as_ref()).collect();
+        match self.kind {
+            Kind::Chat => json!({
+                "content": lps.iter().map(|l| json!({
+                    "token": l.token,
+                    "logprob": l.logprob,
+                    "bytes": l.token.as_bytes(),
+                    "top_logprobs": l.top.iter().map(|(t, lp)| json!({
+                        "token": t, "logprob": lp, "bytes": t.as_bytes(),
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            }),
+            Kind::Completion => {
+                let mut text_offset = Vec::with_capacity(toks.len());
+                let mut at = offset;
+                for t in toks {
+                    text_offset.push(at);
+                    at += t.text.len();
+                }
+                json!({
+                    "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
+                    "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "text_offset": text_offset,
+                })
+            }
+        }
+    }
+
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let model = &self.state.model_id;
-        let created = self.state.created;
+        let created = self.created;
         let v = match self.kind {
             Kind::Completion => json!({
                 "id": self.id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null,
+                "choices": [{"index": index, "text": text.unwrap_or(""), "logprobs": logprobs,
                              "finish_reason": finish}],
             }),
             Kind::Chat => {
@@ -834,7 +1102,7 @@ impl Live {
                 json!({
                     "id": self.id, "object": "chat.completion.chunk", "created": created,
                     "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish}],
                 })
             }
@@ -843,77 +1111,129 @@ impl Live {
     }
 }
 
+/// What one choice of a non-streamed response collected.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    tokens: Vec<TokenOut>,
+    count: usize,
+    finish: Option<FinishReason>,
+}
+
 async fn whole_response(mut live: Live) -> Response {
     let endpoint = live.kind.endpoint();
-    let mut tokens = 0usize;
-    let mut text = String::new();
-    let mut finish = None;
+    let mut choices: Vec<Choice> = (0..live.n).map(|_| Choice::default()).collect();
+    let mut ttft: Option<Duration> = None;
     while let Some(piece) = live.rx.recv().await {
         match piece {
-            Piece::Token(delta) => {
-                tokens += 1;
-                text.push_str(&delta);
+            Piece::Token { index, out } => {
+                choices[index].text.push_str(&out.text);
+                choices[index].tokens.push(out);
             }
             Piece::Finished {
+                index,
                 reason,
                 timings,
+                tokens,
                 rest,
             } => {
                 live.record(&reason, tokens, &timings);
-                text.push_str(&rest);
-                finish = Some(reason);
-                break;
+                ttft = match (ttft, timings.ttft) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let c = &mut choices[index];
+                c.text.push_str(&rest);
+                c.count = tokens;
+                c.finish = Some(reason);
             }
         }
     }
-    let reason = finish.unwrap_or(FinishReason::Error("the engine stopped".into()));
-    if let FinishReason::Error(msg) = &reason {
-        let e = ApiError::with_status(500, "server_error", format!("generation failed: {msg}"));
-        return error_response(&live.state, endpoint, &e);
-    }
-    if reason == FinishReason::KvExhausted {
-        let e = ApiError::with_status(
+    let total: usize = choices.iter().map(|c| c.count).sum();
+    let reasons: Vec<Option<&'static str>> = choices
+        .iter()
+        .map(|c| c.finish.as_ref().map(openai::finish_reason))
+        .collect();
+    let failure = choices.iter().find_map(|c| match &c.finish {
+        None => Some(ApiError::with_status(
+            500,
+            "server_error",
+            "generation failed: the engine stopped",
+        )),
+        Some(FinishReason::Error(msg)) => Some(ApiError::with_status(
+            500,
+            "server_error",
+            format!("generation failed: {msg}"),
+        )),
+        Some(FinishReason::KvExhausted) => Some(ApiError::with_status(
             503,
             "unavailable",
             "the KV cache ran out for this request; retry shortly",
-        );
+        )),
+        _ => None,
+    });
+    if let Some(e) = failure {
+        live.log(e.status, &reasons, total, ttft);
         return error_response(&live.state, endpoint, &e);
     }
-    let fr = openai::finish_reason(&reason);
+    let echo = live.echo.clone().unwrap_or_default();
+    let items: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let fr = c.finish.as_ref().map(openai::finish_reason);
+            let lp = live.logprobs_of(&c.tokens, echo.len());
+            match live.kind {
+                Kind::Completion => json!({"index": i, "text": format!("{echo}{}", c.text),
+                    "logprobs": lp, "finish_reason": fr}),
+                Kind::Chat => json!({"index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": lp, "finish_reason": fr}),
+            }
+        })
+        .collect();
     let s = &live.state;
-    let body = match live.kind {
-        Kind::Completion => json!({
-            "id": live.id, "object": "text_completion", "created": s.created, "model": s.model_id,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": fr}],
-            "usage": live.usage(tokens),
-        }),
-        Kind::Chat => json!({
-            "id": live.id, "object": "chat.completion", "created": s.created, "model": s.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": null, "finish_reason": fr}],
-            "usage": live.usage(tokens),
-        }),
+    let object = match live.kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
     };
+    let body = json!({
+        "id": live.id, "object": object, "created": live.created, "model": s.model_id,
+        "choices": items, "usage": live.usage(total),
+    });
     s.metrics.request(endpoint, 200);
+    live.log(200, &reasons, total, ttft);
     axum::Json(live.with_seed(body)).into_response()
 }
 
 struct StreamState {
     live: Live,
     tokens: usize,
-    first: bool,
+    /// Choices that sent their first chunk.
+    started: Vec<bool>,
+    finished: Vec<Option<&'static str>>,
+    ttft: Option<Duration>,
     pending: std::collections::VecDeque<String>,
     done: bool,
 }
 
 fn stream_response(live: Live) -> Response {
-    let st = StreamState {
+    let n = live.n;
+    let mut st = StreamState {
         live,
         tokens: 0,
-        first: true,
+        started: vec![false; n],
+        finished: vec![None; n],
+        ttft: None,
         pending: std::collections::VecDeque::new(),
         done: false,
     };
+    if let Some(echo) = st.live.echo.clone() {
+        for i in 0..n {
+            let c = st.live.chunk(i, Some(&echo), false, None, Value::Null);
+            st.pending.push_back(c.to_string());
+        }
+    }
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(data) = st.pending.pop_front() {
@@ -923,28 +1243,28 @@ fn stream_response(live: Live) -> Response {
                 return None;
             }
             match st.live.rx.recv().await {
-                Some(Piece::Token(delta)) => {
+                Some(Piece::Token { index, out }) => {
                     st.tokens += 1;
-                    if !delta.is_empty() || st.first {
-                        let c = st.live.chunk(Some(&delta), st.first, None);
-                        st.first = false;
+                    let first = !st.started[index];
+                    if !out.text.is_empty() || first || out.logprob.is_some() {
+                        let lp = st.live.logprobs_of(std::slice::from_ref(&out), 0);
+                        let c = st.live.chunk(index, Some(&out.text), first, None, lp);
+                        st.started[index] = true;
                         st.pending.push_back(c.to_string());
                     }
                 }
-                other => {
-                    let (reason, rest) = match other {
-                        Some(Piece::Finished {
-                            reason,
-                            timings,
-                            rest,
-                        }) => {
-                            st.live.record(&reason, st.tokens, &timings);
-                            (reason, rest)
-                        }
-                        _ => (
-                            FinishReason::Error("the engine stopped".into()),
-                            String::new(),
-                        ),
+                Some(Piece::Finished {
+                    index,
+                    reason,
+                    timings,
+                    tokens,
+                    rest,
+                }) => {
+                    let _ = tokens;
+                    st.live.record(&reason, tokens, &timings);
+                    st.ttft = match (st.ttft, timings.ttft) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
                     };
                     let failure = match &reason {
                         FinishReason::Error(msg) => Some(format!("generation failed: {msg}")),
@@ -957,19 +1277,40 @@ fn stream_response(live: Live) -> Response {
                         let e = ApiError::with_status(500, "server_error", msg);
                         st.pending.push_back(e.body().to_string());
                     }
+                    let fr = openai::finish_reason(&reason);
+                    st.finished[index] = Some(fr);
                     let text = (!rest.is_empty()).then_some(rest.as_str());
-                    let c = st
-                        .live
-                        .chunk(text, st.first, Some(openai::finish_reason(&reason)));
+                    let first = !st.started[index];
+                    st.started[index] = true;
+                    let c = st.live.chunk(index, text, first, Some(fr), Value::Null);
                     st.pending.push_back(c.to_string());
+                }
+                None => {
+                    // Every pump is done: choices without a finish failed.
+                    for i in 0..st.live.n {
+                        if st.finished[i].is_none() {
+                            let e = ApiError::with_status(
+                                500,
+                                "server_error",
+                                "generation failed: the engine stopped",
+                            );
+                            st.pending.push_back(e.body().to_string());
+                            st.finished[i] = Some("error");
+                            let c =
+                                st.live
+                                    .chunk(i, None, !st.started[i], Some("error"), Value::Null);
+                            st.pending.push_back(c.to_string());
+                        }
+                    }
                     if st.live.include_usage {
-                        let mut u = st.live.chunk(None, false, None);
+                        let mut u = st.live.chunk(0, None, false, None, Value::Null);
                         u["choices"] = json!([]);
                         u["usage"] = st.live.usage(st.tokens);
                         st.pending.push_back(u.to_string());
                     }
                     st.pending.push_back("[DONE]".into());
                     st.done = true;
+                    st.live.log(200, &st.finished, st.tokens, st.ttft);
                 }
             }
         }
@@ -1419,9 +1760,50 @@ fn http_config(args: &Args, max_connections: usize) -> Result<HttpConfig> {
     })
 }
 
+/// The engine's batching from `--max-num-batched-tokens` and `--max-num-seqs`, checked.
+fn engine_config(args: &Args) -> Result<EngineConfig> {
+    if !(1..=1 << 20).contains(&args.max_num_batched_tokens) {
+        bail!(
+            "--max-num-batched-tokens {} must be between 1 and 1048576",
+            args.max_num_batched_tokens
+        );
+    }
+    if !(1..=4096).contains(&args.max_num_seqs) {
+        bail!(
+            "--max-num-seqs {} must be between 1 and 4096",
+            args.max_num_seqs
+        );
+    }
+    let mut c = EngineConfig::default();
+    c.scheduler.max_batch_tokens = args.max_num_batched_tokens;
+    c.scheduler.max_running_per_rank = args.max_num_seqs;
+    Ok(c)
+}
+
+/// The KV pools from `--kv-cache-tokens`, checked: whole chunks of one chunk's tokens, at least
+/// one chunk, at most 2^24 tokens per rank; the pool may grow to 4 times its start.
+pub fn deployment_config(
+    kv_cache_tokens: Option<usize>,
+) -> Result<moe_host::deployment::DeploymentConfig> {
+    let mut d = moe_host::deployment::DeploymentConfig::default();
+    let Some(tokens) = kv_cache_tokens else {
+        return Ok(d);
+    };
+    let chunk = d.block_tokens * d.blocks_per_chunk;
+    if !(chunk..=1 << 24).contains(&tokens) {
+        bail!(
+            "--kv-cache-tokens {tokens} must be between {chunk} (one KV chunk) and 16777216 \
+             tokens per rank"
+        );
+    }
+    d.kv_chunks = tokens.div_ceil(chunk);
+    d.kv_max_chunks = d.kv_chunks * 4;
+    Ok(d)
+}
+
 /// Runs `serve`.
 pub fn run(args: &Args) -> Result<()> {
-    audit::init_logging();
+    audit::init_logging("info");
     let max_devices = parse_devices(&args.devices)?;
     let initial = args.initial.unwrap_or(max_devices);
     if args.max_queue == 0 {
@@ -1432,6 +1814,14 @@ pub fn run(args: &Args) -> Result<()> {
         .as_deref()
         .map(read_token)
         .transpose()?;
+    let api_key = match (&args.api_key, &args.api_key_file) {
+        (Some(k), _) if k.trim().is_empty() => bail!("--api-key is empty"),
+        (Some(k), _) => Some(k.trim().to_string()),
+        (None, Some(f)) => Some(read_token(f)?),
+        (None, None) => None,
+    };
+    let engine = engine_config(args)?;
+    let deployment = deployment_config(args.kv_cache_tokens)?;
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
         args.model
             .file_name()
@@ -1443,8 +1833,11 @@ pub fn run(args: &Args) -> Result<()> {
         placement: args.placement,
         max_queue: args.max_queue,
         admin_token,
+        api_key,
+        chat_template: args.chat_template.clone(),
+        deployment,
         model_id,
-        engine: EngineConfig::default(),
+        engine,
         autoscale: args.autoscale.then(|| autoscale_config(args, max_devices)),
         scale_queue: 4,
         auth_throttle: ThrottleConfig::default(),
@@ -1486,10 +1879,10 @@ pub fn run(args: &Args) -> Result<()> {
         "connection caps"
     );
     if let Some(note) = &setup.state.codec.template_note {
-        eprintln!("serve: {note}");
+        tracing::warn!("{note}");
     }
     if args.autoscale && max_devices == 1 {
-        eprintln!("serve: --autoscale with a single device (--devices host:1) never scales");
+        tracing::warn!("--autoscale with a single device (--devices host:1) never scales");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

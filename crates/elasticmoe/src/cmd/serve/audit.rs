@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 /// The `tracing` target of audit events.
 pub const AUDIT: &str = "audit";
 
-/// Installs a stderr subscriber filtered by `RUST_LOG` (default `info`) unless one is set.
-pub fn init_logging() {
+/// Installs a stderr subscriber filtered by `RUST_LOG` (default `default`, such as `info`)
+/// unless one is set. Colours only on a terminal.
+pub fn init_logging(default: &str) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

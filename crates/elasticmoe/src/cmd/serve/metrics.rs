@@ -1,141 +1,369 @@
-//! Server counters and the Prometheus text exposition of `/metrics`.
+//! Server metrics and the `/metrics` exposition, through `prometheus-client` (OpenMetrics text).
+//!
+//! Every metric carries the `model_name` label (the served model name). Names follow Prometheus
+//! conventions: counters' samples end in `_total`, gauges and histograms never do, units are
+//! base units (`_seconds`, `_bytes`, `_ratio`). Request metrics are recorded as requests finish;
+//! engine, connection and scaling figures are read at scrape time. docs/serve.md maps each to
+//! vLLM's nearest metric.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
 
-use moe_engine::EngineMetrics;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use moe_engine::{EngineMetrics, RequestTimings};
 
 use super::connections::ConnectionCounts;
 use super::scale::ScaleStatus;
 
-/// Bucket upper bounds (seconds) for TTFT.
-const TTFT_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Bucket upper bounds (seconds) for TTFT, end-to-end latency and queue time.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 ];
-/// Bucket upper bounds (seconds) for TPOT.
-const TPOT_BUCKETS: [f64; 11] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+/// Bucket upper bounds (seconds) for per-token latencies.
+const TOKEN_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// A cumulative histogram with fixed buckets.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    /// Records one value (seconds).
-    pub fn observe(&mut self, v: f64) {
-        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i] += 1;
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cum = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cum += c;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
+fn token_histogram() -> Histogram {
+    Histogram::new(TOKEN_BUCKETS)
 }
 
-#[derive(Debug)]
-struct Inner {
-    /// (endpoint, HTTP status) → requests.
-    requests: BTreeMap<(&'static str, u16), u64>,
-    /// finish reason → requests.
-    finished: BTreeMap<&'static str, u64>,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    client_disconnects: u64,
-    ttft: Histogram,
-    tpot: Histogram,
+type Labels = Vec<(&'static str, String)>;
+type Ratio = Gauge<f64, AtomicU64>;
+
+/// A finished generation, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// OpenAI's finish reason.
+    pub reason: &'static str,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// The engine's timings.
+    pub timings: &'a RequestTimings,
 }
 
-/// What the HTTP layer counts.
+/// What the server counts, and the registry that renders it.
 #[derive(Debug)]
 pub struct ServerMetrics {
-    inner: Mutex<Inner>,
+    registry: Registry,
+    http_requests: Family<Labels, Counter>,
+    finished: Family<Labels, Counter>,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    client_disconnects: Counter,
+    ttft: Histogram,
+    itl: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    queue_time: Histogram,
+    // Read at scrape time.
+    queue_depth: Gauge,
+    running: Gauge,
+    kv_usage: Ratio,
+    kv_used: Family<Labels, Gauge>,
+    kv_capacity: Family<Labels, Gauge>,
+    requests_waiting: Gauge,
+    connections_open: Gauge,
+    connections_control_open: Gauge,
+    connections_accepted: Counter,
+    connections_rejected: Family<Labels, Counter>,
+    connection_timeouts: Family<Labels, Counter>,
+    accept_errors: Counter,
+    engine_tokens_per_second: Ratio,
+    engine_generated: Counter,
+    engine_prefill: Counter,
+    engine_preemptions: Counter,
+    engine_iterations: Counter,
+    active_devices: Gauge,
+    max_devices: Gauge,
+    transition_running: Gauge,
+    scale_events: Family<Labels, Counter>,
+    scale_bytes_moved: Counter,
 }
 
 impl Default for ServerMetrics {
     fn default() -> Self {
-        ServerMetrics {
-            inner: Mutex::new(Inner {
-                requests: BTreeMap::new(),
-                finished: BTreeMap::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                client_disconnects: 0,
-                ttft: Histogram::new(&TTFT_BUCKETS),
-                tpot: Histogram::new(&TPOT_BUCKETS),
-            }),
-        }
+        ServerMetrics::new("model")
+    }
+}
+
+/// A count as a gauge value.
+fn g(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+/// Raises a counter that mirrors a monotonic figure read elsewhere to `value`.
+fn mirror(c: &Counter, value: u64) {
+    let now = c.get();
+    if value > now {
+        c.inc_by(value - now);
     }
 }
 
 impl ServerMetrics {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Metrics of a server whose model is called `model_name`.
+    pub fn new(model_name: &str) -> ServerMetrics {
+        let mut r = Registry::with_prefix_and_labels(
+            "elasticmoe",
+            [(
+                Cow::Borrowed("model_name"),
+                Cow::Owned(model_name.to_string()),
+            )]
+            .into_iter(),
+        );
+        let m = ServerMetrics {
+            registry: Registry::default(),
+            http_requests: Family::default(),
+            finished: Family::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            client_disconnects: Counter::default(),
+            ttft: latency_histogram(),
+            itl: token_histogram(),
+            tpot: token_histogram(),
+            e2e: latency_histogram(),
+            queue_time: latency_histogram(),
+            queue_depth: Gauge::default(),
+            running: Gauge::default(),
+            kv_usage: Ratio::default(),
+            kv_used: Family::default(),
+            kv_capacity: Family::default(),
+            requests_waiting: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_control_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_rejected: Family::default(),
+            connection_timeouts: Family::default(),
+            accept_errors: Counter::default(),
+            engine_tokens_per_second: Ratio::default(),
+            engine_generated: Counter::default(),
+            engine_prefill: Counter::default(),
+            engine_preemptions: Counter::default(),
+            engine_iterations: Counter::default(),
+            active_devices: Gauge::default(),
+            max_devices: Gauge::default(),
+            transition_running: Gauge::default(),
+            scale_events: Family::default(),
+            scale_bytes_moved: Counter::default(),
+        };
+        r.register(
+            "http_requests",
+            "HTTP responses by endpoint and status code",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "requests_finished",
+            "Generations finished, by finish reason",
+            m.finished.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of finished generations",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Tokens generated for finished generations",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "client_disconnects",
+            "Requests cancelled because the client went away",
+            m.client_disconnects.clone(),
+        );
+        r.register(
+            "ttft_seconds",
+            "Time to first token, from submission to the engine",
+            m.ttft.clone(),
+        );
+        r.register(
+            "inter_token_latency_seconds",
+            "Time between consecutive output tokens of a generation, one sample per token",
+            m.itl.clone(),
+        );
+        r.register(
+            "tpot_seconds",
+            "Mean time per output token after the first, one sample per generation",
+            m.tpot.clone(),
+        );
+        r.register(
+            "e2e_request_latency_seconds",
+            "Time from submission to the end of a generation",
+            m.e2e.clone(),
+        );
+        r.register(
+            "request_queue_time_seconds",
+            "Time a generation waited before the engine first computed it",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests waiting for admission to a rank",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "running_sequences",
+            "Sequences admitted on a rank",
+            m.running.clone(),
+        );
+        r.register(
+            "kv_usage_ratio",
+            "Fraction of all KV blocks in use",
+            m.kv_usage.clone(),
+        );
+        r.register(
+            "kv_blocks_used",
+            "KV blocks held by sequences, per rank",
+            m.kv_used.clone(),
+        );
+        r.register(
+            "kv_blocks_capacity",
+            "KV blocks in each rank's pool",
+            m.kv_capacity.clone(),
+        );
+        r.register(
+            "requests_waiting",
+            "Generations accepted that wait for their first token (at most --max-queue)",
+            m.requests_waiting.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Client connections open, control slots included",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections_control_open",
+            "Control slots in use (connections past the caps)",
+            m.connections_control_open.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Connections refused at a connection cap, by cap",
+            m.connections_rejected.clone(),
+        );
+        r.register(
+            "connection_timeouts",
+            "Connections ended by a timeout, by kind (header and body answer 408)",
+            m.connection_timeouts.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accept calls (for example out of descriptors)",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "engine_tokens_per_second",
+            "Generated tokens per second over recent iterations",
+            m.engine_tokens_per_second.clone(),
+        );
+        r.register(
+            "engine_generated_tokens",
+            "Tokens the engine generated",
+            m.engine_generated.clone(),
+        );
+        r.register(
+            "engine_prefill_tokens",
+            "Tokens computed in prefill, recompute included",
+            m.engine_prefill.clone(),
+        );
+        r.register(
+            "engine_preemptions",
+            "Sequences preempted",
+            m.engine_preemptions.clone(),
+        );
+        r.register(
+            "engine_iterations",
+            "Engine iterations",
+            m.engine_iterations.clone(),
+        );
+        r.register(
+            "active_devices",
+            "Devices serving",
+            m.active_devices.clone(),
+        );
+        r.register(
+            "max_devices",
+            "Devices this server may use",
+            m.max_devices.clone(),
+        );
+        r.register(
+            "scale_transition_running",
+            "1 while a scaling transition runs",
+            m.transition_running.clone(),
+        );
+        r.register(
+            "scale_events",
+            "Scaling transitions by kind, strategy and outcome",
+            m.scale_events.clone(),
+        );
+        r.register(
+            "scale_bytes_moved",
+            "Bytes moved between devices by scaling transitions",
+            m.scale_bytes_moved.clone(),
+        );
+        ServerMetrics { registry: r, ..m }
     }
 
     /// Counts one HTTP response.
     pub fn request(&self, endpoint: &'static str, status: u16) {
-        *self.lock().requests.entry((endpoint, status)).or_default() += 1;
+        self.http_requests
+            .get_or_create(&vec![
+                ("endpoint", endpoint.to_string()),
+                ("code", status.to_string()),
+            ])
+            .inc();
     }
 
-    /// Counts a finished generation.
-    pub fn finished(
-        &self,
-        reason: &'static str,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        ttft: Option<Duration>,
-        tpot: Option<Duration>,
-    ) {
-        let mut m = self.lock();
-        *m.finished.entry(reason).or_default() += 1;
-        m.prompt_tokens += prompt_tokens as u64;
-        m.completion_tokens += completion_tokens as u64;
-        if let Some(t) = ttft {
-            m.ttft.observe(t.as_secs_f64());
+    /// Records a finished generation: its counts, and its latencies (TTFT, every gap between
+    /// tokens, the mean gap, end to end, time in the queue).
+    pub fn finished(&self, f: &Finished<'_>) {
+        self.finished
+            .get_or_create(&vec![("reason", f.reason.to_string())])
+            .inc();
+        self.prompt_tokens.inc_by(f.prompt_tokens as u64);
+        self.generation_tokens.inc_by(f.completion_tokens as u64);
+        let t = f.timings;
+        if let Some(d) = t.ttft {
+            self.ttft.observe(d.as_secs_f64());
         }
-        if let Some(t) = tpot {
-            m.tpot.observe(t.as_secs_f64());
+        for w in t.token_times.windows(2) {
+            self.itl.observe(w[1].saturating_sub(w[0]).as_secs_f64());
+        }
+        if let Some(d) = t.tpot() {
+            self.tpot.observe(d.as_secs_f64());
+        }
+        self.e2e.observe(t.total.as_secs_f64());
+        if let Some(d) = t.queued {
+            self.queue_time.observe(d.as_secs_f64());
         }
     }
 
     /// Counts a client that went away before its request finished.
     pub fn disconnect(&self) {
-        self.lock().client_disconnects += 1;
+        self.client_disconnects.inc();
     }
 
-    /// The Prometheus text exposition. Names follow Prometheus conventions: counters end in
-    /// `_total`, gauges never do, units are base units (`_seconds`, `_bytes`, `_ratio`).
+    /// The exposition, with the scrape-time figures read from `engine`, `scale` and `conns`.
     pub fn render(
         &self,
         engine: &EngineMetrics,
@@ -143,304 +371,101 @@ impl ServerMetrics {
         conns: &ConnectionCounts,
         waiting: usize,
     ) -> String {
-        let m = self.lock();
-        let mut out = String::new();
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-        };
-        head(
-            &mut out,
-            "elasticmoe_http_requests_total",
-            "counter",
-            "HTTP responses by endpoint and status code.",
-        );
-        for ((ep, code), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "elasticmoe_http_requests_total{{endpoint=\"{ep}\",code=\"{code}\"}} {n}"
-            );
-        }
-        head(
-            &mut out,
-            "elasticmoe_requests_finished_total",
-            "counter",
-            "Generations finished, by finish reason.",
-        );
-        for (reason, n) in &m.finished {
-            let _ = writeln!(
-                out,
-                "elasticmoe_requests_finished_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {v}");
-        };
-        scalar(
-            &mut out,
-            "elasticmoe_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of finished generations.",
-            m.prompt_tokens.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_generation_tokens_total",
-            "counter",
-            "Tokens generated for finished generations.",
-            m.completion_tokens.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_client_disconnects_total",
-            "counter",
-            "Requests cancelled because the client went away.",
-            m.client_disconnects.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_queue_depth",
-            "gauge",
-            "Requests waiting for admission.",
-            engine.queue_depth.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_running_sequences",
-            "gauge",
-            "Sequences admitted on a rank.",
-            engine.running.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_kv_usage_ratio",
-            "gauge",
-            "Fraction of all KV blocks in use.",
-            engine.kv_utilisation().to_string(),
-        );
-        head(
-            &mut out,
-            "elasticmoe_kv_blocks_used",
-            "gauge",
-            "KV blocks held by sequences, per rank.",
-        );
+        self.queue_depth.set(g(engine.queue_depth));
+        self.running.set(g(engine.running));
+        self.kv_usage.set(engine.kv_utilisation());
         for r in &engine.kv {
-            let _ = writeln!(
-                out,
-                "elasticmoe_kv_blocks_used{{rank=\"{}\"}} {}",
-                r.rank.0, r.used_blocks
-            );
+            let rank = vec![("rank", r.rank.0.to_string())];
+            self.kv_used.get_or_create(&rank).set(g(r.used_blocks));
+            self.kv_capacity.get_or_create(&rank).set(g(r.total_blocks));
         }
-        head(
-            &mut out,
-            "elasticmoe_kv_blocks_capacity",
-            "gauge",
-            "KV blocks in each rank's pool.",
-        );
-        for r in &engine.kv {
-            let _ = writeln!(
-                out,
-                "elasticmoe_kv_blocks_capacity{{rank=\"{}\"}} {}",
-                r.rank.0, r.total_blocks
-            );
-        }
-        scalar(
-            &mut out,
-            "elasticmoe_requests_waiting",
-            "gauge",
-            "Generations accepted that wait for their first token (at most --max-queue).",
-            waiting.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_connections_open",
-            "gauge",
-            "Client connections open, control slots included.",
-            conns.open.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_connections_control_open",
-            "gauge",
-            "Control slots in use (connections past the caps).",
-            conns.control_open.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_connections_accepted_total",
-            "counter",
-            "Client connections accepted.",
-            conns.accepted.to_string(),
-        );
-        head(
-            &mut out,
-            "elasticmoe_connections_rejected_total",
-            "counter",
-            "Connections refused at a connection cap, by cap.",
-        );
+        self.requests_waiting.set(g(waiting));
+        self.connections_open.set(g(conns.open));
+        self.connections_control_open.set(g(conns.control_open));
+        mirror(&self.connections_accepted, conns.accepted);
         for (reason, n) in [
             ("per_client", conns.rejected_per_client),
             ("total", conns.rejected_total),
         ] {
-            let _ = writeln!(
-                out,
-                "elasticmoe_connections_rejected_total{{reason=\"{reason}\"}} {n}"
+            mirror(
+                &self
+                    .connections_rejected
+                    .get_or_create(&vec![("reason", reason.to_string())]),
+                n,
             );
         }
-        head(
-            &mut out,
-            "elasticmoe_connection_timeouts_total",
-            "counter",
-            "Connections ended by a timeout, by kind (header and body answer 408).",
-        );
         for (kind, n) in [
             ("header", conns.header_timeouts),
             ("body", conns.body_timeouts),
             ("idle", conns.idle_closed),
             ("write", conns.write_timeouts),
         ] {
-            let _ = writeln!(
-                out,
-                "elasticmoe_connection_timeouts_total{{kind=\"{kind}\"}} {n}"
+            mirror(
+                &self
+                    .connection_timeouts
+                    .get_or_create(&vec![("kind", kind.to_string())]),
+                n,
             );
         }
-        scalar(
-            &mut out,
-            "elasticmoe_accept_errors_total",
-            "counter",
-            "Failed accept calls (for example out of descriptors).",
-            conns.accept_errors.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_engine_tokens_per_second",
-            "gauge",
-            "Generated tokens per second over recent iterations.",
-            engine.tokens_per_s.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_engine_generated_tokens_total",
-            "counter",
-            "Tokens the engine generated.",
-            engine.generated_tokens.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_engine_prefill_tokens_total",
-            "counter",
-            "Tokens computed in prefill, recompute included.",
-            engine.prefill_tokens.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_engine_preemptions_total",
-            "counter",
-            "Sequences preempted.",
-            engine.preemptions.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_engine_iterations_total",
-            "counter",
-            "Engine iterations.",
-            engine.iterations.to_string(),
-        );
-        m.ttft
-            .render("elasticmoe_ttft_seconds", "Time to first token.", &mut out);
-        m.tpot.render(
-            "elasticmoe_tpot_seconds",
-            "Mean time per output token after the first, per request.",
-            &mut out,
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_active_devices",
-            "gauge",
-            "Devices serving.",
-            scale.active_devices.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_max_devices",
-            "gauge",
-            "Devices this server may use.",
-            scale.max_devices.to_string(),
-        );
-        scalar(
-            &mut out,
-            "elasticmoe_scale_transition_running",
-            "gauge",
-            "1 while a scaling transition runs.",
-            u8::from(scale.transition_running).to_string(),
-        );
-        head(
-            &mut out,
-            "elasticmoe_scale_events_total",
-            "counter",
-            "Scaling transitions by kind, strategy and outcome.",
-        );
+        mirror(&self.accept_errors, conns.accept_errors);
+        self.engine_tokens_per_second.set(engine.tokens_per_s);
+        mirror(&self.engine_generated, engine.generated_tokens);
+        mirror(&self.engine_prefill, engine.prefill_tokens);
+        mirror(&self.engine_preemptions, engine.preemptions);
+        mirror(&self.engine_iterations, engine.iterations);
+        self.active_devices.set(g(scale.active_devices));
+        self.max_devices.set(g(scale.max_devices));
+        self.transition_running
+            .set(i64::from(scale.transition_running));
         for e in &scale.events {
-            let _ = writeln!(
-                out,
-                "elasticmoe_scale_events_total{{kind=\"{}\",strategy=\"{}\",outcome=\"{}\"}} {}",
-                label(&e.kind),
-                label(&e.strategy),
-                label(&e.outcome),
-                e.count
-            );
+            let labels = vec![
+                ("kind", e.kind.clone()),
+                ("strategy", e.strategy.clone()),
+                ("outcome", e.outcome.clone()),
+            ];
+            mirror(&self.scale_events.get_or_create(&labels), e.count);
         }
-        scalar(
-            &mut out,
-            "elasticmoe_scale_bytes_moved_total",
-            "counter",
-            "Bytes moved between devices by scaling transitions.",
-            scale.bytes_moved.to_string(),
-        );
+        mirror(&self.scale_bytes_moved, scale.bytes_moved);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Escapes a label value.
-fn label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moe_engine::{RankId, RankKv};
+    use std::time::Duration;
 
-    #[test]
-    fn histogram_is_cumulative_with_sum_and_count() {
-        let mut h = Histogram::new(&[0.1, 1.0]);
-        for v in [0.05, 0.5, 0.7, 3.0] {
-            h.observe(v);
-        }
-        let mut out = String::new();
-        h.render("x", "help", &mut out);
-        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"1\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
-        assert!(out.contains("x_sum 4.25\n"), "{out}");
-        assert!(out.contains("x_count 4\n"), "{out}");
-    }
-
-    #[test]
-    fn names_follow_prometheus_conventions() {
-        use moe_engine::{RankId, RankKv};
-        let m = ServerMetrics::default();
+    fn sample() -> String {
+        let m = ServerMetrics::new("tiny-qwen3");
         m.request("completions", 200);
-        m.finished("length", 3, 4, Some(Duration::from_millis(5)), None);
+        let timings = RequestTimings {
+            ttft: Some(Duration::from_millis(5)),
+            queued: Some(Duration::from_millis(1)),
+            token_times: vec![
+                Duration::from_millis(5),
+                Duration::from_millis(15),
+                Duration::from_millis(35),
+            ],
+            total: Duration::from_millis(40),
+            preemptions: 0,
+        };
+        m.finished(&Finished {
+            reason: "length",
+            prompt_tokens: 3,
+            completion_tokens: 3,
+            timings: &timings,
+        });
         let engine = EngineMetrics {
             kv: vec![RankKv {
                 rank: RankId(0),
                 used_blocks: 1,
                 total_blocks: 8,
             }],
+            generated_tokens: 3,
             ..EngineMetrics::default()
         };
         let scale = super::super::scale::NoScaling {
@@ -449,32 +474,113 @@ mod tests {
             reason: String::new(),
         };
         use super::super::scale::ScaleControl as _;
-        let text = m.render(&engine, &scale.status(), &ConnectionCounts::default(), 0);
-        let mut types = 0;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix("# TYPE ") else {
-                continue;
-            };
-            let (name, kind) = rest.split_once(' ').unwrap();
-            types += 1;
-            assert!(
-                name.starts_with("elasticmoe_")
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-                "{name}"
-            );
-            match kind {
-                "counter" => assert!(name.ends_with("_total"), "counter {name}"),
-                "gauge" | "histogram" => assert!(!name.ends_with("_total"), "{kind} {name}"),
-                other => panic!("unknown type {other} of {name}"),
-            }
-        }
-        assert!(types > 20, "{text}");
+        m.render(&engine, &scale.status(), &ConnectionCounts::default(), 0)
     }
 
+    /// Names follow Prometheus conventions (OpenMetrics: a counter's family is declared without
+    /// `_total` and its samples carry it).
     #[test]
-    fn labels_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn names_follow_prometheus_conventions() {
+        let text = sample();
+        let mut types = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if line.starts_with("# HELP ") {
+                assert!(line.ends_with('.') && !line.ends_with(".."), "{line}");
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    name.starts_with("elasticmoe_")
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                    "{name}"
+                );
+                assert!(!name.ends_with("_total"), "{kind} {name}");
+                assert!(
+                    matches!(kind, "counter" | "gauge" | "histogram"),
+                    "unknown type {kind} of {name}"
+                );
+                types.insert(name.to_string(), kind.to_string());
+            }
+        }
+        assert!(types.len() > 25, "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = types
+                .iter()
+                .filter(|(f, _)| name.starts_with(f.as_str()))
+                .max_by_key(|(f, _)| f.len())
+                .unwrap_or_else(|| panic!("{name} has no family"));
+            match family.1.as_str() {
+                "counter" => assert_eq!(name, format!("{}_total", family.0), "{line}"),
+                "gauge" => assert_eq!(name, family.0, "{line}"),
+                _ => assert!(
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| *name == format!("{}{s}", family.0)),
+                    "{line}"
+                ),
+            }
+            assert!(line.contains("model_name=\"tiny-qwen3\""), "{line}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The exposition parses with a Prometheus text parser, with the values recorded.
+    #[test]
+    fn exposition_parses_with_a_prometheus_parser() {
+        let text = sample();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let find = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        for s in &scrape.samples {
+            assert_eq!(
+                s.labels.get("model_name"),
+                Some("tiny-qwen3"),
+                "{}",
+                s.metric
+            );
+        }
+        let value = |name: &str| match find(name).value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(value("elasticmoe_prompt_tokens_total"), 3.0);
+        assert_eq!(value("elasticmoe_engine_generated_tokens_total"), 3.0);
+        assert_eq!(value("elasticmoe_kv_usage_ratio"), 1.0 / 8.0);
+        assert!(matches!(
+            find("elasticmoe_running_sequences").value,
+            prometheus_parse::Value::Gauge(0.0)
+        ));
+        let hist = |name: &str| match &find(name).value {
+            prometheus_parse::Value::Histogram(b) => b.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        // Two gaps between three tokens: 10 ms and 20 ms.
+        let itl = hist("elasticmoe_inter_token_latency_seconds");
+        let le = |b: &[prometheus_parse::HistogramCount], x: f64| {
+            b.iter().find(|c| c.less_than == x).unwrap().count
+        };
+        assert_eq!(le(&itl, 0.01), 1.0);
+        assert_eq!(le(&itl, 0.025), 2.0);
+        assert_eq!(le(&itl, f64::INFINITY), 2.0);
+        assert_eq!(le(&hist("elasticmoe_ttft_seconds"), 0.005), 1.0);
+        assert_eq!(
+            le(&hist("elasticmoe_e2e_request_latency_seconds"), 0.05),
+            1.0
+        );
+        assert_eq!(
+            le(&hist("elasticmoe_request_queue_time_seconds"), 0.001),
+            1.0
+        );
     }
 }

@@ -43,6 +43,7 @@ struct Opts {
     admin: bool,
     run_engine: bool,
     drain: Duration,
+    api_key: Option<String>,
 }
 
 impl Default for Opts {
@@ -55,6 +56,7 @@ impl Default for Opts {
             admin: true,
             run_engine: true,
             drain: Duration::from_secs(10),
+            api_key: None,
         }
     }
 }
@@ -68,6 +70,9 @@ impl Harness {
             placement: PlacementArg::Balanced,
             max_queue: opts.max_queue,
             admin_token: opts.admin.then(|| TOKEN.to_string()),
+            api_key: opts.api_key.clone(),
+            chat_template: None,
+            deployment: moe_host::deployment::DeploymentConfig::default(),
             model_id: "tiny".into(),
             engine: EngineConfig::default(),
             autoscale: opts.autoscale,
@@ -279,11 +284,33 @@ fn stream_text(r: &Resp, chat: bool) -> (String, String) {
     (text, finish)
 }
 
-fn metric(text: &str, line_prefix: &str) -> f64 {
+/// A sample's name and labels (without `model_name`, which every sample has), and its value.
+fn parse_sample(line: &str) -> Option<(String, std::collections::BTreeMap<String, String>, &str)> {
+    let (series, value) = line.trim().rsplit_once(' ')?;
+    let (name, labels) = match series.split_once('{') {
+        Some((n, l)) => (n, l.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let labels = labels
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .filter(|(k, _)| k != "model_name")
+        .collect();
+    Some((name.to_string(), labels, value))
+}
+
+/// The value of the sample `series` (`name` or `name{label="value",...}`, `model_name` left out;
+/// trailing spaces ignored).
+fn metric(text: &str, series: &str) -> f64 {
+    let (name, labels, _) = parse_sample(&format!("{} 0", series.trim())).unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line_prefix} in metrics:\n{text}"))
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(parse_sample)
+        .find(|(n, l, _)| *n == name && *l == labels)
+        .and_then(|(_, _, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in metrics:\n{text}"))
 }
 
 #[test]
@@ -348,12 +375,13 @@ fn chat_applies_the_template_and_streams_deltas() {
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    // The rendered ChatML prompt: <|im_start|> and <|im_end|> are one special token each, every
-    // other byte one token.
-    let rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n\
-                    <|im_start|>assistant\n";
-    let bytes = rendered.len() - 3 * "<|im_start|>".len() - 2 * "<|im_end|>".len();
-    assert_eq!(v["usage"]["prompt_tokens"], bytes + 5);
+    // Mixtral's real template: the system message goes into the first [INST]; <s> is one
+    // special token, every other byte one token.
+    let rendered = "<s> [INST] Be brief.\n\nHello [/INST]";
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        rendered.len() - "<s>".len() + 1
+    );
     let text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -417,7 +445,7 @@ fn every_bad_request_gets_a_400_with_an_openai_error_body() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "a", "n": 3}).to_string(),
+            json!({"prompt": "a", "n": 17}).to_string(),
             Some("n"),
         ),
         (
@@ -491,7 +519,10 @@ fn models_health_ready_and_metrics() {
         assert_eq!(r.status, 200);
     }
     let r = get(a, "/metrics");
-    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     let t = r.body;
     assert_eq!(
         metric(
@@ -518,7 +549,8 @@ fn models_health_ready_and_metrics() {
     assert_eq!(metric(&t, "elasticmoe_kv_blocks_used{rank=\"1\"}"), 0.0);
     assert!(metric(&t, "elasticmoe_kv_blocks_capacity{rank=\"0\"}") > 0.0);
     assert_eq!(metric(&t, "elasticmoe_scale_bytes_moved_total "), 0.0);
-    assert!(t.contains("# TYPE elasticmoe_scale_events_total counter"));
+    // OpenMetrics: the family is declared without `_total`, its samples carry it.
+    assert!(t.contains("# TYPE elasticmoe_scale_events counter"));
 }
 
 #[test]
@@ -1172,4 +1204,281 @@ fn unseeded_sampling_reports_a_fresh_seed_that_reproduces_the_text() {
     );
     let first: Value = serde_json::from_str(&stream.sse()[0]).unwrap();
     assert!(first["seed"].is_u64(), "{first}");
+}
+
+/// Greedy text of a completion of `prompt` with `extra` fields.
+fn complete(a: SocketAddr, prompt: &str, extra: Value) -> Value {
+    let mut body = json!({"prompt": prompt, "max_tokens": 24, "ignore_eos": true});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = post(a, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+#[test]
+fn stop_strings_end_the_text_before_them_streamed_or_not() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let full = complete(a, "Hello", json!({}));
+    let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    // A stop string from the middle of the greedy text (two characters from the 6th on).
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 8, "{text:?}");
+    let stop: String = chars[5..7].iter().collect();
+    let at = text.find(&stop).unwrap();
+    let v = complete(a, "Hello", json!({"stop": [stop.clone(), "never-there"]}));
+    assert_eq!(
+        v["choices"][0]["text"],
+        text[..at],
+        "stop {stop:?} in {text:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 24);
+    let inc = complete(
+        a,
+        "Hello",
+        json!({"stop": stop.clone(), "include_stop_str_in_output": true}),
+    );
+    assert_eq!(inc["choices"][0]["text"], text[..at + stop.len()]);
+    let s = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 24, "ignore_eos": true, "stream": true,
+                "stop": [stop.clone()]}),
+    );
+    let (streamed, finish) = stream_text(&s, false);
+    assert_eq!(streamed, text[..at]);
+    assert_eq!(finish, "stop");
+    let too_many = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "stop": vec!["x"; 17]}),
+    );
+    assert_eq!(too_many.status, 400);
+    assert_eq!(too_many.json()["error"]["param"], "stop");
+}
+
+#[test]
+fn n_choices_logprobs_echo_and_created() {
+    let h = Harness::new(Opts::default());
+    let a = h.addr;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sampled = json!({"temperature": 0.9, "seed": 11, "max_tokens": 8});
+    let v = complete(
+        a,
+        "Hi",
+        json!({"temperature": 0.9, "seed": 11, "max_tokens": 8, "n": 3}),
+    );
+    assert!(v["created"].as_u64().unwrap() >= before);
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+    // Choice i is the single request seeded with seed + i.
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let mut one = sampled.clone();
+        one["seed"] = json!(11 + i);
+        let single = complete(a, "Hi", one);
+        assert_eq!(c["text"], single["choices"][0]["text"], "choice {i}");
+    }
+    // Completion logprobs: the chosen token's and the alternatives, most likely first.
+    let v = complete(
+        a,
+        "Hi",
+        json!({"max_tokens": 5, "logprobs": 2, "echo": true}),
+    );
+    let c = &v["choices"][0];
+    assert!(c["text"].as_str().unwrap().starts_with("Hi"));
+    let lp = &c["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"][0], 2, "after the echoed prompt");
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        // Keyed by token text (two byte tokens may both read as U+FFFD, as in vLLM).
+        let top = top.as_object().unwrap();
+        assert!((1..=2).contains(&top.len()), "{top:?}");
+        assert!(lp["token_logprobs"][i].as_f64().unwrap() <= 0.0);
+    }
+    // Chat logprobs, streamed and not.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+        "ignore_eos": true, "logprobs": true, "top_logprobs": 3});
+    let r = post(a, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let content = r.json()["choices"][0]["logprobs"]["content"].clone();
+    assert_eq!(content.as_array().unwrap().len(), 4);
+    for c in content.as_array().unwrap() {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one, and the list is in order.
+        assert_eq!(c["logprob"], top[0]["logprob"]);
+        assert!(top[0]["logprob"].as_f64() >= top[2]["logprob"].as_f64());
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let s = post(a, "/v1/chat/completions", &streamed);
+    let with_lp = s
+        .sse()
+        .iter()
+        .filter(|d| d.starts_with('{'))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|v| v["choices"][0]["logprobs"]["content"].is_array())
+        .count();
+    assert_eq!(with_lp, 4);
+}
+
+#[test]
+fn content_parts_api_key_model_and_template_errors() {
+    let h = Harness::new(Opts {
+        api_key: Some("k3y".into()),
+        ..Opts::default()
+    });
+    let a = h.addr;
+    let auth = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer k3y"),
+    ];
+    let chat = |body: &Value, headers: &[(&str, &str)]| {
+        call(
+            a,
+            "POST",
+            "/v1/chat/completions",
+            headers,
+            &body.to_string(),
+        )
+    };
+    // No key, a wrong key: 401; /health, /metrics open; the admin token is not the API key.
+    let body = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 3});
+    let r = chat(&body, &[("content-type", "application/json")]);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = chat(&body, &[("authorization", "Bearer nope")]);
+    assert_eq!(r.status, 401);
+    let r = chat(&body, &[("authorization", &format!("Bearer {TOKEN}"))]);
+    assert_eq!(r.status, 401);
+    assert_eq!(get(a, "/health").status, 200);
+    assert_eq!(get(a, "/metrics").status, 200);
+    assert_eq!(
+        call(
+            a,
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer k3y")],
+            ""
+        )
+        .status,
+        200
+    );
+    let plain = chat(&body, &auth);
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    // Text parts are joined with newlines: the same prompt as the joined string.
+    let parts = json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}], "max_tokens": 3});
+    let joined = json!({"messages": [{"role": "user", "content": "Hi\nthere"}], "max_tokens": 3});
+    assert_eq!(
+        chat(&parts, &auth).json()["usage"],
+        chat(&joined, &auth).json()["usage"]
+    );
+    for (bad, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}),
+            "frobnicate",
+        ),
+        // Mixtral's template refuses two user turns in a row: its message comes back.
+        (
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+            "messages",
+        ),
+    ] {
+        let r = chat(&bad, &auth);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.json()["error"]["param"], param, "{bad}");
+    }
+    let r = chat(
+        &json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+        &auth,
+    );
+    assert!(
+        r.body.contains("conversation roles must alternate"),
+        "{}",
+        r.body
+    );
+    let r = chat(
+        &json!({"model": "other", "messages": [{"role": "user", "content": "a"}]}),
+        &auth,
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "model");
+}
+
+#[test]
+fn engine_sizing_flags_have_defaults_and_clear_range_errors() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+    use clap::Parser as _;
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["serve", "--model", "m"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().args
+    };
+    let c = super::engine_config(&parse(&[])).unwrap();
+    assert_eq!(
+        (
+            c.scheduler.max_batch_tokens,
+            c.scheduler.max_running_per_rank
+        ),
+        (256, 64)
+    );
+    let c = super::engine_config(&parse(&[
+        "--max-num-batched-tokens",
+        "512",
+        "--max-num-seqs",
+        "8",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (
+            c.scheduler.max_batch_tokens,
+            c.scheduler.max_running_per_rank
+        ),
+        (512, 8)
+    );
+    for (flag, value, needle) in [
+        ("--max-num-batched-tokens", "0", "between 1 and 1048576"),
+        ("--max-num-seqs", "0", "between 1 and 4096"),
+        ("--max-num-seqs", "5000", "between 1 and 4096"),
+    ] {
+        let e = super::engine_config(&parse(&[flag, value])).unwrap_err();
+        assert!(e.to_string().contains(needle), "{flag} {value}: {e}");
+    }
+    let d = super::deployment_config(None).unwrap();
+    assert_eq!(d, moe_host::deployment::DeploymentConfig::default());
+    let d = super::deployment_config(Some(1000)).unwrap();
+    assert_eq!(
+        (d.kv_chunks, d.kv_max_chunks),
+        (4, 16),
+        "rounded up to whole chunks"
+    );
+    for bad in [0, 255, (1 << 24) + 1] {
+        let e = super::deployment_config(Some(bad)).unwrap_err();
+        assert!(e.to_string().contains("--kv-cache-tokens"), "{e}");
+    }
 }
