@@ -238,11 +238,15 @@ fn driver_version() -> i32 {
 }
 
 fn main() {
-    let backend = match CudaBackend::new() {
-        Ok(b) => b,
-        Err(e) => {
-            println!("no GPU ({e}): nothing to measure");
+    let backend = match CudaBackend::for_hil_test(1) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            println!("SKIPPED hil_vmm_bench: no GPU");
             return;
+        }
+        Err(e) => {
+            eprintln!("hil_vmm_bench: {e}");
+            std::process::exit(1);
         }
     };
     if let Err(e) = run(backend) {

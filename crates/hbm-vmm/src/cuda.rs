@@ -36,6 +36,15 @@ use std::marker::PhantomData;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
+/// The GPUs a hardware-in-the-loop run demands: the environment variable `HIL_REQUIRE_GPUS`
+/// (0 when unset or not a number). The GPU bundle's `run.sh` sets it to the GPUs the machine has.
+pub fn required_gpus() -> usize {
+    std::env::var("HIL_REQUIRE_GPUS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Turns a driver result into `Ok` or [`VmmError::Driver`].
 fn check(call: &'static str, r: CUresult) -> Result<(), VmmError> {
     if r == CUresult::CUDA_SUCCESS {
@@ -167,6 +176,40 @@ impl CudaBackend {
             )));
         }
         Self::open(ordinals)
+    }
+
+    /// At least `devices` logical devices on the GPUs present: every GPU once where there are
+    /// enough, otherwise `devices` logical devices dealt round-robin over the GPUs (all on GPU 0
+    /// of a one-GPU machine). Multi-device code and its tests run this way on machines with
+    /// fewer GPUs.
+    ///
+    /// Errors: [`VmmError::NoDriver`] as [`CudaBackend::new`].
+    pub fn at_least(devices: usize) -> Result<Self, VmmError> {
+        let gpus = Self::init()?;
+        if gpus >= devices {
+            let all: Vec<u32> = (0..gpus as u32).collect();
+            return Self::open(&all);
+        }
+        let ordinals: Vec<u32> = (0..devices).map(|i| (i % gpus) as u32).collect();
+        Self::open(&ordinals)
+    }
+
+    /// For hardware-in-the-loop tests: [`CudaBackend::at_least`] `devices`, `Ok(None)` without a
+    /// usable GPU (the test reports SKIPPED), or an error when the environment variable
+    /// `HIL_REQUIRE_GPUS=N` demands at least `N` GPUs and they are not all there, so that a GPU
+    /// test never passes without its GPU.
+    pub fn for_hil_test(devices: usize) -> Result<Option<Self>, VmmError> {
+        let need = required_gpus();
+        match Self::init() {
+            Ok(gpus) if gpus >= need => Self::at_least(devices).map(Some),
+            Ok(gpus) => Err(VmmError::NoDriver(format!(
+                "HIL_REQUIRE_GPUS={need} but the driver sees {gpus} GPU(s)"
+            ))),
+            Err(e) if need > 0 => Err(VmmError::NoDriver(format!(
+                "HIL_REQUIRE_GPUS={need} but no GPU can be used: {e}"
+            ))),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Loads and initialises the driver; returns the number of visible GPUs.

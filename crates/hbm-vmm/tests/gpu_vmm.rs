@@ -1,11 +1,12 @@
-//! GPU tests of the CUDA backend (feature `cuda`; run through `cargo xtask hil` on two GPUs).
-//! Without a GPU each test prints why it skips and returns.
+//! GPU tests of the CUDA backend (feature `cuda`; run through `cargo xtask hil`). The two-device
+//! tests run on two logical devices of one GPU where the machine has one. Without a GPU each
+//! test prints SKIPPED, and fails when `HIL_REQUIRE_GPUS` is set.
 
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::sys;
 use hbm_vmm::cuda::CudaBackend;
-use hbm_vmm::{ipc, Backend, DeviceId, PagedRegion, Vmm, VmmError};
+use hbm_vmm::{ipc, DeviceId, PagedRegion, Vmm, VmmError};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
@@ -24,19 +25,14 @@ fn setup(min_devices: usize) -> Option<(MutexGuard<'static, ()>, Vmm<CudaBackend
     let guard = GPU
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match CudaBackend::new() {
-        Ok(b) if b.device_count() >= min_devices => Some((guard, Vmm::new(b))),
-        Ok(b) => {
-            println!(
-                "only {} GPU(s); this test needs {min_devices}: skipping",
-                b.device_count()
-            );
+    // Fewer GPUs than devices: logical devices on the GPUs there are (CudaBackend::at_least).
+    match CudaBackend::for_hil_test(min_devices) {
+        Ok(Some(b)) => Some((guard, Vmm::new(b))),
+        Ok(None) => {
+            println!("SKIPPED: no GPU");
             None
         }
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            None
-        }
+        Err(e) => panic!("{e}"),
     }
 }
 

@@ -317,16 +317,13 @@ fn migration_rows(
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let backend = match CudaBackend::new() {
-        Ok(b) if b.device_count() > 0 => b,
-        Ok(_) => {
-            println!("no GPU: nothing to measure");
+    let backend = match CudaBackend::for_hil_test(1) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            println!("SKIPPED hil_kv_pool: no GPU");
             return Ok(());
         }
-        Err(e) => {
-            println!("no GPU ({e}): nothing to measure");
-            return Ok(());
-        }
+        Err(e) => return Err(e.into()),
     };
     let devices = backend.device_count();
     let vmm = Vmm::new(backend);

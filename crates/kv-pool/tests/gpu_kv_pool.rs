@@ -1,5 +1,6 @@
 //! GPU tests of the pool on the CUDA backend (feature `cuda`; run through `cargo xtask hil`).
-//! Without a GPU (or with too few) each test prints why it skips and returns.
+//! Two-device tests run on two logical devices of one GPU where the machine has one. Without a
+//! GPU each test prints SKIPPED, and fails when `HIL_REQUIRE_GPUS` is set.
 //!
 //! Bytes go in and out through `hbm-vmm`'s `DeviceView`s with cudarc's safe copies; the pool only
 //! says which blocks to copy.
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaStream};
 use hbm_vmm::cuda::CudaBackend;
-use hbm_vmm::{Backend, DeviceId, Vmm};
+use hbm_vmm::{DeviceId, Vmm};
 use kv_pool::{BlockId, BlockPool, KvDtype, KvError, KvLayout, PoolConfig, SeqId};
 
 type Pool = BlockPool<CudaBackend>;
@@ -24,19 +25,14 @@ fn setup(min_devices: usize) -> Option<(MutexGuard<'static, ()>, Vmm<CudaBackend
     let guard = GPU
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match CudaBackend::new() {
-        Ok(b) if b.device_count() >= min_devices => Some((guard, Vmm::new(b))),
-        Ok(b) => {
-            println!(
-                "only {} GPU(s); this test needs {min_devices}: skipping",
-                b.device_count()
-            );
+    // Fewer GPUs than devices: logical devices on the GPUs there are (CudaBackend::at_least).
+    match CudaBackend::for_hil_test(min_devices) {
+        Ok(Some(b)) => Some((guard, Vmm::new(b))),
+        Ok(None) => {
+            println!("SKIPPED: no GPU");
             None
         }
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            None
-        }
+        Err(e) => panic!("{e}"),
     }
 }
 

@@ -37,10 +37,7 @@ pub fn device_count() -> Result<usize, CudaError> {
 /// environment variable `HIL_REQUIRE_GPUS=N` demands at least `N` GPUs and they are not there
 /// (no GPU, a missing CUDA library, or fewer GPUs): a GPU run must never pass vacuously.
 pub fn hil_gpus() -> Result<Option<usize>, CudaError> {
-    let need: usize = std::env::var("HIL_REQUIRE_GPUS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let need = hbm_vmm::cuda::required_gpus();
     match device_count() {
         Ok(n) if n >= need => Ok(Some(n)),
         Ok(n) => Err(CudaError::NoGpu(format!(

@@ -1,5 +1,6 @@
-//! GPU tests of the CUDA transport (feature `cuda`; run through `cargo xtask hil` on two GPUs).
-//! Without two GPUs each test prints why it skips and returns.
+//! GPU tests of the CUDA transport (feature `cuda`; run through `cargo xtask hil`): between two
+//! GPUs, or two logical devices of one GPU where the machine has one. Without a GPU each test
+//! prints SKIPPED, and fails when `HIL_REQUIRE_GPUS` is set.
 
 #![cfg(feature = "cuda")]
 
@@ -24,16 +25,14 @@ fn setup() -> Option<(MutexGuard<'static, ()>, Vmm<CudaBackend>)> {
     let guard = GPU
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match CudaBackend::new() {
-        Ok(b) if hbm_vmm::Backend::device_count(&b) >= 2 => Some((guard, Vmm::new(b))),
-        Ok(_) => {
-            println!("only one GPU; the peer-to-peer tests need two: skipping");
+    // One GPU: two logical devices on it (CudaBackend::at_least), copies device-local.
+    match CudaBackend::for_hil_test(2) {
+        Ok(Some(b)) => Some((guard, Vmm::new(b))),
+        Ok(None) => {
+            println!("SKIPPED: no GPU");
             None
         }
-        Err(e) => {
-            println!("no GPU ({e}): skipping");
-            None
-        }
+        Err(e) => panic!("{e}"),
     }
 }
 
