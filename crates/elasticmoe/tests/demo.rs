@@ -108,13 +108,18 @@ fn elastic_demo_scales_up_and_down(delay_ms: &str) -> serde_json::Value {
         assert_eq!(e["intake_paused_ms"], 0.0);
         assert_eq!(e["downtime_ms"], 0.0);
     }
-    // The trace was fitted to one device's measured capacity: the step needs two devices, the
-    // burst all four, the tail one.
+    // The trace was fitted to the measured capacity: the step needs more than one device, the
+    // burst at least what all four carry, the tail one.
     let c = &r["calibration"];
     let one = c["one_device"]["requests_per_s"].as_f64().unwrap();
-    assert!(one > 0.0, "{c}");
-    assert!(c["rates"]["step"].as_f64().unwrap() > one, "{c}");
-    assert!(c["rates"]["burst"].as_f64().unwrap() >= 4.0 * one, "{c}");
+    let all = c["all_devices"]["requests_per_s"].as_f64().unwrap();
+    assert!(one > 0.0 && all > 0.0, "{c}");
+    let step = c["rates"]["step"].as_f64().unwrap();
+    assert!(step > one, "{c}");
+    assert!(
+        c["rates"]["burst"].as_f64().unwrap() >= all.max(step),
+        "{c}"
+    );
     assert!(c["rates"]["tail"].as_f64().unwrap() < one, "{c}");
     // The model is cached: a second run reuses it.
     assert!(cache.read_dir().unwrap().count() >= 1);

@@ -75,17 +75,27 @@ impl TraceRates {
         tail: 1.0,
     };
 
-    /// Rates for devices that each complete `per_device` requests per second with every slot
-    /// busy ([`measure_capacity`]), on up to `max_devices`: the base fits one device at a
-    /// quarter of its capacity, the step needs at least two devices (1.6 × one device's
-    /// capacity), the burst needs every device (`max_devices` × capacity), and the tail needs
-    /// one (a sixth of one device's capacity).
-    pub fn for_capacity(per_device: f64, max_devices: u32) -> TraceRates {
-        let c = per_device.max(0.1);
+    /// Rates fitted to this machine: `one` and `all` are the requests per second that one
+    /// device and all `max_devices` devices complete with every slot busy
+    /// ([`measure_capacity`]). The base fits one device at a quarter of its capacity; the step
+    /// needs at least two (1.6 × one device's capacity, but at most 0.8 × what all devices
+    /// carry and at least 1.1 × one device's, so the queue it builds drains once scaled up
+    /// where the machine allows it); the burst needs every device (all devices' capacity, and at
+    /// least 1.2 × the step), for a twelfth of the trace; the tail needs one (a sixth of one
+    /// device's capacity), so the backlog drains and the deployment scales back down.
+    pub fn for_capacity(one: f64, all: f64, max_devices: u32) -> TraceRates {
+        let c = one.max(0.1);
+        let all = all.max(0.1);
+        let step = (1.6 * c).min(0.8 * all).max(1.1 * c);
+        let burst = if max_devices > 1 {
+            all.max(1.2 * step)
+        } else {
+            step
+        };
         TraceRates {
             base: 0.25 * c,
-            step: 1.6 * c,
-            burst: f64::from(max_devices.max(2)) * c,
+            step,
+            burst,
             tail: c / 6.0,
         }
     }
@@ -416,14 +426,17 @@ pub struct Capacity {
 pub struct Calibration {
     /// One device's measured capacity.
     pub one_device: Capacity,
+    /// All the demo's devices' measured capacity (on a machine with fewer cores than devices,
+    /// less than their number times one device's).
+    pub all_devices: Capacity,
     /// The trace's rates, from [`TraceRates::for_capacity`].
     pub rates: TraceRates,
 }
 
-/// Measures one device's capacity: three rounds of `slots` requests of `max_tokens` tokens
+/// Measures a deployment's capacity: three rounds of `slots` requests of `max_tokens` tokens
 /// (7-token prompts, the trace's mean), all submitted at once through `submit` to an engine
-/// serving one device whose scheduler runs `slots` sequences per rank, timed from the first
-/// submission to the last finish (after one short warm-up request).
+/// whose ranks run `slots` sequences in all, timed from the first submission to the last
+/// finish (after one short warm-up request).
 pub fn measure_capacity(
     submit: &dyn Fn(Request) -> Result<RequestHandle, String>,
     slots: usize,
@@ -463,20 +476,21 @@ pub fn measure_capacity(
     })
 }
 
-/// [`measure_capacity`] on one host device set up as `config` sets up each of the demo's.
+/// [`measure_capacity`] on `devices` host devices set up as `config` sets up the demo's.
 pub fn host_capacity(
     cfg: &ModelConfig,
     checkpoint: &Checkpoint,
     config: &DemoConfig,
+    devices: u32,
     max_tokens: usize,
 ) -> Result<Capacity, DemoError> {
     let (engine, _store) =
-        DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host_config(config, 1))?;
+        DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host_config(config, devices))?;
     let serving = engine.start();
     let submit = |r: Request| engine.submit(r).map_err(|e| e.to_string());
     let out = measure_capacity(
         &submit,
-        config.scheduler.max_running_per_rank,
+        config.scheduler.max_running_per_rank * devices as usize,
         max_tokens,
         cfg.vocab_size,
     );

@@ -158,11 +158,13 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let base = host_config(Strategy::Elastic);
     if !args.quiet {
-        eprintln!("measuring one device's capacity");
+        eprintln!("measuring the capacity of one device and of {devices}");
     }
-    let one = demo::host_capacity(&cfg, &checkpoint, &base, args.max_tokens)
+    let one = demo::host_capacity(&cfg, &checkpoint, &base, 1, args.max_tokens)
         .context("measuring one device's capacity")?;
-    let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, devices);
+    let all = demo::host_capacity(&cfg, &checkpoint, &base, devices, args.max_tokens)
+        .with_context(|| format!("measuring {devices} devices' capacity"))?;
+    let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, all, devices);
     let reference = demo::reference_tokens(&cfg, &checkpoint, &base, 1, &trace)
         .context("running the reference on a fixed deployment")?;
     let mut runs: Vec<DemoRun> = Vec::new();
@@ -197,17 +199,24 @@ pub fn run(args: &Args) -> Result<()> {
     )
 }
 
-/// The trace fitted to one device's measured capacity on `devices` devices, and how.
-fn fitted_trace(args: &Args, vocab: usize, one: Capacity, devices: u32) -> (Trace, Calibration) {
-    let rates = TraceRates::for_capacity(one.requests_per_s, devices);
+/// The trace fitted to the measured capacity of one device and of all `devices`, and how.
+fn fitted_trace(
+    args: &Args,
+    vocab: usize,
+    one: Capacity,
+    all: Capacity,
+    devices: u32,
+) -> (Trace, Calibration) {
+    let rates = TraceRates::for_capacity(one.requests_per_s, all.requests_per_s, devices);
     let trace = Trace::step_ramp_burst(vocab, args.trace_seconds, args.max_tokens, SEED, rates);
     if !args.quiet {
         eprintln!(
-            "one device: {:.1} requests/s ({:.2} ms per token); trace at {:.1}/{:.1}/{:.1}/{:.1} \
-             requests/s (base/step/burst/tail): {} requests over {:.0} s; computing the \
-             fixed-deployment reference",
+            "one device: {:.1} requests/s ({:.2} ms per token), {devices}: {:.1} requests/s; \
+             trace at {:.1}/{:.1}/{:.1}/{:.1} requests/s (base/step/burst/tail): {} requests \
+             over {:.0} s; computing the fixed-deployment reference",
             one.requests_per_s,
             one.tpot_ms,
+            all.requests_per_s,
             rates.base,
             rates.step,
             rates.burst,
@@ -220,6 +229,7 @@ fn fitted_trace(args: &Args, vocab: usize, one: Capacity, devices: u32) -> (Trac
         trace,
         Calibration {
             one_device: one,
+            all_devices: all,
             rates,
         },
     )
@@ -387,15 +397,23 @@ mod gpu {
         Ok(out)
     }
 
-    /// One GPU's capacity with the demo's scheduler ([`demo::measure_capacity`]).
-    fn capacity(cfg: &ModelConfig, ckpt: &Checkpoint, max_tokens: usize) -> Result<Capacity> {
+    /// The capacity of `devices` GPUs with the demo's scheduler ([`demo::measure_capacity`]).
+    fn capacity(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        devices: usize,
+        max_tokens: usize,
+    ) -> Result<Capacity> {
         let scheduler = DemoConfig::new(Strategy::Elastic, 1, PRESET.name()).scheduler;
-        let engine = Engine::new(runner(cfg, ckpt, 1, KV_BLOCKS)?, engine_config(scheduler));
+        let engine = Engine::new(
+            runner(cfg, ckpt, devices, KV_BLOCKS)?,
+            engine_config(scheduler),
+        );
         let serving = engine.start();
         let submit = |r: Request| engine.submit(r).map_err(|e| e.to_string());
         let out = demo::measure_capacity(
             &submit,
-            scheduler.max_running_per_rank,
+            scheduler.max_running_per_rank * devices,
             max_tokens,
             cfg.vocab_size,
         );
@@ -443,10 +461,13 @@ mod gpu {
             bail!("--step-delay-ms is for host devices");
         }
         if !args.quiet {
-            eprintln!("measuring one GPU's capacity");
+            eprintln!("measuring the capacity of one GPU and of {gpus}");
         }
-        let one = capacity(&cfg, &ckpt, args.max_tokens).context("measuring one GPU's capacity")?;
-        let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, gpus);
+        let one =
+            capacity(&cfg, &ckpt, 1, args.max_tokens).context("measuring one GPU's capacity")?;
+        let all = capacity(&cfg, &ckpt, gpus as usize, args.max_tokens)
+            .with_context(|| format!("measuring {gpus} GPUs' capacity"))?;
+        let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, all, gpus);
         let reference = reference(&cfg, &ckpt, &trace)
             .context("running the reference on a fixed one-GPU deployment")?;
         let mut runs = Vec::new();
