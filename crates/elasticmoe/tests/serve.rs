@@ -62,6 +62,23 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     (status, raw)
 }
 
+/// The server's `elasticmoe_generation_tokens_total`, from `/metrics`.
+fn generated_tokens(addr: SocketAddr) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.lines()
+        .find_map(|l| l.strip_prefix("elasticmoe_generation_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no generation counter in {raw}"))
+}
+
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
@@ -94,7 +111,13 @@ fn serves_then_drains_on_sigterm_and_exits_0() {
             r#"{"prompt": "Hi", "max_tokens": 300, "ignore_eos": true, "stream": true}"#,
         )
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM once the stream is generating (the first request made 4 tokens), not after a
+    // sleep: on a busy machine the stream might not have reached the server yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while generated_tokens(addr) <= 4.0 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -437,6 +437,56 @@ impl Blueprint {
         &self.vmm
     }
 
+    /// Raw peer bandwidth in 10⁹ bytes/s: `iters` back-to-back `cuMemcpyPeerAsync` of one
+    /// `bytes`-byte buffer from `src` to `dst` on a fresh stream, host-timed after one warm-up
+    /// copy. The ceiling that [`peer_bandwidth`] (the project's transport) is judged against.
+    pub fn raw_peer_bandwidth(
+        &self,
+        src: DeviceId,
+        dst: DeviceId,
+        bytes: usize,
+        iters: usize,
+    ) -> Result<f64, CudaError> {
+        let a = DevBuf::new(&self.vmm, src, bytes, &[])?;
+        let b = DevBuf::new(&self.vmm, dst, bytes, &[src, dst])?;
+        let be = self.vmm.backend();
+        let (sc, dc) = (be.context(src)?, be.context(dst)?);
+        be.bind(src)?;
+        let mut stream: cudarc::driver::sys::CUstream = std::ptr::null_mut();
+        // SAFETY: `stream` is a valid out-pointer and the source's context is current.
+        crate::error::cu("cuStreamCreate", unsafe {
+            cudarc::driver::sys::cuStreamCreate(&mut stream, 0)
+        })?;
+        let copies = |n: usize| -> Result<(), CudaError> {
+            for _ in 0..n {
+                // SAFETY: both buffers are live mappings of at least `bytes` bytes (the
+                // destination open to the source device) that outlive the synchronise below;
+                // the stream is live.
+                crate::error::cu("cuMemcpyPeerAsync", unsafe {
+                    cudarc::driver::sys::cuMemcpyPeerAsync(
+                        b.addr(),
+                        dc,
+                        a.addr(),
+                        sc,
+                        bytes,
+                        stream,
+                    )
+                })?;
+            }
+            // SAFETY: a live stream.
+            crate::error::cu("cuStreamSynchronize", unsafe {
+                cudarc::driver::sys::cuStreamSynchronize(stream)
+            })
+        };
+        let timed = copies(1).and_then(|()| {
+            let t = Instant::now();
+            copies(iters.max(1)).map(|()| t.elapsed())
+        });
+        // SAFETY: the stream is idle (synchronised, or its copies failed) and never used again.
+        let _ = unsafe { cudarc::driver::sys::cuStreamDestroy_v2(stream) };
+        Ok((bytes * iters.max(1)) as f64 / timed?.as_secs_f64() / 1e9)
+    }
+
     /// The settings.
     pub fn config(&self) -> CudaConfig {
         self.config

@@ -295,6 +295,8 @@ pub struct StepReport {
     pub preempted: usize,
     /// Boundary actions applied before the iteration.
     pub boundary_actions: usize,
+    /// Requests scheduled on a rank for the first time.
+    pub admitted: usize,
 }
 
 impl StepReport {
@@ -307,12 +309,38 @@ impl StepReport {
 /// An action run between two iterations with the runner and the scheduler.
 pub type BoundaryAction<R> = Box<dyn FnOnce(&mut R, &mut Scheduler) + Send>;
 
+/// One iteration that did something, with engine-side timestamps, as the iteration observer
+/// sees it ([`Engine::set_iteration_observer`]). Benchmarks read iteration gaps, stalls and
+/// admissions from these instead of polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IterationRecord {
+    /// When the iteration began, before its boundary actions.
+    pub started: Instant,
+    /// When it ended: its tokens were streamed and its metrics published.
+    pub ended: Instant,
+    /// What it did.
+    pub tokens: usize,
+    /// Tokens generated (one per sampled sequence).
+    pub generated: usize,
+    /// Requests scheduled on a rank for the first time.
+    pub admitted: usize,
+    /// Boundary actions applied before it (a switch is one).
+    pub boundary_actions: usize,
+    /// Ranks serving after it (the runner's KV usage entries).
+    pub ranks: usize,
+}
+
+/// A callback run after every iteration that did something (see
+/// [`Engine::set_iteration_observer`]).
+pub type IterationObserver = Arc<dyn Fn(&IterationRecord) + Send + Sync>;
+
 /// A submitted request's stream of events.
 ///
 /// Dropping the handle before the request finishes cancels it.
 #[derive(Debug)]
 pub struct RequestHandle {
     id: RequestId,
+    submitted: Instant,
     rx: Receiver<Event>,
     intake: Weak<Intake>,
     done: bool,
@@ -322,6 +350,12 @@ impl RequestHandle {
     /// The request's id.
     pub fn id(&self) -> RequestId {
         self.id
+    }
+
+    /// When the engine accepted the request: the instant every duration in its events
+    /// ([`TokenEvent::at`], [`RequestTimings`]) counts from.
+    pub fn submitted_at(&self) -> Instant {
+        self.submitted
     }
 
     /// Waits for the next event. `None` once the request has finished (or the engine is gone).
@@ -458,6 +492,7 @@ struct Shared<R> {
     core: Handoff<Core<R>>,
     actions: Mutex<Vec<BoundaryAction<R>>>,
     metrics: Mutex<EngineMetrics>,
+    observer: Mutex<Option<IterationObserver>>,
     next_id: AtomicU64,
     config: EngineConfig,
 }
@@ -506,6 +541,7 @@ impl<R: Runner> Engine<R> {
                 }),
                 actions: Mutex::new(Vec::new()),
                 metrics: Mutex::new(metrics),
+                observer: Mutex::new(None),
                 next_id: AtomicU64::new(0),
                 config,
             }),
@@ -529,16 +565,18 @@ impl<R: Runner> Engine<R> {
         }
         let id = RequestId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = crossbeam_channel::unbounded();
+        let at = Instant::now();
         st.new.push(Submitted {
             id,
             request,
             tx,
-            at: Instant::now(),
+            at,
         });
         drop(st);
         intake.notify();
         Ok(RequestHandle {
             id,
+            submitted: at,
             rx,
             intake: Arc::downgrade(&self.shared.intake),
             done: false,
@@ -556,6 +594,14 @@ impl<R: Runner> Engine<R> {
     pub fn at_boundary(&self, action: impl FnOnce(&mut R, &mut Scheduler) + Send + 'static) {
         lock(&self.shared.actions).push(Box::new(action));
         self.shared.intake.poke();
+    }
+
+    /// Calls `observer` on the run loop's thread after every iteration that did something
+    /// (computed a chunk, finished a request or applied a boundary action), with its
+    /// engine-side timestamps; `None` removes it. The observer runs outside the iteration's
+    /// lock but on the serving thread, so it must be quick (push to a channel or a vector).
+    pub fn set_iteration_observer(&self, observer: Option<IterationObserver>) {
+        *lock(&self.shared.observer) = observer;
     }
 
     /// A snapshot of the metrics as of the last iteration.
@@ -614,6 +660,22 @@ impl<R: Runner> Engine<R> {
         );
         core.metrics.iteration_s += t_step.elapsed().as_secs_f64();
         *lock(&self.shared.metrics) = core.metrics.clone();
+        let ranks = core.metrics.kv.len();
+        drop(core);
+        if !report.is_idle() {
+            let observer = lock(&self.shared.observer).clone();
+            if let Some(observe) = observer {
+                observe(&IterationRecord {
+                    started: t_step,
+                    ended: Instant::now(),
+                    tokens: report.tokens,
+                    generated: report.generated,
+                    admitted: report.admitted,
+                    boundary_actions: report.boundary_actions,
+                    ranks,
+                });
+            }
+        }
         result.map(|()| report)
     }
 
@@ -726,6 +788,14 @@ impl<R: Runner> Core<R> {
         }
 
         let plan = self.scheduler.schedule(self.runner.ledger());
+        for c in &plan.chunks {
+            if let Some(l) = self.live.get_mut(&c.seq) {
+                if l.timings.admitted.is_none() {
+                    l.timings.admitted = Some(started.saturating_duration_since(l.submitted));
+                    report.admitted += 1;
+                }
+            }
+        }
         report.preempted = plan.preempted.len();
         for &id in &plan.preempted {
             if let Some(l) = self.live.get_mut(&id) {
@@ -742,13 +812,6 @@ impl<R: Runner> Core<R> {
         }
         report.chunks = plan.chunks.len();
         report.tokens = plan.tokens();
-        for c in &plan.chunks {
-            if let Some(l) = self.live.get_mut(&c.seq) {
-                if l.timings.queued.is_none() {
-                    l.timings.queued = Some(l.submitted.elapsed());
-                }
-            }
-        }
         let prefill: usize = plan
             .chunks
             .iter()

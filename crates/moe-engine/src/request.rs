@@ -261,9 +261,9 @@ pub struct TokenEvent {
 pub struct RequestTimings {
     /// Time to first token (none if no token was produced).
     pub ttft: Option<Duration>,
-    /// Time from submission to the first iteration that computed this sequence: its time in
-    /// the queue (none if it never ran).
-    pub queued: Option<Duration>,
+    /// Time from submission until the engine first scheduled the request on a rank (its first
+    /// prefill chunk): its time in the queue, how long it waited at the door. None if it never ran.
+    pub admitted: Option<Duration>,
     /// Time from submission to each token.
     pub token_times: Vec<Duration>,
     /// Time from submission to the finish event.
@@ -394,6 +394,7 @@ mod tests {
     fn tpot_is_the_mean_gap_after_the_first_token() {
         let t = RequestTimings {
             ttft: Some(Duration::from_millis(10)),
+            admitted: Some(Duration::from_millis(1)),
             token_times: vec![
                 Duration::from_millis(10),
                 Duration::from_millis(20),
@@ -401,7 +402,6 @@ mod tests {
             ],
             total: Duration::from_millis(40),
             preemptions: 0,
-            queued: Some(Duration::from_millis(1)),
         };
         assert_eq!(t.tpot(), Some(Duration::from_millis(15)));
         assert_eq!(RequestTimings::default().tpot(), None);

@@ -761,3 +761,40 @@ fn with_runner_gets_in_while_the_run_loop_stays_busy() {
     );
     drop(handles);
 }
+
+#[test]
+fn the_iteration_observer_sees_every_working_iteration_with_admissions_and_boundaries() {
+    let e = engine(2, 1 << 10, SchedulerConfig::default());
+    let seen: Arc<Mutex<Vec<IterationRecord>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    e.set_iteration_observer(Some(Arc::new(move |r: &IterationRecord| {
+        lock(&sink).push(*r);
+    })));
+    let handles: Vec<_> = (0..5)
+        .map(|i| e.submit(Request::greedy(prompt(i, 3), 6)).unwrap())
+        .collect();
+    let submitted: Vec<Instant> = handles.iter().map(RequestHandle::submitted_at).collect();
+    e.at_boundary(|_, _| {});
+    let n = e.run_until_idle(100).unwrap();
+    // Idle iterations are not reported.
+    e.step().unwrap();
+    let records = lock(&seen).clone();
+    assert_eq!(records.len(), n);
+    assert_eq!(records.iter().map(|r| r.admitted).sum::<usize>(), 5);
+    assert_eq!(records.iter().map(|r| r.generated).sum::<usize>(), 5 * 6);
+    assert_eq!(records.iter().map(|r| r.boundary_actions).sum::<usize>(), 1);
+    assert_eq!(records[0].boundary_actions, 1);
+    assert!(records.iter().all(|r| r.ranks == 2 && r.started <= r.ended));
+    assert!(records.windows(2).all(|w| w[0].ended <= w[1].started));
+    for (h, at) in handles.into_iter().zip(submitted) {
+        let done = h.wait();
+        let admitted = done.timings.admitted.expect("it ran");
+        // Admitted at the first iteration (all five fit), before the first token.
+        assert!(at + admitted <= records[0].ended);
+        assert!(admitted <= done.timings.ttft.unwrap());
+    }
+    e.set_iteration_observer(None);
+    e.submit(Request::greedy(prompt(9, 3), 2)).unwrap();
+    e.run_until_idle(100).unwrap();
+    assert_eq!(lock(&seen).len(), n, "a removed observer sees nothing");
+}

@@ -552,12 +552,17 @@ fn token_hash(seq: RequestId, position: usize) -> u64 {
 pub struct RunnerConfig {
     /// How long a worker waits for the others in one exchange round before giving up.
     pub exchange_timeout: Duration,
+    /// An artificial delay added to every step (zero by default): it emulates slower devices,
+    /// so that demos and tests can check that what they show does not depend on how fast the
+    /// machine is. It changes no output.
+    pub step_delay: Duration,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             exchange_timeout: Duration::from_secs(60),
+            step_delay: Duration::ZERO,
         }
     }
 }
@@ -977,6 +982,9 @@ impl Runner for DeploymentRunner {
     }
 
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Vec<f32>>, RunError> {
+        if !self.config.step_delay.is_zero() {
+            std::thread::sleep(self.config.step_delay);
+        }
         self.slot.collect();
         let _epoch = self.slot.enter();
         let dep = Arc::clone(self.slot.current());

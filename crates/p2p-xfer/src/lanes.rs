@@ -214,14 +214,25 @@ mod tests {
         let started = Arc::new(std::sync::Barrier::new(2));
         let release = Arc::new(std::sync::Barrier::new(2));
         let (s2, r2) = (started.clone(), release.clone());
-        let mut lanes: Lanes<u8, u32> = Lanes::new(1, move |_| {
-            s2.wait();
-            r2.wait();
+        // Only job 1 blocks: should a later job start anyway, the test fails on `left`
+        // instead of hanging.
+        let mut lanes: Lanes<u8, u32> = Lanes::new(1, move |j| {
+            if j == 1 {
+                s2.wait();
+                r2.wait();
+            }
         });
         lanes.push(0, vec![1, 2, 3]).unwrap();
         started.wait();
-        // Job 1 is running; let it finish while shutdown is underway.
-        let h = std::thread::spawn(move || release.wait());
+        // Job 1 is running. Let it finish only once shutdown has set its flag (an observable
+        // event, not a sleep), so the worker stops before it could take job 2.
+        let shared = Arc::clone(&lanes.shared);
+        let h = std::thread::spawn(move || {
+            while !lock(&shared.sched).shutdown {
+                std::thread::yield_now();
+            }
+            release.wait();
+        });
         let left = lanes.shutdown();
         h.join().unwrap();
         assert_eq!(left, vec![2, 3]);

@@ -286,14 +286,17 @@ fn pacing_takes_at_least_the_model_time() {
     }
 }
 
-/// A transport whose links crawl (1 MB/s in 4 KiB parts), so a test can act mid-batch.
+/// A transport whose links crawl (100 kB/s in 4 KiB parts, so about 40 ms a part), so a test
+/// can act while a large copy is still running. The tests below never depend on how long a
+/// thread sleeps or runs: they wait for what they can observe (a counter, a ticket), and the
+/// copy they act during lasts seconds, where the test needs microseconds.
 fn slow(rig: &Rig) -> HostTransport {
     transport(
         rig,
         HostTransportConfig {
             workers: 2,
             chunk_bytes: 4096,
-            link_model: Some(LinkModel::uniform(LinkSpec::gbps(0.001, 0.0))),
+            link_model: Some(LinkModel::uniform(LinkSpec::gbps(0.0001, 0.0))),
         },
     )
 }
@@ -304,34 +307,35 @@ fn cancel_stops_the_batch_and_reports_exactly_what_completed() {
     let rig = Rig::new(2, 1 << 20);
     rig.fill_sources(&mut rng);
     let t = slow(&rig);
-    // 16 copies of 8 KiB on one link: 2 parts each, about 8 ms per copy, about 130 ms in all.
-    let batch: Vec<CopyOp> = (0..16)
-        .map(|i| CopyOp::new(rig.src(0, i * 8192), rig.dst(1, i * 8192), 8192))
+    // Four small copies (under a millisecond each at this pace), then one of 256 KiB (about
+    // 2.6 s), all on one link.
+    let mut batch: Vec<CopyOp> = (0..4)
+        .map(|i| CopyOp::new(rig.src(0, i * 64), rig.dst(1, i * 64), 64))
         .collect();
+    batch.push(CopyOp::new(rig.src(0, 4096), rig.dst(1, 4096), 256 << 10));
     let ticket = t.submit(&batch).unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    // Cancel once the link's counter shows the small copies landed: the large one is running.
+    while t.stats().first().map_or(0, |s| s.copies) < 4 {
+        std::thread::yield_now();
+    }
     ticket.cancel();
     let err = ticket.wait().unwrap_err();
     let BatchError::Cancelled { completed, total } = &err else {
         panic!("expected a cancellation, got {err:?}");
     };
-    assert_eq!(*total, 16);
-    assert!(
-        !completed.is_empty() && completed.len() < 16,
-        "{completed:?}"
-    );
-    // One link runs in order, so the completed copies are a prefix.
-    assert_eq!(*completed, (0..completed.len()).collect::<Vec<_>>());
+    assert_eq!(*total, 5);
+    // One link runs in order, so the completed copies are a prefix: the four small ones.
+    assert_eq!(*completed, vec![0, 1, 2, 3]);
     for &i in completed {
         assert_copied(&rig, &batch[i]);
     }
-    // The copy after the completed ones was cut short or never started: not all of it landed.
-    let next = &batch[completed.len()];
+    // The large copy was cut short: not all of it landed.
+    let next = &batch[4];
     assert_ne!(rig.bytes(next.dst, next.len), rig.bytes(next.src, next.len));
     // The stats count exactly the parts that ran.
     let s = &t.stats()[0];
-    assert_eq!(s.copies, completed.len() as u64);
-    assert!(s.bytes >= 8192 * completed.len() as u64 && s.bytes < 8192 * 16);
+    assert_eq!(s.copies, 4);
+    assert!(s.bytes >= 4 * 64 && s.bytes < 4 * 64 + (256 << 10), "{s:?}");
     // The transport is still usable.
     let again = [CopyOp::new(rig.src(0, 0), rig.dst(0, 0), 100)];
     t.submit(&again).unwrap().wait().unwrap();
@@ -354,18 +358,20 @@ fn cancel_on_a_finished_batch_is_harmless() {
 fn dropping_the_transport_resolves_pending_tickets() {
     let rig = Rig::new(2, 1 << 20);
     let t = slow(&rig);
-    let batch: Vec<CopyOp> = (0..8)
-        .map(|i| CopyOp::new(rig.src(0, i * 8192), rig.dst(1, i * 8192), 8192))
-        .collect();
+    // A small copy, then one of 256 KiB (about 2.6 s at this pace): the transport is dropped
+    // long before the second could finish.
+    let batch = [
+        CopyOp::new(rig.src(0, 0), rig.dst(1, 0), 64),
+        CopyOp::new(rig.src(0, 4096), rig.dst(1, 4096), 256 << 10),
+    ];
     let ticket = t.submit(&batch).unwrap();
-    std::thread::sleep(Duration::from_millis(5));
     drop(t);
     match ticket.wait() {
         Err(BatchError::ShutDown {
             completed,
-            total: 8,
+            total: 2,
         }) => {
-            assert!(completed.len() < 8, "{completed:?}")
+            assert!(completed.len() < 2, "{completed:?}")
         }
         other => panic!("expected a shutdown report, got {other:?}"),
     }
@@ -462,9 +468,10 @@ fn a_range_unmapped_while_queued_fails_only_its_copy() {
     let res = vmm.reserve(DeviceId(1), page).unwrap();
     let doomed = res.map(0, &chunk, 0, page).unwrap();
     let t = slow(&rig);
-    // Copy 0 occupies the 0->1 lane for about 16 ms; copy 1 is queued behind it.
+    // Copy 0 occupies the 0->1 lane for about 650 ms; copy 1 is queued behind it, and its
+    // range is gone long before it starts.
     let batch = [
-        CopyOp::new(rig.src(0, 0), rig.dst(1, 0), 16384),
+        CopyOp::new(rig.src(0, 0), rig.dst(1, 0), 64 << 10),
         CopyOp::new(rig.src(0, 0), Location::new(DeviceId(1), doomed.addr()), 64),
     ];
     let ticket = t.submit(&batch).unwrap();

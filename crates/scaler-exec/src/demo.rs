@@ -20,7 +20,7 @@ use moe_engine::{
     SchedulerConfig, TokenId,
 };
 use moe_host::deployment::{DeploymentConfig, PlacementKind};
-use moe_host::worker::{DeploymentRunner, HostEngineConfig};
+use moe_host::worker::{DeploymentRunner, HostEngineConfig, RunnerConfig};
 use moe_model::config::ModelConfig;
 use serde::Serialize;
 
@@ -52,10 +52,65 @@ pub struct Trace {
     pub requests: Vec<TraceRequest>,
 }
 
+/// The request rates of [`Trace::step_ramp_burst`]'s phases, in requests per second.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TraceRates {
+    /// The base load at the start.
+    pub base: f64,
+    /// The step up (the ramp goes from here back down to `base`).
+    pub step: f64,
+    /// The burst.
+    pub burst: f64,
+    /// The quiet tail.
+    pub tail: f64,
+}
+
+impl TraceRates {
+    /// Fixed rates (3, 80, 150 and 1 requests/s): whether a policy scales on them depends on
+    /// how fast the machine is. [`TraceRates::for_capacity`] does not.
+    pub const FIXED: TraceRates = TraceRates {
+        base: 3.0,
+        step: 80.0,
+        burst: 150.0,
+        tail: 1.0,
+    };
+
+    /// Rates fitted to this machine: `one` and `all` are the requests per second that one
+    /// device and all `max_devices` devices complete with every slot busy
+    /// ([`measure_capacity`]). The base fits one device at a quarter of its capacity; the step
+    /// needs at least two (1.6 × one device's capacity, but at most 0.8 × what all devices
+    /// carry and at least 1.1 × one device's, so the queue it builds drains once scaled up
+    /// where the machine allows it); the burst needs every device (all devices' capacity, and at
+    /// least 1.2 × the step), for a twelfth of the trace; the tail needs one (a sixth of one
+    /// device's capacity), so the backlog drains and the deployment scales back down.
+    pub fn for_capacity(one: f64, all: f64, max_devices: u32) -> TraceRates {
+        let c = one.max(0.1);
+        let all = all.max(0.1);
+        let step = (1.6 * c).min(0.8 * all).max(1.1 * c);
+        let burst = if max_devices > 1 {
+            all.max(1.2 * step)
+        } else {
+            step
+        };
+        TraceRates {
+            base: 0.25 * c,
+            step,
+            burst,
+            tail: c / 6.0,
+        }
+    }
+}
+
 impl Trace {
     /// A low base load, a step up, a ramp down, a burst, then a quiet tail, stretched to
-    /// `seconds` in all. Deterministic in `seed`.
-    pub fn step_ramp_burst(vocab: usize, seconds: f64, max_tokens: usize, seed: u64) -> Trace {
+    /// `seconds` in all, at `rates`. Deterministic in `seed`.
+    pub fn step_ramp_burst(
+        vocab: usize,
+        seconds: f64,
+        max_tokens: usize,
+        seed: u64,
+        rates: TraceRates,
+    ) -> Trace {
         let v = vocab.clamp(2, 256) as u64;
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut next = || {
@@ -65,12 +120,13 @@ impl Trace {
             state
         };
         // (phase start fraction, end fraction, requests/s at start, at end).
+        let r = rates;
         let phases: [(f64, f64, f64, f64); 5] = [
-            (0.00, 0.15, 3.0, 3.0),     // base
-            (0.15, 0.40, 80.0, 80.0),   // step
-            (0.40, 0.60, 80.0, 3.0),    // ramp down
-            (0.60, 0.68, 150.0, 150.0), // burst
-            (0.68, 1.00, 1.0, 1.0),     // quiet tail
+            (0.00, 0.15, r.base, r.base),   // base
+            (0.15, 0.40, r.step, r.step),   // step
+            (0.40, 0.60, r.step, r.base),   // ramp down
+            (0.60, 0.68, r.burst, r.burst), // burst
+            (0.68, 1.00, r.tail, r.tail),   // quiet tail
         ];
         let mut requests = Vec::new();
         for (a, b, r0, r1) in phases {
@@ -82,7 +138,7 @@ impl Trace {
                 } else {
                     0.0
                 };
-                let rate = (r0 + (r1 - r0) * frac).max(0.1);
+                let rate = (r0 + (r1 - r0) * frac).max(0.05);
                 let len = 2 + (next() % 12) as usize;
                 let prompt = (0..len)
                     .map(|_| (1 + next() % (v - 1)) as TokenId)
@@ -118,6 +174,9 @@ pub struct DemoConfig {
     pub tick: Duration,
     /// The model's name in the report.
     pub model: String,
+    /// Host devices: an artificial delay per step ([`RunnerConfig::step_delay`]), to try the
+    /// demo on slower devices.
+    pub step_delay: Duration,
 }
 
 impl DemoConfig {
@@ -158,7 +217,19 @@ impl DemoConfig {
             policy,
             tick: Duration::from_millis(50),
             model: model.to_string(),
+            step_delay: Duration::ZERO,
         }
+    }
+}
+
+impl DemoConfig {
+    /// Loosens the SLO targets where one device of this machine is too slow for the defaults
+    /// even at a light load (TPOT target at least 3 × its TPOT with every slot busy, TTFT
+    /// target at least 20 ×), so that the policy reacts to load rather than to the machine.
+    pub fn fit_targets(&mut self, one_device: &Capacity) {
+        let tpot = Duration::from_secs_f64(one_device.tpot_ms.max(0.0) / 1e3);
+        self.policy.tpot_target = self.policy.tpot_target.max(tpot * 3);
+        self.policy.ttft_target = self.policy.ttft_target.max(tpot * 20);
     }
 }
 
@@ -332,8 +403,99 @@ pub struct Report {
     pub scale_events: Vec<ScaleEventReport>,
     /// Generated tokens per second.
     pub throughput_tokens_per_s: Throughput,
-    /// Latency percentiles over completed requests.
+    /// Latency percentiles over completed requests, from the engine's token timestamps,
+    /// counted from each request's arrival on the trace.
     pub latency_ms: Latency,
+    /// (Beyond issue 8's schema.) One device's capacity measured before the trace and the
+    /// rates the trace was scaled to from it; absent for a trace at fixed rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// One device's capacity on this machine, measured by [`measure_capacity`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Capacity {
+    /// Requests completed per second with every slot of the device busy.
+    pub requests_per_s: f64,
+    /// Median time per output token of those requests, in ms.
+    pub tpot_ms: f64,
+}
+
+/// How a trace was fitted to the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Calibration {
+    /// One device's measured capacity.
+    pub one_device: Capacity,
+    /// All the demo's devices' measured capacity (on a machine with fewer cores than devices,
+    /// less than their number times one device's).
+    pub all_devices: Capacity,
+    /// The trace's rates, from [`TraceRates::for_capacity`].
+    pub rates: TraceRates,
+}
+
+/// Measures a deployment's capacity: three rounds of `slots` requests of `max_tokens` tokens
+/// (7-token prompts, the trace's mean), all submitted at once through `submit` to an engine
+/// whose ranks run `slots` sequences in all, timed from the first submission to the last
+/// finish (after one short warm-up request).
+pub fn measure_capacity(
+    submit: &dyn Fn(Request) -> Result<RequestHandle, String>,
+    slots: usize,
+    max_tokens: usize,
+    vocab: usize,
+) -> Result<Capacity, DemoError> {
+    let v = vocab.clamp(2, 256) as u32;
+    let request = |i: usize, n: usize| {
+        let prompt = (0..7).map(|j| 1 + (i as u32 * 7 + j) % (v - 1)).collect();
+        Request::greedy(prompt, n)
+    };
+    let failed = |why: String| DemoError::Serving(format!("measuring one device: {why}"));
+    let warm = submit(request(0, 4)).map_err(failed)?.wait();
+    if !matches!(warm.finish, FinishReason::Length | FinishReason::Stop(_)) {
+        return Err(failed(format!(
+            "the warm-up request ended {:?}",
+            warm.finish
+        )));
+    }
+    let n = 3 * slots.max(1);
+    let t = Instant::now();
+    let handles = (0..n)
+        .map(|i| submit(request(i + 1, max_tokens)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed)?;
+    let mut tpots = Vec::new();
+    for h in handles {
+        let c = h.wait();
+        if !matches!(c.finish, FinishReason::Length | FinishReason::Stop(_)) {
+            return Err(failed(format!("a request ended {:?}", c.finish)));
+        }
+        tpots.extend(c.timings.tpot().map(millis));
+    }
+    Ok(Capacity {
+        requests_per_s: n as f64 / t.elapsed().as_secs_f64().max(1e-6),
+        tpot_ms: percentile(&mut tpots, 0.5),
+    })
+}
+
+/// [`measure_capacity`] on `devices` host devices set up as `config` sets up the demo's.
+pub fn host_capacity(
+    cfg: &ModelConfig,
+    checkpoint: &Checkpoint,
+    config: &DemoConfig,
+    devices: u32,
+    max_tokens: usize,
+) -> Result<Capacity, DemoError> {
+    let (engine, _store) =
+        DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host_config(config, devices))?;
+    let serving = engine.start();
+    let submit = |r: Request| engine.submit(r).map_err(|e| e.to_string());
+    let out = measure_capacity(
+        &submit,
+        config.scheduler.max_running_per_rank * devices as usize,
+        max_tokens,
+        cfg.vocab_size,
+    );
+    serving.stop();
+    out
 }
 
 /// One timeline sample.
@@ -405,7 +567,10 @@ fn host_config(config: &DemoConfig, devices: u32) -> HostEngineConfig {
             idle_wait: Duration::from_millis(5),
             ..EngineConfig::default()
         },
-        ..HostEngineConfig::default()
+        runner: RunnerConfig {
+            step_delay: config.step_delay,
+            ..RunnerConfig::default()
+        },
     }
 }
 
@@ -424,6 +589,7 @@ pub fn reference_tokens(
     // Outputs do not depend on the batch, so the reference batches generously to finish fast.
     let mut host = host_config(config, devices);
     host.engine.scheduler = SchedulerConfig::default();
+    host.runner.step_delay = Duration::ZERO;
     let (engine, _store) = DeploymentRunner::host_engine(cfg, checkpoint.as_ref(), &host)?;
     let handles = trace
         .requests
@@ -465,6 +631,7 @@ pub fn target_devices(
 struct Live {
     index: usize,
     handle: RequestHandle,
+    /// When it arrived on the trace (latencies count from here, so a paused intake shows).
     submitted: Instant,
     first: Option<Duration>,
     last: Option<Duration>,
@@ -680,8 +847,9 @@ pub fn drive<E: DemoEvent>(
                 match ev {
                     TokenStreamEvent::Token(tok) => {
                         let l = &mut live[i];
-                        // Latency counts from the trace's arrival, so a paused intake shows.
-                        let at = l.submitted.elapsed();
+                        // The engine's timestamp of the token, from the trace's arrival.
+                        let at = (l.handle.submitted_at() + tok.at)
+                            .saturating_duration_since(l.submitted);
                         l.first.get_or_insert(at);
                         l.last = Some(at);
                         l.tokens.push(tok.token);
@@ -816,10 +984,11 @@ pub fn drive<E: DemoEvent>(
     }
     finish(cmd_tx);
 
+    // A request that failed (or never ran) has no tokens: it is not identical.
     let identical = tokens
         .iter()
         .zip(reference)
-        .all(|(got, want)| got.as_ref().is_none_or(|g| g == want))
+        .all(|(got, want)| got.as_ref() == Some(want))
         && reference.len() == tokens.len();
     let done: Vec<&TimedEvent<E>> = events.iter().filter(|e| e.event.completed()).collect();
     let first = done.first().map(|e| e.start_s);
@@ -860,6 +1029,7 @@ pub fn drive<E: DemoEvent>(
         scale_events: done.iter().map(|e| e.event.report()).collect(),
         throughput_tokens_per_s: throughput,
         latency_ms: latency,
+        calibration: None,
     };
     Ok(DemoRun {
         report,

@@ -1,5 +1,5 @@
 //! `elasticmoe bench scale`: add or remove devices under a steady decode load, with each strategy,
-//! and measure it (issue 11's schema).
+//! and measure it as a user of the service would feel it.
 //!
 //! ```text
 //! elasticmoe bench scale --model /tmp/dsv2 --devices cuda:0,1 --steps 1-2,2-1 \
@@ -7,25 +7,50 @@
 //! elasticmoe bench scale --model models/tiny-qwen3 --devices host:4 --steps 1-2,2-1
 //! ```
 //!
-//! For every step and strategy it starts a fresh engine on the step's `from` devices, keeps
-//! `--concurrency` greedy requests in flight (resubmitting as they finish), lets throughput
-//! settle for `--before-s`, runs the transition on its own thread while the load goes on,
-//! keeps serving for `--after-s`, then drains. Throughput windows: *before* is the second half
-//! of the `--before-s` before the request; *during* runs from the request to one second after
-//! the switch (`throughput_request_to_switch` gives the request-to-switch window alone); *after*
-//! is the `--after-s` after the switch. TPOT p99 *during* is over the inter-token gaps that end
-//! in the during window. `serving_before` splits the engine's iterations of the *before* window
-//! into runner time and the engine's own time. Outputs of completed requests are compared with a
-//! run of the same prompts on a fixed deployment of one device; as a control, that reference is
-//! computed a second time with another concurrency (`reference_repeat`): requests that differ
-//! there differ without any scaling, from batch composition alone.
+//! For every step and strategy it starts a fresh engine on the step's `from` devices (or goes
+//! on with the engine the previous step left there), keeps `--concurrency` greedy requests in
+//! flight (resubmitting as they finish; the first ones spread over a quarter of `--before-s`,
+//! so that requests do not start and finish in waves), lets throughput settle for
+//! `--before-s`, runs the
+//! transition on this thread while the load goes on, keeps serving for `--after-s`, then
+//! drains.
+//!
+//! What it measures (`docs/benchmarks/scaling.md` explains every field in one line):
+//! - **Latency** is from the request until the next configuration served, with nothing staged
+//!   for that step beforehand. Joining devices come from a warm pool; its start-up time is
+//!   recorded beside (`warm_pool_startup_ms`). The baselines pay their own instance start inside
+//!   their latency. Where the backend can lay a step out ahead of its request (CUDA elastic),
+//!   the bench then goes back to `from` and runs the step again staged: `staged_latency_ms`
+//!   beside its `staging_ms`.
+//! - **The transition window** (request → the first iteration after the switch) comes from the
+//!   engine's own per-iteration timestamps (`Engine::set_iteration_observer`): throughput
+//!   against before, the longest iteration gap against the p99 gap before, the serving time
+//!   lost against the median gap, downtime as the gaps longer than `--stall-factor` × the
+//!   median gap, and the intake pause as the longest wait from arrival to admission of the
+//!   requests that arrived in the window (`window::measure`). The *after* window is separate.
+//! - **Outputs**: every request of every run is compared with the reference, a never-scaled
+//!   one-device deployment (`--compare N` limits it to the first N requests of each run).
+//!   Those in flight at a switch (submitted before it, finished after) are counted apart. The
+//!   control is the reference computed again at the same concurrency: where outputs depend on
+//!   the batch (CUDA bf16 without `--batch-invariant`), it shows how many of the same in-flight
+//!   requests differ with no scaling at all. Where they must not (the host backend, and CUDA
+//!   with `--batch-invariant`), any differing request fails the bench after the report is
+//!   written.
+//! - **The bound**: the most bytes any device received over the raw peer bandwidth measured in
+//!   this run (CUDA: `cuMemcpyPeerAsync` of 1 GiB; host: `memcpy` of 256 MiB), with the
+//!   project's transport bandwidth and efficiency next to it where it has one (CUDA).
 //!
 //! Writes `OUT/scaling.json` (a list with one entry per machine and model) and
 //! `OUT/scaling.svg` (throughput and active devices over time, one panel per step and strategy).
 //!
-//! `host:N` runs the host backend through `scaler`'s `HostExecutor` (the colocated baseline is
-//! not implemented there and is skipped with a note). `cuda:0,1,...` (binary built with the
-//! `cuda` feature) runs `moe_cuda::CudaScaler` (elastic scaling and its baselines).
+//! `host:N` runs the host backend through `scaler_exec`'s `HostExecutor` (the colocated
+//! baseline is not implemented there and is skipped with a note). `cuda:0,1,...` (binary built
+//! with the `cuda` feature) runs `moe_cuda::CudaScaler` (elastic scaling and its baselines).
+
+#[cfg(feature = "cuda")]
+mod gpu;
+mod host;
+mod window;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,8 +61,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use moe_engine::{
-    EngineMetrics, Event, FinishReason, Request, RequestError, RequestHandle, SchedulerConfig,
-    TokenId,
+    EngineMetrics, Event, FinishReason, IterationObserver, IterationRecord, Request, RequestError,
+    RequestHandle, SchedulerConfig, TokenId,
 };
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::ModelConfig;
@@ -45,6 +70,7 @@ use scaler_exec::DeviceKind;
 use serde::Serialize;
 
 use super::demo::StrategyArg;
+use window::{percentile, Arrival, Iteration, Window};
 
 /// Arguments of `bench scale`.
 #[derive(Debug, clap::Args)]
@@ -93,17 +119,22 @@ pub struct Args {
     /// The card's name in the report (default: what the driver says, or `host`).
     #[arg(long)]
     pub card: Option<String>,
-    /// Compare the outputs of the first N requests of every run with the reference.
-    #[arg(long, default_value_t = 256)]
-    pub compare: u64,
+    /// Compare only the first N requests of every run with the reference (default: every
+    /// request).
+    #[arg(long)]
+    pub compare: Option<u64>,
     /// Most tokens one iteration computes on one rank (prefill chunking).
     #[arg(long, default_value_t = 256)]
     pub max_batch_tokens: usize,
     /// Requests the control run keeps in flight: the reference is computed a second time on the
-    /// same fixed deployment with this concurrency (other batches), and the requests whose
-    /// outputs differ between the two are counted (`reference_repeat`); 0 skips it.
-    #[arg(long, default_value_t = 7)]
-    pub reference_repeat_concurrency: usize,
+    /// same fixed deployment (default: at `--concurrency`, the reference's own), and the
+    /// requests whose outputs differ between the two are counted; 0 skips it.
+    #[arg(long)]
+    pub reference_repeat_concurrency: Option<usize>,
+    /// An iteration gap longer than this many times the median gap before the request counts
+    /// as downtime.
+    #[arg(long, default_value_t = 5.0)]
+    pub stall_factor: f64,
     /// Also append this run's entry to the list in this JSON file (created if missing).
     #[arg(long)]
     pub append: Option<PathBuf>,
@@ -121,8 +152,10 @@ pub struct Args {
 struct Measured {
     latency_ms: f64,
     phases_ms: Vec<(String, f64)>,
-    downtime_ms: f64,
-    intake_paused_ms: f64,
+    /// The strategy's own account of how long it held the serving loop.
+    declared_downtime_ms: f64,
+    /// The strategy's own account of how long it paused intake.
+    declared_intake_paused_ms: f64,
     bytes_moved: u64,
     bytes_zero_copy: u64,
     max_bytes_into_device: u64,
@@ -135,6 +168,14 @@ struct Measured {
     staged_ahead: bool,
 }
 
+/// A step run again with its layout staged ahead of the request.
+#[derive(Debug, Clone)]
+struct StagedRun {
+    /// Staging's own time, before the request (off the latency).
+    staging_ms: f64,
+    measured: Measured,
+}
+
 type Submit = Arc<dyn Fn(Request) -> Result<RequestHandle, RequestError> + Send + Sync>;
 type Metrics = Arc<dyn Fn() -> EngineMetrics + Send + Sync>;
 
@@ -142,14 +183,31 @@ type Metrics = Arc<dyn Fn() -> EngineMetrics + Send + Sync>;
 trait Session: Send {
     fn submitter(&self) -> Submit;
     fn metrics(&self) -> Metrics;
-    /// Readies a transition to `to` devices ahead of the request (warm ranks, expert chunks);
-    /// runs before the load starts, off the measured path.
-    fn ready(&mut self, to: usize) -> Result<()>;
+    /// Sets (or removes) the engine's iteration observer.
+    fn observe(&self, observer: Option<IterationObserver>);
+    /// Readies the warm pool for a step to `to` devices (joining ranks started ahead, as the
+    /// design's standby instances are); nothing specific to the step's layout. Returns the
+    /// pool's start-up time for the devices this step uses (None where it was not measured).
+    fn ready(&mut self, to: usize) -> Result<Option<f64>>;
     /// Runs the transition to `to` devices while the engine serves; returns when it is done.
     fn scale(&mut self, to: usize) -> Result<Measured>;
+    /// Whether [`Session::scale_staged`] can stage this strategy's steps here.
+    fn stages(&self) -> bool;
+    /// Stages the step to `to` ahead (timed), then runs it; `None` where nothing could be
+    /// staged (the session is then still where it was).
+    fn scale_staged(&mut self, to: usize) -> Result<Option<StagedRun>>;
     /// The runner's per-phase time since the last call (empty where not measured).
     fn runner_phases(&mut self) -> Vec<(String, f64)>;
     fn stop(self: Box<Self>);
+}
+
+/// Peer bandwidth measured in this run, in 10⁹ bytes/s.
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerBandwidth {
+    /// The hardware's: CUDA `cuMemcpyPeerAsync` on large buffers, host `memcpy`.
+    raw_gbps: f64,
+    /// The project's transport between the same two devices (None where it has none apart).
+    transport_gbps: Option<f64>,
 }
 
 /// A kind of device.
@@ -157,8 +215,11 @@ trait Backend {
     fn name(&self) -> &'static str;
     fn card(&self) -> String;
     fn gpus(&self) -> usize;
-    /// Peer bandwidth in 10⁹ bytes/s, measured now.
-    fn peer_gbps(&mut self) -> Result<f64>;
+    /// Whether a request's tokens are bitwise independent of its batch, its rank and the
+    /// device count here, so that any difference from the reference is a bug.
+    fn exact(&self) -> bool;
+    /// Peer bandwidth, measured now (CUDA: measured when the first engine started).
+    fn peer(&mut self) -> Result<PeerBandwidth>;
     /// Why `strategy` cannot run `from`→`to` here, if it cannot.
     fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String>;
     fn start(&mut self, from: usize, strategy: StrategyArg) -> Result<Box<dyn Session>>;
@@ -178,40 +239,53 @@ struct StepReport {
     from: usize,
     to: usize,
     strategy: String,
+    /// Request → the next configuration served, nothing staged for this step beforehand.
     latency_ms: f64,
+    /// The same step run again with its layout staged ahead (None where there is no staging).
+    staged_latency_ms: Option<f64>,
+    /// The staged run's staging time, before its request.
+    staging_ms: Option<f64>,
+    /// The warm pool's start-up time for the ranks this step takes from it.
+    warm_pool_startup_ms: Option<f64>,
     bound_ms: f64,
-    downtime_ms: f64,
-    intake_paused_ms: f64,
+    /// The transition window, from engine-side timestamps.
+    #[serde(flatten)]
+    window: Window,
+    /// The strategy's own account of how long it held the serving loop.
+    declared_downtime_ms: f64,
+    /// The strategy's own account of how long it paused intake.
+    declared_intake_paused_ms: f64,
     bytes_moved: u64,
     bytes_zero_copy: u64,
     max_bytes_into_device: u64,
-    throughput_before: f64,
-    throughput_during: f64,
     throughput_after: f64,
+    /// Tokens per second from the request to one second after the switch (the old *during*
+    /// window, kept for comparison with earlier runs; it mostly measures the new configuration).
+    throughput_switch_plus_1s: f64,
     tpot_p99_during_ms: f64,
     peak_bytes_per_device: Vec<u64>,
     failed_requests: u64,
-    /// Tokens per second from the request to the switch only (no padding; noisy for short
-    /// transitions). `throughput_during` runs from the request to one second after the switch.
-    throughput_request_to_switch: f64,
     /// The engine's iterations in the second half of the *before* window.
     serving_before: ServingStats,
     /// The engine's iterations in the second half of the *after* window.
     serving_after: ServingStats,
-    /// The engine's iterations from the request to one second after the switch (the *during*
-    /// window, as far as the metrics can cut it).
+    /// The engine's iterations from the request to one second after the switch.
     serving_during: ServingStats,
     /// Expert chunks created ahead of the request (warm pool) and used by the step.
     prewarmed_chunks: u64,
     /// Whether the step used the snapshot kept from the last switch (no boundary wait).
     kept_snapshot: bool,
-    /// Whether the step's new layout (ranges, mappings, warm ranks) was staged before the
-    /// request; its time is then the `staged_ahead_map` phase, outside the latency.
-    staged_ahead: bool,
     completed_requests: u64,
     outputs_match: bool,
     outputs_compared: u64,
     outputs_mismatched: u64,
+    /// Requests in flight at a switch of this run (submitted before it, finished after).
+    in_flight_at_switch: u64,
+    /// Of those, how many completed with the reference's tokens.
+    in_flight_identical: u64,
+    /// The control: of the same in-flight requests, how many differ between the reference and
+    /// its repeat at the same concurrency, with no scaling (None without a control).
+    in_flight_control_mismatched: Option<u64>,
     kv_sequences_migrated: u64,
     sequences_requeued: u64,
     phases_ms: BTreeMap<String, f64>,
@@ -258,7 +332,7 @@ impl ServingStats {
 }
 
 /// The control for output identity: the reference computed twice on the same fixed deployment
-/// of one device with different concurrency (so different batches), no scaling involved.
+/// of one device, no scaling involved.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 struct ReferenceRepeat {
     /// Requests in flight in the reference run.
@@ -287,10 +361,19 @@ struct MachineReport {
     backend: String,
     model: String,
     layers: usize,
-    peer_gbps: f64,
+    /// Where outputs must equal the reference bitwise (host; CUDA `--batch-invariant`).
+    outputs_exact: bool,
+    /// Raw peer bandwidth measured in this run (10⁹ bytes/s); the bound uses it.
+    raw_peer_gbps: f64,
+    /// The project's transport between the same devices (None on host: it copies with
+    /// `memcpy` itself).
+    transport_gbps: Option<f64>,
+    /// `transport_gbps / raw_peer_gbps`.
+    transport_efficiency: Option<f64>,
     concurrency: usize,
     prompt_len: usize,
     max_tokens: usize,
+    stall_factor: f64,
     command: String,
     steps: Vec<StepReport>,
     skipped: Vec<Skipped>,
@@ -362,37 +445,55 @@ fn prompt(vocab: usize, len: usize, index: u64) -> Vec<TokenId> {
         .collect()
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
-/// A finished request of the load.
+/// A request of the load, with engine-side timestamps in seconds since the run's start.
+#[derive(Debug, Clone)]
 struct Done {
     index: u64,
     tokens: Vec<TokenId>,
     ok: bool,
+    /// When the load generator asked to submit it.
+    arrived: f64,
+    /// When the engine accepted it (`RequestHandle::submitted_at`).
+    submitted: f64,
+    /// When the engine first scheduled it on a rank.
+    admitted: Option<f64>,
+    /// When it finished (for one cut off at the drain limit: when it was given up).
+    finished: f64,
+    /// When each token was generated.
+    token_times: Vec<f64>,
+}
+
+impl Done {
+    /// Whether it lived across the instant `t` (a switch).
+    fn spans(&self, t: f64) -> bool {
+        self.submitted < t && self.finished > t
+    }
 }
 
 /// What the load generator saw.
 #[derive(Default)]
 struct LoadLog {
     done: Vec<Done>,
-    /// Time of every generated token (seconds from the start) and the gap since the previous
-    /// token of the same request (ms; none for a first token).
-    tokens: Vec<(f64, Option<f64>)>,
     submit_failures: u64,
 }
 
-/// Keeps `concurrency` requests in flight until `stop`, then drains (at most `drain`).
+/// The load's shape.
+#[derive(Debug, Clone, Copy)]
+struct LoadSpec {
+    vocab: usize,
+    concurrency: usize,
+    prompt_len: usize,
+    max_tokens: usize,
+    /// The first requests are spread over this long, so that they do not all start, and
+    /// then finish, in the same iteration: a steady load, not waves.
+    ramp: Duration,
+}
+
+/// Keeps `spec.concurrency` requests in flight until `stop` (reaching it over `spec.ramp`),
+/// then drains (at most `drain`).
 fn load(
     submit: &Submit,
-    vocab: usize,
-    args: &Args,
+    spec: LoadSpec,
     start: Instant,
     stop: &AtomicBool,
     drain: Duration,
@@ -401,9 +502,11 @@ fn load(
     struct Live {
         index: u64,
         handle: RequestHandle,
-        last: Option<f64>,
+        arrived: f64,
         tokens: Vec<TokenId>,
+        token_times: Vec<f64>,
     }
+    let since = |t: Instant| t.saturating_duration_since(start).as_secs_f64();
     let mut live: Vec<Live> = Vec::new();
     let mut next = 0u64;
     let mut stopped_at: Option<Instant> = None;
@@ -413,14 +516,23 @@ fn load(
             stopped_at = Some(Instant::now());
         }
         if !stopping {
-            while live.len() < args.concurrency {
-                let r = Request::greedy(prompt(vocab, args.prompt_len, next), args.max_tokens);
+            let ramp = spec.ramp.as_secs_f64();
+            let target = if ramp > 0.0 && start.elapsed().as_secs_f64() < ramp {
+                ((spec.concurrency as f64 * start.elapsed().as_secs_f64() / ramp).ceil() as usize)
+                    .clamp(1, spec.concurrency)
+            } else {
+                spec.concurrency
+            };
+            while live.len() < target {
+                let r = Request::greedy(prompt(spec.vocab, spec.prompt_len, next), spec.max_tokens);
+                let arrived = since(Instant::now());
                 match submit(r) {
                     Ok(handle) => live.push(Live {
                         index: next,
                         handle,
-                        last: None,
+                        arrived,
                         tokens: Vec::new(),
+                        token_times: Vec::new(),
                     }),
                     Err(_) => {
                         lock(log).submit_failures += 1;
@@ -433,52 +545,54 @@ fn load(
         }
         let mut i = 0;
         let mut finished = Vec::new();
-        let mut toks = Vec::new();
         while i < live.len() {
             let mut end = None;
+            let base = live[i].handle.submitted_at();
             while let Some(ev) = live[i].handle.try_recv() {
                 match ev {
                     Event::Token(t) => {
-                        let now = start.elapsed().as_secs_f64();
-                        let gap = live[i].last.map(|l| (now - l) * 1e3);
-                        live[i].last = Some(now);
                         live[i].tokens.push(t.token);
-                        toks.push((now, gap));
+                        live[i].token_times.push(since(base + t.at));
                     }
-                    Event::Finished { reason, .. } => {
-                        end = Some(matches!(
-                            reason,
-                            FinishReason::Length | FinishReason::Stop(_)
-                        ));
+                    Event::Finished { reason, timings } => {
+                        let ok = matches!(reason, FinishReason::Length | FinishReason::Stop(_));
+                        end = Some((ok, timings));
                         break;
                     }
                 }
             }
             match end {
-                Some(ok) => {
+                Some((ok, timings)) => {
                     let l = live.swap_remove(i);
                     finished.push(Done {
                         index: l.index,
                         tokens: l.tokens,
                         ok,
+                        arrived: l.arrived,
+                        submitted: since(base),
+                        admitted: timings.admitted.map(|a| since(base + a)),
+                        finished: since(base + timings.total),
+                        token_times: l.token_times,
                     });
                 }
                 None => i += 1,
             }
         }
-        {
-            let mut g = lock(log);
-            g.done.extend(finished);
-            g.tokens.extend(toks);
-        }
+        lock(log).done.extend(finished);
         if stopping && (live.is_empty() || stopped_at.is_some_and(|t| t.elapsed() > drain)) {
             // Requests still running after the drain limit count as failed.
+            let now = since(Instant::now());
             let mut g = lock(log);
             for l in live.drain(..) {
                 g.done.push(Done {
                     index: l.index,
                     tokens: l.tokens,
                     ok: false,
+                    arrived: l.arrived,
+                    submitted: since(l.handle.submitted_at()),
+                    admitted: None,
+                    finished: now,
+                    token_times: l.token_times,
                 });
             }
             return;
@@ -500,7 +614,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Runs one step with one strategy; returns the report, the series and the completed outputs.
+/// A finished run of one step with one strategy.
+struct RunOutput {
+    report: StepReport,
+    series: Series,
+    done: Vec<Done>,
+    /// The switches of this run, in seconds since its start (the measured one, then the staged
+    /// variant's two).
+    switches: Vec<f64>,
+}
+
+/// Runs one step with one strategy.
 #[allow(clippy::too_many_lines)]
 fn run_one(
     session: &mut dyn Session,
@@ -508,40 +632,41 @@ fn run_one(
     vocab: usize,
     (from, to): (usize, usize),
     strategy: StrategyArg,
-) -> Result<(StepReport, Series, Vec<Done>)> {
+) -> Result<RunOutput> {
     let submit = session.submitter();
     let metrics = session.metrics();
-    session
+    let warm_pool_startup_ms = session
         .ready(to)
         .with_context(|| format!("readying {from}->{to} with {strategy:?}"))?;
     let start = Instant::now();
+    let iterations: Arc<Mutex<Vec<Iteration>>> = Arc::default();
+    {
+        let sink = Arc::clone(&iterations);
+        session.observe(Some(Arc::new(move |r: &IterationRecord| {
+            if r.tokens > 0 {
+                lock(&sink).push(Iteration {
+                    ended: r.ended.saturating_duration_since(start).as_secs_f64(),
+                    generated: r.generated,
+                });
+            }
+        })));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(LoadLog::default()));
     let loader = {
         let (submit, stop, log) = (Arc::clone(&submit), Arc::clone(&stop), Arc::clone(&log));
-        let args = Args {
-            model: args.model.clone(),
-            devices: String::new(),
-            steps: String::new(),
-            strategies: Vec::new(),
-            out: PathBuf::new(),
-            card: None,
-            append: None,
-            ..*args
+        let spec = LoadSpec {
+            vocab,
+            concurrency: args.concurrency,
+            prompt_len: args.prompt_len,
+            max_tokens: args.max_tokens,
+            ramp: Duration::from_secs_f64(args.before_s / 4.0),
         };
         std::thread::spawn(move || {
-            load(
-                &submit,
-                vocab,
-                &args,
-                start,
-                &stop,
-                Duration::from_secs(60),
-                &log,
-            );
+            load(&submit, spec, start, &stop, Duration::from_secs(60), &log);
         })
     };
-    // Samples: (t, generated tokens, devices).
+    // Samples for the picture: (t, generated tokens, devices).
     let devices_now = Arc::new(std::sync::atomic::AtomicUsize::new(from));
     let sampler_stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -584,8 +709,8 @@ fn run_one(
     if !phases.is_empty() {
         trace(&format!("runner phases (s) before: {phases:?}"));
     }
-    let t_start = start.elapsed().as_secs_f64();
     let (m_req, w_req) = (metrics(), Instant::now());
+    let t_req = start.elapsed().as_secs_f64();
     trace(&format!(
         "scaling {from}->{to}; {} tokens so far",
         m_req.generated_tokens
@@ -599,21 +724,18 @@ fn run_one(
     if let Ok(m) = &measured {
         devices_now.store(m.devices_after, Ordering::Release);
     }
-    // The during window's serving split: from the request to one second after the switch (or
-    // the first half of the after window, if shorter).
+    let t_switch = measured
+        .as_ref()
+        .map_or(t_end, |m| (t_req + m.latency_ms / 1e3).min(t_end));
+    // The serving split from the request to one second after the switch (or the first half of
+    // the after window, if shorter).
     let first = (args.after_s / 2.0).min(1.0);
     std::thread::sleep(Duration::from_secs_f64(first));
     let m_during = metrics();
     let serving_during = ServingStats::between(&m_req, &m_during, w_req.elapsed().as_secs_f64());
     trace(&format!(
-        "serving during: {serving_during:?}; queue {}, running {}, KV blocks per rank {:?}",
-        m_during.queue_depth,
-        m_during.running,
-        m_during
-            .kv
-            .iter()
-            .map(|k| (k.rank.0, k.used_blocks))
-            .collect::<Vec<_>>()
+        "serving during: {serving_during:?}; queue {}, running {}",
+        m_during.queue_depth, m_during.running,
     ));
     // The after window's serving split, over its second half (the new configuration settled).
     std::thread::sleep(Duration::from_secs_f64(args.after_s / 2.0 - first));
@@ -627,6 +749,42 @@ fn run_one(
         trace(&format!("runner phases (s) after: {phases:?}"));
     }
     let t_after = start.elapsed().as_secs_f64();
+    // The staged variant, still under load: back to `from` (not measured), stage `to` ahead,
+    // run the step again.
+    let mut switches = vec![t_switch];
+    let mut staged = None;
+    if measured.is_ok() && session.stages() {
+        let t_back = start.elapsed().as_secs_f64();
+        match session.scale(from) {
+            Ok(back) => {
+                switches.push(t_back + back.latency_ms / 1e3);
+                devices_now.store(back.devices_after, Ordering::Release);
+                let t_staged = start.elapsed().as_secs_f64();
+                staged = session
+                    .scale_staged(to)
+                    .with_context(|| format!("{from}->{to} with {strategy:?}, staged ahead"))?;
+                if let Some(s) = &staged {
+                    switches.push(t_staged + (s.staging_ms + s.measured.latency_ms) / 1e3);
+                    devices_now.store(s.measured.devices_after, Ordering::Release);
+                } else {
+                    // Nothing staged: back to `to` unstaged, where the next step starts.
+                    let t_again = start.elapsed().as_secs_f64();
+                    let again = session.scale(to).with_context(|| {
+                        format!("returning to {to} after going back for a staged run")
+                    })?;
+                    switches.push(t_again + again.latency_ms / 1e3);
+                    devices_now.store(again.devices_after, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Release);
+                let _ = loader.join();
+                return Err(e).with_context(|| {
+                    format!("going back {to}->{from} for the staged variant of {from}->{to}")
+                });
+            }
+        }
+    }
     stop.store(true, Ordering::Release);
     trace(&format!(
         "draining; {} tokens so far",
@@ -634,26 +792,56 @@ fn run_one(
     ));
     let _ = loader.join();
     trace("drained");
+    session.observe(None);
     sampler_stop.store(true, Ordering::Release);
     let samples = sampler.join().unwrap_or_default();
     let measured = measured.with_context(|| format!("{from}->{to} with {strategy:?}"))?;
+    if measured.staged_ahead {
+        bail!("{from}->{to} with {strategy:?}: the headline run was staged ahead; it must not be");
+    }
 
     let log = std::mem::take(&mut *lock(&log));
+    let its = std::mem::take(&mut *lock(&iterations));
+    let arrivals: Vec<Arrival> = log
+        .done
+        .iter()
+        .map(|d| Arrival {
+            arrived: d.arrived,
+            admitted: d.admitted,
+        })
+        .collect();
+    let window = window::measure(
+        &its,
+        &arrivals,
+        t_req,
+        t_switch,
+        args.before_s / 2.0,
+        args.stall_factor,
+    );
     let rate = |a: f64, b: f64| -> f64 {
-        let n = log.tokens.iter().filter(|(t, _)| *t >= a && *t < b).count();
+        let n: usize = its
+            .iter()
+            .filter(|i| i.ended >= a && i.ended < b)
+            .map(|i| i.generated)
+            .sum();
         if b > a {
             n as f64 / (b - a)
         } else {
             0.0
         }
     };
-    // During: from the request to one second after the switch.
-    let during_to = (t_end + 1.0).min(t_after);
+    // TPOT p99 over the inter-token gaps that end in the transition window.
+    let window_end = t_req + window.transition_window_ms / 1e3;
     let mut gaps: Vec<f64> = log
-        .tokens
+        .done
         .iter()
-        .filter(|(t, g)| *t >= t_start && *t <= during_to && g.is_some())
-        .filter_map(|(_, g)| *g)
+        .flat_map(|d| {
+            d.token_times
+                .windows(2)
+                .map(|w| (w[1], (w[1] - w[0]) * 1e3))
+        })
+        .filter(|(t, _)| *t > t_req && *t <= window_end)
+        .map(|(_, g)| g)
         .collect();
     let failed = log.done.iter().filter(|d| !d.ok).count() as u64 + log.submit_failures;
     let completed = log.done.iter().filter(|d| d.ok).count() as u64;
@@ -682,22 +870,23 @@ fn run_one(
         to,
         strategy: strategy_name(strategy).into(),
         latency_ms: measured.latency_ms,
+        staged_latency_ms: staged.as_ref().map(|s| s.measured.latency_ms),
+        staging_ms: staged.as_ref().map(|s| s.staging_ms),
+        warm_pool_startup_ms,
         bound_ms: 0.0,
-        downtime_ms: measured.downtime_ms,
-        intake_paused_ms: measured.intake_paused_ms,
+        window,
+        declared_downtime_ms: measured.declared_downtime_ms,
+        declared_intake_paused_ms: measured.declared_intake_paused_ms,
         bytes_moved: measured.bytes_moved,
         bytes_zero_copy: measured.bytes_zero_copy,
         max_bytes_into_device: measured.max_bytes_into_device,
-        throughput_before: rate((t_start - args.before_s / 2.0).max(0.0), t_start),
-        throughput_during: rate(t_start, during_to),
         throughput_after: rate(t_end, t_after),
-        throughput_request_to_switch: rate(t_start, t_end),
+        throughput_switch_plus_1s: rate(t_req, (t_switch + 1.0).min(t_after)),
         serving_before,
         serving_after,
         serving_during,
         prewarmed_chunks: measured.prewarmed_chunks,
         kept_snapshot: measured.kept_snapshot,
-        staged_ahead: measured.staged_ahead,
         tpot_p99_during_ms: percentile(&mut gaps, 0.99),
         peak_bytes_per_device: measured.peak_bytes_per_device.clone(),
         failed_requests: failed,
@@ -705,19 +894,23 @@ fn run_one(
         outputs_match: false,
         outputs_compared: 0,
         outputs_mismatched: 0,
+        in_flight_at_switch: 0,
+        in_flight_identical: 0,
+        in_flight_control_mismatched: None,
         kv_sequences_migrated: measured.kv_migrated,
         sequences_requeued: measured.requeued,
         phases_ms: measured.phases_ms.iter().cloned().collect(),
     };
-    Ok((
+    Ok(RunOutput {
         report,
-        Series {
+        series: Series {
             label: format!("{from}→{to} {}", strategy_name(strategy)),
             samples: smooth,
-            window: (t_start, t_end),
+            window: (t_req, t_switch),
         },
-        log.done,
-    ))
+        done: log.done,
+        switches,
+    })
 }
 
 fn strategy_name(s: StrategyArg) -> &'static str {
@@ -811,8 +1004,8 @@ fn xml(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
-
 /// Runs the benchmark.
+#[allow(clippy::too_many_lines)]
 pub fn run(args: &Args) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
     let (kind, n, machine) = parse_devices(&args.devices)?;
@@ -821,6 +1014,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if !(args.before_s >= 0.0 && args.after_s >= 0.0) {
         bail!("--before-s and --after-s must be non-negative");
+    }
+    if !(args.stall_factor > 1.0 && args.stall_factor.is_finite()) {
+        bail!("--stall-factor must be a number above 1 (a gap that many times the median)");
     }
     if let Some(&(a, b)) = steps.iter().find(|&&(a, b)| a.max(b) > n) {
         bail!(
@@ -854,17 +1050,22 @@ pub fn run(args: &Args) -> Result<()> {
         backend: backend.name().into(),
         model: model_name.clone(),
         layers: cfg.num_layers,
-        peer_gbps: 0.0,
+        outputs_exact: backend.exact(),
+        raw_peer_gbps: 0.0,
+        transport_gbps: None,
+        transport_efficiency: None,
         concurrency: args.concurrency,
         prompt_len: args.prompt_len,
         max_tokens: args.max_tokens,
+        stall_factor: args.stall_factor,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         steps: Vec::new(),
         skipped: Vec::new(),
         reference_repeat: None,
     };
     let mut series = Vec::new();
-    let mut outputs: Vec<(usize, Vec<Done>)> = Vec::new();
+    // Per step report: its requests and its switches.
+    let mut outputs: Vec<(usize, Vec<Done>, Vec<f64>)> = Vec::new();
     // Each strategy runs the steps in order on one engine while a step starts where the last
     // ended (1-2 then 2-1), and on a fresh engine otherwise.
     for &s in &args.strategies {
@@ -901,26 +1102,33 @@ pub fn run(args: &Args) -> Result<()> {
                 }
             };
             match run_one(live.as_mut(), args, cfg.vocab_size, (from, to), s) {
-                Ok((r, ser, done)) => {
+                Ok(out) => {
+                    let r = &out.report;
                     if !args.quiet {
                         eprintln!(
-                            "{from}->{to} {}: latency {:.1} ms, downtime {:.1} ms, {} bytes \
-                             moved (at most {} into one device), throughput {:.0}/{:.0}/{:.0} \
-                             tok/s, {} failed",
+                            "{from}->{to} {}: latency {:.1} ms (staged {}), downtime {:.1} ms \
+                             (gaps > {:.1} ms), lost {:.1} ms, max gap {:.1} ms (p99 before \
+                             {:.1}), throughput {:.0}/{:.0}/{:.0} tok/s ({:.0}% during), {} \
+                             failed",
                             r.strategy,
                             r.latency_ms,
-                            r.downtime_ms,
-                            r.bytes_moved,
-                            r.max_bytes_into_device,
-                            r.throughput_before,
-                            r.throughput_during,
+                            r.staged_latency_ms
+                                .map_or_else(|| "-".into(), |v| format!("{v:.1} ms")),
+                            r.window.downtime_ms,
+                            r.window.downtime_threshold_ms,
+                            r.window.lost_serving_ms,
+                            r.window.max_gap_during_ms,
+                            r.window.gap_p99_before_ms,
+                            r.window.throughput_before,
+                            r.window.throughput_during,
                             r.throughput_after,
+                            r.window.throughput_during_ratio * 100.0,
                             r.failed_requests
                         );
                     }
-                    outputs.push((report.steps.len(), done));
-                    report.steps.push(r);
-                    series.push(ser);
+                    outputs.push((report.steps.len(), out.done, out.switches));
+                    report.steps.push(out.report);
+                    series.push(out.series);
                     session = Some((live, to));
                 }
                 Err(e) => {
@@ -947,67 +1155,21 @@ pub fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    // The transfer bound, with the peer bandwidth measured in this run.
-    let peer_gbps = backend.peer_gbps()?;
-    report.peer_gbps = peer_gbps;
+    // The transfer bound, with the raw peer bandwidth measured in this run.
+    let peer = backend.peer()?;
+    report.raw_peer_gbps = peer.raw_gbps;
+    report.transport_gbps = peer.transport_gbps;
+    report.transport_efficiency = peer
+        .transport_gbps
+        .filter(|_| peer.raw_gbps > 0.0)
+        .map(|t| t / peer.raw_gbps);
     report.card = args.card.clone().unwrap_or_else(|| backend.card());
     for r in &mut report.steps {
-        if peer_gbps > 0.0 {
-            r.bound_ms = r.max_bytes_into_device as f64 / (peer_gbps * 1e9) * 1e3;
+        if peer.raw_gbps > 0.0 {
+            r.bound_ms = r.max_bytes_into_device as f64 / (peer.raw_gbps * 1e9) * 1e3;
         }
     }
-    // Outputs against a fixed deployment.
-    let max_index = outputs
-        .iter()
-        .flat_map(|(_, d)| d.iter().filter(|x| x.ok).map(|x| x.index))
-        .filter(|&i| i < args.compare)
-        .max();
-    if let Some(max_index) = max_index {
-        if !args.quiet {
-            eprintln!(
-                "computing the reference outputs of {} prompts",
-                max_index + 1
-            );
-        }
-        let prompts: Vec<Vec<TokenId>> = (0..=max_index)
-            .map(|i| prompt(cfg.vocab_size, args.prompt_len, i))
-            .collect();
-        let reference = backend.reference(&prompts, args.max_tokens, args.concurrency)?;
-        if args.reference_repeat_concurrency > 0 {
-            let repeat =
-                backend.reference(&prompts, args.max_tokens, args.reference_repeat_concurrency)?;
-            let mismatched = reference
-                .iter()
-                .zip(&repeat)
-                .filter(|(a, b)| a != b)
-                .count() as u64;
-            if !args.quiet {
-                eprintln!(
-                    "reference repeated with {} in flight (not {}): {mismatched} of {} requests \
-                     differ",
-                    args.reference_repeat_concurrency,
-                    args.concurrency,
-                    reference.len()
-                );
-            }
-            report.reference_repeat = Some(ReferenceRepeat {
-                reference_concurrency: args.concurrency,
-                repeat_concurrency: args.reference_repeat_concurrency,
-                compared: reference.len() as u64,
-                mismatched,
-            });
-        }
-        for (i, done) in &outputs {
-            let r = &mut report.steps[*i];
-            for d in done.iter().filter(|d| d.ok && d.index < args.compare) {
-                r.outputs_compared += 1;
-                if reference.get(d.index as usize) != Some(&d.tokens) {
-                    r.outputs_mismatched += 1;
-                }
-            }
-            r.outputs_match = r.outputs_compared > 0 && r.outputs_mismatched == 0;
-        }
-    }
+    let verdict = compare_outputs(&mut report, &mut *backend, args, cfg.vocab_size, &outputs)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     write(
@@ -1037,7 +1199,109 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.quiet {
         eprintln!("wrote {}", args.out.join("scaling.json").display());
     }
-    Ok(())
+    verdict
+}
+
+/// Compares every compared request of every run with the reference and fills the output
+/// fields. Returns an error (after the fields are filled, so the report is still written) where
+/// outputs must be exact and one differs.
+fn compare_outputs(
+    report: &mut MachineReport,
+    backend: &mut dyn Backend,
+    args: &Args,
+    vocab: usize,
+    outputs: &[(usize, Vec<Done>, Vec<f64>)],
+) -> Result<Result<()>> {
+    let compared = |d: &Done| args.compare.is_none_or(|n| d.index < n);
+    let Some(max_index) = outputs
+        .iter()
+        .flat_map(|(_, d, _)| d.iter().filter(|x| compared(x)).map(|x| x.index))
+        .max()
+    else {
+        return Ok(Ok(()));
+    };
+    if !args.quiet {
+        eprintln!(
+            "computing the reference outputs of {} prompts",
+            max_index + 1
+        );
+    }
+    let prompts: Vec<Vec<TokenId>> = (0..=max_index)
+        .map(|i| prompt(vocab, args.prompt_len, i))
+        .collect();
+    let reference = backend.reference(&prompts, args.max_tokens, args.concurrency)?;
+    let repeat_concurrency = args
+        .reference_repeat_concurrency
+        .unwrap_or(args.concurrency);
+    let repeat = if repeat_concurrency > 0 {
+        let repeat = backend.reference(&prompts, args.max_tokens, repeat_concurrency)?;
+        let mismatched = reference
+            .iter()
+            .zip(&repeat)
+            .filter(|(a, b)| a != b)
+            .count() as u64;
+        if !args.quiet {
+            eprintln!(
+                "reference repeated with {repeat_concurrency} in flight (reference: {}): \
+                 {mismatched} of {} requests differ",
+                args.concurrency,
+                reference.len()
+            );
+        }
+        report.reference_repeat = Some(ReferenceRepeat {
+            reference_concurrency: args.concurrency,
+            repeat_concurrency,
+            compared: reference.len() as u64,
+            mismatched,
+        });
+        Some(repeat)
+    } else {
+        None
+    };
+    let mut wrong = Vec::new();
+    for (i, done, switches) in outputs {
+        let r = &mut report.steps[*i];
+        let mut control = 0u64;
+        for d in done.iter().filter(|d| compared(d)) {
+            let want = reference.get(d.index as usize);
+            let identical = d.ok && want == Some(&d.tokens);
+            if d.ok {
+                r.outputs_compared += 1;
+                r.outputs_mismatched += u64::from(!identical);
+            }
+            if switches.iter().any(|&t| d.spans(t)) {
+                r.in_flight_at_switch += 1;
+                r.in_flight_identical += u64::from(identical);
+                if let Some(rep) = &repeat {
+                    control += u64::from(rep.get(d.index as usize) != want);
+                }
+            }
+        }
+        r.in_flight_control_mismatched = repeat.as_ref().map(|_| control);
+        r.outputs_match =
+            r.outputs_compared > 0 && r.outputs_mismatched == 0 && r.failed_requests == 0;
+        if r.outputs_mismatched > 0 {
+            wrong.push(format!(
+                "{}->{} {}: {} of {} requests differ ({} of {} in flight at a switch are \
+                 identical)",
+                r.from,
+                r.to,
+                r.strategy,
+                r.outputs_mismatched,
+                r.outputs_compared,
+                r.in_flight_identical,
+                r.in_flight_at_switch
+            ));
+        }
+    }
+    if report.outputs_exact && !wrong.is_empty() {
+        return Ok(Err(anyhow::anyhow!(
+            "outputs differ from the never-scaled reference on a backend where they must be \
+             bitwise identical: {}",
+            wrong.join("; ")
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// A run that failed: reported under `skipped` with the error, so the other runs still count.
@@ -1087,479 +1351,5 @@ fn scheduler(args: &Args) -> SchedulerConfig {
     SchedulerConfig {
         max_batch_tokens: args.max_batch_tokens,
         max_running_per_rank: args.concurrency,
-    }
-}
-
-mod host {
-    //! The host backend: `scaler`'s `HostExecutor` on host devices.
-
-    use super::*;
-    use moe_engine::{Engine, EngineConfig};
-    use moe_host::deployment::{DeploymentConfig, PlacementKind};
-    use moe_host::worker::{DeploymentRunner, HostEngineConfig};
-    use scaler::{DeviceSet, Strategy, TransitionKind, TransitionSpec};
-    use scaler_exec::executor::{HostExecutor, HostExecutorConfig};
-
-    pub(super) struct HostBench {
-        cfg: ModelConfig,
-        ckpt: Arc<Checkpoint>,
-        n: usize,
-        scheduler: SchedulerConfig,
-    }
-
-    impl HostBench {
-        pub(super) fn new(cfg: &ModelConfig, ckpt: Arc<Checkpoint>, n: usize, args: &Args) -> Self {
-            Self {
-                cfg: cfg.clone(),
-                ckpt,
-                n,
-                scheduler: scheduler(args),
-            }
-        }
-
-        fn engine(
-            &self,
-            devices: usize,
-            scheduler: SchedulerConfig,
-        ) -> Result<Engine<DeploymentRunner>> {
-            let (engine, _store) = DeploymentRunner::host_engine(
-                &self.cfg,
-                self.ckpt.as_ref(),
-                &HostEngineConfig {
-                    devices,
-                    max_devices: self.n,
-                    placement: PlacementKind::Balanced,
-                    deployment: DeploymentConfig::default(),
-                    engine: EngineConfig {
-                        scheduler,
-                        idle_wait: Duration::from_millis(5),
-                        ..EngineConfig::default()
-                    },
-                    ..HostEngineConfig::default()
-                },
-            )?;
-            Ok(engine)
-        }
-    }
-
-    struct HostSession {
-        engine: Engine<DeploymentRunner>,
-        exec: HostExecutor,
-        strategy: Strategy,
-        n: usize,
-        serving: Option<moe_engine::RunLoop>,
-    }
-
-    impl Session for HostSession {
-        fn submitter(&self) -> Submit {
-            let (engine, gate) = (self.engine.clone(), Arc::clone(self.exec.gate()));
-            Arc::new(move |r| gate.submit(&engine, r))
-        }
-        fn metrics(&self) -> Metrics {
-            let engine = self.engine.clone();
-            Arc::new(move || engine.metrics())
-        }
-        fn scale(&mut self, to: usize) -> Result<Measured> {
-            let from = self.exec.devices();
-            let from_n = from.len();
-            let target = scaler_exec::demo::target_devices(self.strategy, &from, to, self.n as u32)
-                .with_context(|| format!("no {to} free devices for {:?}", self.strategy))?;
-            let kind = if to > from.len() {
-                TransitionKind::ScaleUp
-            } else {
-                TransitionKind::ScaleDown
-            };
-            let ev = self.exec.run(TransitionSpec {
-                kind,
-                strategy: self.strategy,
-                from,
-                to: target.clone(),
-            })?;
-            if !ev.completed() {
-                bail!("the transition rolled back: {:?}", ev.report.abort_reason);
-            }
-            let r = &ev.report;
-            let p = r.phases_ms;
-            // The executor reports bytes moved, not per destination: spread them over the
-            // receiving devices (those joining on a scale-up, the target set otherwise).
-            let receivers = if self.strategy == Strategy::Elastic && to > from_n {
-                to - from_n
-            } else {
-                to
-            } as u64;
-            let max_in = (r.bytes_moved + r.bytes_reloaded).div_ceil(receivers.max(1));
-            Ok(Measured {
-                latency_ms: r.latency_ms.unwrap_or(0.0),
-                phases_ms: vec![
-                    ("plan".into(), p.plan),
-                    ("prepare".into(), p.prepare),
-                    ("switch".into(), p.switch),
-                    ("retire".into(), p.retire),
-                    ("switch_boundary".into(), ev.switch_boundary_ms),
-                ],
-                downtime_ms: ev.downtime_ms,
-                intake_paused_ms: r.intake_paused_ms,
-                bytes_moved: r.bytes_moved + r.bytes_reloaded,
-                bytes_zero_copy: r.bytes_zero_copy,
-                max_bytes_into_device: max_in,
-                peak_bytes_per_device: ev.peak_bytes_per_device.values().copied().collect(),
-                kv_migrated: r.sequences_migrated,
-                requeued: r.sequences_requeued,
-                devices_after: ev.devices_after.len(),
-                prewarmed_chunks: 0,
-                kept_snapshot: false,
-                staged_ahead: false,
-            })
-        }
-        fn ready(&mut self, _to: usize) -> Result<()> {
-            Ok(())
-        }
-        fn runner_phases(&mut self) -> Vec<(String, f64)> {
-            Vec::new()
-        }
-        fn stop(mut self: Box<Self>) {
-            if let Some(s) = self.serving.take() {
-                s.stop();
-            }
-        }
-    }
-
-    impl Backend for HostBench {
-        fn name(&self) -> &'static str {
-            "host"
-        }
-        fn card(&self) -> String {
-            "host".into()
-        }
-        fn gpus(&self) -> usize {
-            self.n
-        }
-        fn peer_gbps(&mut self) -> Result<f64> {
-            // The host stand-in for a peer link is a memcpy between two buffers.
-            let bytes = 64 << 20;
-            let a = vec![1u8; bytes];
-            let mut b = vec![0u8; bytes];
-            b.copy_from_slice(&a);
-            let t = Instant::now();
-            for _ in 0..4 {
-                b.copy_from_slice(std::hint::black_box(&a));
-            }
-            Ok(4.0 * bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
-        }
-        fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String> {
-            match strategy {
-                StrategyArg::Colocated => {
-                    Some("the host executor does not implement the colocated baseline".into())
-                }
-                StrategyArg::Extravagant if from + to > self.n => Some(format!(
-                    "needs {} devices (a disjoint set of {to} beside {from}); {} present",
-                    from + to,
-                    self.n
-                )),
-                _ => None,
-            }
-        }
-        fn start(&mut self, from: usize, strategy: StrategyArg) -> Result<Box<dyn Session>> {
-            let engine = self.engine(from, self.scheduler)?;
-            let exec = HostExecutor::new(
-                engine.clone(),
-                Arc::clone(&self.ckpt) as scaler_exec::executor::Checkpoint,
-                HostExecutorConfig {
-                    deployment: DeploymentConfig::default(),
-                    ..HostExecutorConfig::default()
-                },
-            );
-            exec.prewarm(&DeviceSet::first(self.n as u32).difference(&exec.devices()));
-            let serving = engine.start();
-            Ok(Box::new(HostSession {
-                engine,
-                exec,
-                strategy: strategy.into(),
-                n: self.n,
-                serving: Some(serving),
-            }))
-        }
-        fn reference(
-            &mut self,
-            prompts: &[Vec<TokenId>],
-            max_tokens: usize,
-            max_running: usize,
-        ) -> Result<Vec<Vec<TokenId>>> {
-            let engine = self.engine(
-                1,
-                SchedulerConfig {
-                    max_running_per_rank: max_running.max(1),
-                    ..self.scheduler
-                },
-            )?;
-            let handles = prompts
-                .iter()
-                .map(|p| engine.submit(Request::greedy(p.clone(), max_tokens)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let run = engine.start();
-            let out = handles.into_iter().map(|h| h.wait().tokens).collect();
-            run.stop();
-            Ok(out)
-        }
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod gpu {
-    //! The CUDA backend: `moe_cuda`'s elastic scaling and baselines.
-
-    use super::*;
-    use moe_cuda::{self as cuda, CudaConfig, CudaRunner, CudaScaler, Precision, ScaleOutcome};
-    use moe_engine::{Engine, EngineConfig, RunLoop};
-    use moe_model::weights::TensorSource;
-
-    pub(super) struct CudaBench {
-        /// The machine `--devices` named: the GPU of each logical device.
-        gpus: cuda::GpuMap,
-        cfg: ModelConfig,
-        ckpt: Arc<Checkpoint>,
-        n: usize,
-        args_kv: usize,
-        scheduler: SchedulerConfig,
-        card: String,
-        peer: Option<f64>,
-        batch_invariant: bool,
-    }
-
-    impl CudaBench {
-        pub(super) fn new(
-            cfg: &ModelConfig,
-            ckpt: Arc<Checkpoint>,
-            machine: &[u32],
-            args: &Args,
-        ) -> Result<Self> {
-            let have = cuda::device_count()?;
-            if let Some(g) = machine.iter().find(|&&g| g as usize >= have) {
-                bail!("--devices names GPU {g}; {have} present");
-            }
-            let n = machine.len();
-            Ok(Self {
-                gpus: cuda::GpuMap::new(machine)?,
-                cfg: cfg.clone(),
-                ckpt,
-                n,
-                args_kv: args.kv_blocks,
-                scheduler: scheduler(args),
-                card: String::new(),
-                peer: None,
-                batch_invariant: args.batch_invariant,
-            })
-        }
-
-        fn config(&self, devices: usize, kv: usize) -> CudaConfig {
-            CudaConfig {
-                devices,
-                gpus: self.gpus,
-                kv_blocks_per_rank: kv,
-                max_batch_tokens: self.scheduler.max_batch_tokens,
-                max_context: 1024,
-                precision: Precision::Bf16,
-                batch_invariant: self.batch_invariant,
-                ..CudaConfig::default()
-            }
-        }
-    }
-
-    struct CudaSession {
-        engine: Engine<CudaRunner>,
-        scaler: CudaScaler,
-        ckpt: Arc<Checkpoint>,
-        strategy: StrategyArg,
-        kv: usize,
-        serving: Option<RunLoop>,
-        /// The runner times its phases (`ELASTICMOE_RUNNER_PHASES`; slows every step).
-        phases: bool,
-    }
-
-    impl Session for CudaSession {
-        fn submitter(&self) -> Submit {
-            let engine = self.engine.clone();
-            Arc::new(move |r| engine.submit(r))
-        }
-        fn metrics(&self) -> Metrics {
-            let engine = self.engine.clone();
-            Arc::new(move || engine.metrics())
-        }
-        fn scale(&mut self, to: usize) -> Result<Measured> {
-            let o: ScaleOutcome = match self.strategy {
-                StrategyArg::Elastic => self.scaler.elastic(to)?,
-                StrategyArg::ColdRestart => self.scaler.cold_restart(
-                    Arc::clone(&self.ckpt) as Arc<dyn TensorSource + Send + Sync>,
-                    to,
-                )?,
-                StrategyArg::Colocated => self.scaler.colocated(self.ckpt.as_ref(), to, self.kv)?,
-                StrategyArg::Extravagant => self.scaler.extravagant(to)?,
-            };
-            trace(&format!("scaled: {o:?}"));
-            Ok(Measured {
-                latency_ms: o.latency_ms,
-                phases_ms: o
-                    .phases_ms
-                    .iter()
-                    .map(|(k, v)| ((*k).to_string(), *v))
-                    .collect(),
-                downtime_ms: o.downtime_ms,
-                // Only the cold restart holds the loop; requests wait in the queue meanwhile.
-                intake_paused_ms: o.downtime_ms,
-                bytes_moved: o.bytes_moved,
-                bytes_zero_copy: o.bytes_zero_copy,
-                max_bytes_into_device: o.max_bytes_into_device,
-                peak_bytes_per_device: o.peak_bytes_per_device,
-                kv_migrated: o.kv_migrated,
-                requeued: o.requeued,
-                devices_after: o.devices_after,
-                prewarmed_chunks: o.prewarmed_chunks,
-                kept_snapshot: o.kept_snapshot,
-                staged_ahead: o.staged_ahead,
-            })
-        }
-        fn ready(&mut self, to: usize) -> Result<()> {
-            if self.strategy != StrategyArg::Elastic {
-                return Ok(());
-            }
-            let from = self.engine.metrics().kv.len();
-            if to > from {
-                self.scaler.prewarm(from, to)?;
-            }
-            let (chunks, t) = self.scaler.prewarm_experts(to)?;
-            let staged = self.scaler.stage_ahead(to)?;
-            trace(&format!(
-                "warm pool: {chunks} expert chunks for {to} GPU(s) ({:.1} ms); staged ahead: \
-                 {staged:?}",
-                t.as_secs_f64() * 1e3
-            ));
-            Ok(())
-        }
-        fn runner_phases(&mut self) -> Vec<(String, f64)> {
-            if !self.phases {
-                return Vec::new();
-            }
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.engine.at_boundary(move |r, _| {
-                let _ = tx.send(r.take_phase_times());
-            });
-            rx.recv_timeout(Duration::from_secs(10))
-                .map(|v| v.into_iter().map(|(k, x)| (k.to_string(), x)).collect())
-                .unwrap_or_default()
-        }
-        fn stop(mut self: Box<Self>) {
-            if let Some(s) = self.serving.take() {
-                s.stop();
-            }
-        }
-    }
-
-    impl Backend for CudaBench {
-        fn name(&self) -> &'static str {
-            "cuda"
-        }
-        fn card(&self) -> String {
-            self.card.clone()
-        }
-        fn gpus(&self) -> usize {
-            self.n
-        }
-        fn peer_gbps(&mut self) -> Result<f64> {
-            // Measured when the first engine started (see `start`).
-            Ok(self.peer.unwrap_or(0.0))
-        }
-        fn skip(&self, strategy: StrategyArg, from: usize, to: usize) -> Option<String> {
-            match strategy {
-                // The scaler's own device-set check: the engine serves on GPUs `0..from`.
-                StrategyArg::Extravagant => {
-                    cuda::disjoint_devices(&cuda::first_devices(from), to, self.n)
-                        .err()
-                        .map(|e| e.to_string())
-                }
-                _ => None,
-            }
-        }
-        fn start(&mut self, from: usize, strategy: StrategyArg) -> Result<Box<dyn Session>> {
-            // Colocated keeps two instances on the staying GPUs: each gets half the KV.
-            let kv = if strategy == StrategyArg::Colocated {
-                self.args_kv / 2
-            } else {
-                self.args_kv
-            };
-            trace(&format!("loading the checkpoint on {from} GPU(s)"));
-            let mut runner =
-                CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(from, kv))?;
-            trace("loaded");
-            let phases = std::env::var_os("ELASTICMOE_RUNNER_PHASES").is_some();
-            runner.set_phase_timing(phases);
-            let bp = runner.blueprint();
-            // Valid until the first switch (only a switch changes the runner's buffers).
-            let snapshot = runner.snapshot();
-            if self.card.is_empty() {
-                self.card = runner.device_name()?;
-            }
-            let engine = Engine::new(
-                runner,
-                EngineConfig {
-                    scheduler: self.scheduler,
-                    idle_wait: Duration::from_millis(2),
-                    ..EngineConfig::default()
-                },
-            );
-            let mut scaler = CudaScaler::new(engine.clone(), bp)?;
-            scaler.adopt_snapshot(snapshot);
-            if self.peer.is_none() && self.n >= 2 {
-                let d = cuda::first_devices(2);
-                self.peer = Some(cuda::peer_bandwidth(
-                    scaler.blueprint(),
-                    scaler.transport(),
-                    d[0],
-                    d[1],
-                    1 << 30,
-                    4,
-                )?);
-                trace(&format!(
-                    "peer bandwidth {:.1} GB/s",
-                    self.peer.unwrap_or(0.0)
-                ));
-            }
-            let serving = engine.start();
-            Ok(Box::new(CudaSession {
-                engine,
-                scaler,
-                ckpt: Arc::clone(&self.ckpt),
-                strategy,
-                kv,
-                serving: Some(serving),
-                phases,
-            }))
-        }
-        fn reference(
-            &mut self,
-            prompts: &[Vec<TokenId>],
-            max_tokens: usize,
-            max_running: usize,
-        ) -> Result<Vec<Vec<TokenId>>> {
-            let runner =
-                CudaRunner::load(&self.cfg, self.ckpt.as_ref(), self.config(1, self.args_kv))?;
-            let engine = Engine::new(
-                runner,
-                EngineConfig {
-                    scheduler: SchedulerConfig {
-                        max_running_per_rank: max_running.max(1),
-                        ..self.scheduler
-                    },
-                    ..EngineConfig::default()
-                },
-            );
-            let handles = prompts
-                .iter()
-                .map(|p| engine.submit(Request::greedy(p.clone(), max_tokens)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let run = engine.start();
-            let out = handles.into_iter().map(|h| h.wait().tokens).collect();
-            run.stop();
-            Ok(out)
-        }
     }
 }

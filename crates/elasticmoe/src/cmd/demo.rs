@@ -6,10 +6,15 @@
 //! elasticmoe demo --out target/demo-gpu --devices cuda:0,1   # binary built with --features cuda
 //! ```
 //!
-//! A tiny model is generated into the cache directory on the first run and reused. A trace with
-//! a step, a ramp and a burst drives the SLO policy, which scales the deployment up and down by
-//! itself while requests keep arriving. Writes `OUT/report.json` (issue 8's schema; with
-//! `--compare`, `{"runs": [...]}`) and `OUT/timeline.svg`.
+//! A tiny model is generated into the cache directory on the first run and reused. Before the
+//! trace, the demo measures how many requests per second one device of this machine completes
+//! (`scaler_exec::demo::measure_capacity`) and scales the trace to it
+//! (`TraceRates::for_capacity`): a base load one device carries, a step that needs at least
+//! two devices, a ramp down, a burst that needs every device and a quiet tail that needs one.
+//! So the SLO policy scales the deployment up and down by itself on a fast machine as on a
+//! slow one, while requests keep arriving. Latencies come from the engine's token timestamps,
+//! counted from each request's arrival on the trace. Writes `OUT/report.json` (issue 8's
+//! schema plus the calibration; with `--compare`, `{"runs": [...]}`) and `OUT/timeline.svg`.
 //!
 //! `--devices host:N` (default `host:4`) runs the host executor on N host devices.
 //! `--devices cuda:0,1,...` runs the same trace and policy on that many GPUs: an
@@ -31,7 +36,9 @@ use moe_model::config::ModelConfig;
 use moe_model::presets::Preset;
 use moe_model::synth::{write_model, SynthOptions};
 use scaler::Strategy;
-use scaler_exec::demo::{self, DemoConfig, DemoRun, Report, Trace};
+use scaler_exec::demo::{
+    self, Calibration, Capacity, DemoConfig, DemoRun, Report, Trace, TraceRates,
+};
 use scaler_exec::DeviceKind;
 
 /// A strategy on the command line.
@@ -86,6 +93,10 @@ pub struct Args {
     /// the `cuda` feature).
     #[arg(long, default_value = "host:4")]
     pub devices: String,
+    /// Host devices: add this many milliseconds to every step, to see the demo on slower
+    /// devices (the trace is fitted to the measured speed either way).
+    #[arg(long, default_value_t = 0.0)]
+    pub step_delay_ms: f64,
 }
 
 const PRESET: Preset = Preset::TinyQwen3;
@@ -121,6 +132,9 @@ pub fn run(args: &Args) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
+    if !(args.step_delay_ms >= 0.0 && args.step_delay_ms <= 10_000.0) {
+        bail!("--step-delay-ms must be between 0 and 10000");
+    }
     let strategies: Vec<Strategy> = if args.compare {
         Strategy::ALL.to_vec()
     } else {
@@ -136,20 +150,27 @@ pub fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
     let checkpoint: scaler_exec::executor::Checkpoint =
         Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
-    let trace = Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
-    let base = DemoConfig::new(Strategy::Elastic, devices, PRESET.name());
+    let step_delay = std::time::Duration::from_secs_f64(args.step_delay_ms / 1e3);
+    let host_config = |strategy: Strategy| {
+        let mut c = DemoConfig::new(strategy, devices, PRESET.name());
+        c.step_delay = step_delay;
+        c
+    };
+    let base = host_config(Strategy::Elastic);
     if !args.quiet {
-        eprintln!(
-            "{} requests over {:.0} s; computing the fixed-deployment reference",
-            trace.requests.len(),
-            args.trace_seconds
-        );
+        eprintln!("measuring the capacity of one device and of {devices}");
     }
+    let one = demo::host_capacity(&cfg, &checkpoint, &base, 1, args.max_tokens)
+        .context("measuring one device's capacity")?;
+    let all = demo::host_capacity(&cfg, &checkpoint, &base, devices, args.max_tokens)
+        .with_context(|| format!("measuring {devices} devices' capacity"))?;
+    let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, all, devices);
     let reference = demo::reference_tokens(&cfg, &checkpoint, &base, 1, &trace)
         .context("running the reference on a fixed deployment")?;
     let mut runs: Vec<DemoRun> = Vec::new();
     for strategy in strategies {
-        let config = DemoConfig::new(strategy, devices, PRESET.name());
+        let mut config = host_config(strategy);
+        config.fit_targets(&one);
         let quiet = args.quiet;
         let run = demo::run(&cfg, &checkpoint, &config, &trace, &reference, |p| {
             if !quiet {
@@ -164,6 +185,8 @@ pub fn run(args: &Args) -> Result<()> {
         if !quiet {
             eprintln!();
         }
+        let mut run = run;
+        run.report.calibration = Some(calibration);
         runs.push(run);
     }
     let refs: Vec<&DemoRun> = runs.iter().collect();
@@ -173,6 +196,42 @@ pub fn run(args: &Args) -> Result<()> {
         args.compare,
         &reports,
         &crate::report::timeline_svg(&refs),
+    )
+}
+
+/// The trace fitted to the measured capacity of one device and of all `devices`, and how.
+fn fitted_trace(
+    args: &Args,
+    vocab: usize,
+    one: Capacity,
+    all: Capacity,
+    devices: u32,
+) -> (Trace, Calibration) {
+    let rates = TraceRates::for_capacity(one.requests_per_s, all.requests_per_s, devices);
+    let trace = Trace::step_ramp_burst(vocab, args.trace_seconds, args.max_tokens, SEED, rates);
+    if !args.quiet {
+        eprintln!(
+            "one device: {:.1} requests/s ({:.2} ms per token), {devices}: {:.1} requests/s; \
+             trace at {:.1}/{:.1}/{:.1}/{:.1} requests/s (base/step/burst/tail): {} requests \
+             over {:.0} s; computing the fixed-deployment reference",
+            one.requests_per_s,
+            one.tpot_ms,
+            all.requests_per_s,
+            rates.base,
+            rates.step,
+            rates.burst,
+            rates.tail,
+            trace.requests.len(),
+            args.trace_seconds
+        );
+    }
+    (
+        trace,
+        Calibration {
+            one_device: one,
+            all_devices: all,
+            rates,
+        },
     )
 }
 
@@ -338,6 +397,30 @@ mod gpu {
         Ok(out)
     }
 
+    /// The capacity of `devices` GPUs with the demo's scheduler ([`demo::measure_capacity`]).
+    fn capacity(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        devices: usize,
+        max_tokens: usize,
+    ) -> Result<Capacity> {
+        let scheduler = DemoConfig::new(Strategy::Elastic, 1, PRESET.name()).scheduler;
+        let engine = Engine::new(
+            runner(cfg, ckpt, devices, KV_BLOCKS)?,
+            engine_config(scheduler),
+        );
+        let serving = engine.start();
+        let submit = |r: Request| engine.submit(r).map_err(|e| e.to_string());
+        let out = demo::measure_capacity(
+            &submit,
+            scheduler.max_running_per_rank * devices,
+            max_tokens,
+            cfg.vocab_size,
+        );
+        serving.stop();
+        Ok(out?)
+    }
+
     /// A finished CUDA transition, as the demo's loop sees it.
     struct GpuEvent {
         report: ScaleEventReport,
@@ -374,21 +457,24 @@ mod gpu {
             .with_context(|| format!("reading the demo model's config in {}", dir.display()))?;
         let ckpt: Arc<Checkpoint> =
             Arc::new(Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?);
-        let trace =
-            Trace::step_ramp_burst(cfg.vocab_size, args.trace_seconds, args.max_tokens, SEED);
-        if !args.quiet {
-            eprintln!(
-                "{} requests over {:.0} s on {gpus} GPU(s); computing the fixed-deployment reference",
-                trace.requests.len(),
-                args.trace_seconds
-            );
+        if args.step_delay_ms > 0.0 {
+            bail!("--step-delay-ms is for host devices");
         }
+        if !args.quiet {
+            eprintln!("measuring the capacity of one GPU and of {gpus}");
+        }
+        let one =
+            capacity(&cfg, &ckpt, 1, args.max_tokens).context("measuring one GPU's capacity")?;
+        let all = capacity(&cfg, &ckpt, gpus as usize, args.max_tokens)
+            .with_context(|| format!("measuring {gpus} GPUs' capacity"))?;
+        let (trace, calibration) = fitted_trace(args, cfg.vocab_size, one, all, gpus);
         let reference = reference(&cfg, &ckpt, &trace)
             .context("running the reference on a fixed one-GPU deployment")?;
         let mut runs = Vec::new();
         for &strategy in strategies {
-            let r = run_one(args, &cfg, &ckpt, &trace, &reference, strategy, gpus)
+            let mut r = run_one(args, &cfg, &ckpt, &trace, &reference, strategy, gpus, &one)
                 .with_context(|| format!("running the {strategy} demo on {gpus} GPU(s)"))?;
+            r.report.calibration = Some(calibration);
             runs.push(r);
         }
         let marks = |r: &DemoRun<GpuEvent>| -> Vec<(f64, String)> {
@@ -422,6 +508,7 @@ mod gpu {
 
     /// One strategy's demo: a runner on the first GPU(s), the engine serving it, and the
     /// scaler's transitions behind the host demo's loop ([`demo::drive`]).
+    #[allow(clippy::too_many_arguments)]
     fn run_one(
         args: &Args,
         cfg: &ModelConfig,
@@ -430,8 +517,10 @@ mod gpu {
         reference: &[Vec<TokenId>],
         strategy: Strategy,
         gpus: u32,
+        one: &Capacity,
     ) -> Result<DemoRun<GpuEvent>> {
-        let config = DemoConfig::new(strategy, gpus, PRESET.name());
+        let mut config = DemoConfig::new(strategy, gpus, PRESET.name());
+        config.fit_targets(one);
         // The colocated baseline keeps two instances on the staying GPUs: each gets half the KV.
         let kv = if strategy == Strategy::Colocated {
             KV_BLOCKS / 2

@@ -353,7 +353,7 @@ impl ServerMetrics {
             self.tpot.observe(d.as_secs_f64());
         }
         self.e2e.observe(t.total.as_secs_f64());
-        if let Some(d) = t.queued {
+        if let Some(d) = t.admitted {
             self.queue_time.observe(d.as_secs_f64());
         }
     }
@@ -444,7 +444,7 @@ mod tests {
         m.request("completions", 200);
         let timings = RequestTimings {
             ttft: Some(Duration::from_millis(5)),
-            queued: Some(Duration::from_millis(1)),
+            admitted: Some(Duration::from_millis(1)),
             token_times: vec![
                 Duration::from_millis(5),
                 Duration::from_millis(15),
