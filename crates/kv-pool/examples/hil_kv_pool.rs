@@ -245,8 +245,8 @@ fn migration_rows(
     let (src, dst) = (make(d0)?, make(d1)?);
     src.set_access(&[d1])?;
     dst.set_access(&[d0])?;
-    let s_src = CudaContext::new(d0.index())?.new_stream()?;
-    let s_dst = CudaContext::new(d1.index())?.new_stream()?;
+    let s_src = CudaContext::new(vmm.backend().ordinal(d0)? as usize)?.new_stream()?;
+    let s_dst = CudaContext::new(vmm.backend().ordinal(d1)? as usize)?.new_stream()?;
     let link = format!("{d0} -> {d1}");
 
     // Contiguous: one sequence grown alone. Interleaved: two grown a block at a time in turns.

@@ -36,8 +36,10 @@ fn setup(min_devices: usize) -> Option<(MutexGuard<'static, ()>, Vmm<CudaBackend
     }
 }
 
-fn stream(dev: DeviceId) -> Arc<CudaStream> {
-    CudaContext::new(dev.index()).unwrap().new_stream().unwrap()
+/// A stream on the GPU that `dev` lives on (a logical device's GPU, see `CudaBackend::at_least`).
+fn stream(vmm: &Vmm<CudaBackend>, dev: DeviceId) -> Arc<CudaStream> {
+    let ordinal = vmm.backend().ordinal(dev).unwrap() as usize;
+    CudaContext::new(ordinal).unwrap().new_stream().unwrap()
 }
 
 /// A Qwen3-style GQA rank in bf16: 4 layers, 4 KV heads of 128, 16-token blocks (128 KiB).
@@ -134,7 +136,7 @@ fn assert_holds(p: &Pool, s: &Arc<CudaStream>, seq: SeqId, expected: &[Vec<u8>])
 #[test]
 fn gpu_pool_grows_forks_compacts_and_shrinks_with_bytes_intact() {
     let Some((_gpu, vmm)) = setup(1) else { return };
-    let s = stream(D0);
+    let s = stream(&vmm, D0);
     let p = pool(&vmm, D0, 1);
     let chunk = p.chunk_bytes();
     let per = p.blocks_per_chunk();
@@ -188,7 +190,7 @@ fn gpu_pool_grows_forks_compacts_and_shrinks_with_bytes_intact() {
 #[test]
 fn gpu_sequence_migrates_to_another_gpu() {
     let Some((_gpu, vmm)) = setup(2) else { return };
-    let (s0, s1) = (stream(D0), stream(D1));
+    let (s0, s1) = (stream(&vmm, D0), stream(&vmm, D1));
     let src = pool(&vmm, D0, 2);
     let dst = pool(&vmm, D1, 2);
     src.set_access(&[D1]).unwrap();

@@ -436,10 +436,20 @@ impl CudaTransport {
                     code: r as i32,
                 });
             }
+            // The driver knows GPUs, not logical devices: ask about the source's GPU (logical
+            // devices of one GPU share its permissions).
+            let ordinal =
+                self.vmm
+                    .backend()
+                    .ordinal(op.src.device)
+                    .map_err(|_| SubmitError::Driver {
+                        call: "ordinal",
+                        code: 0,
+                    })?;
             for at in [op.dst.addr, op.dst.addr + op.len - 1] {
                 let location = sys::CUmemLocation {
                     type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-                    id: src as i32,
+                    id: ordinal as i32,
                 };
                 let mut flags: std::ffi::c_ulonglong = 0;
                 // SAFETY: both pointers are valid for the call; `at` is an address the VMM just
