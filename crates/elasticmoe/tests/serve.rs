@@ -62,7 +62,7 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     (status, raw)
 }
 
-/// The server's `elasticmoe_generation_tokens_total`, from `/metrics`.
+/// The server's `elasticmoe_generation_tokens_total` (any labels), from `/metrics`.
 fn generated_tokens(addr: SocketAddr) -> f64 {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -73,8 +73,13 @@ fn generated_tokens(addr: SocketAddr) -> f64 {
     .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
+    // `elasticmoe_generation_tokens_total{model_name="..."} N` (or without labels).
     raw.lines()
-        .find_map(|l| l.strip_prefix("elasticmoe_generation_tokens_total "))
+        .filter(|l| {
+            l.strip_prefix("elasticmoe_generation_tokens_total")
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find_map(|l| l.rsplit(' ').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no generation counter in {raw}"))
 }
