@@ -6,9 +6,10 @@
 
 use std::process::Command;
 
-/// One demo at a time: each runs a multi-threaded serving process on a real clock, and the
-/// policy's scale-down near the end of the short trace needs the machine not to be saturated by
-/// the other demos of this file (CI has 2 cores).
+/// One demo at a time: each measures the machine's capacity before its trace and then serves
+/// a multi-threaded process on a real clock; another demo of this file starting or stopping
+/// meanwhile would change the machine under it (CI has 2 cores). A steady load from elsewhere
+/// is what the calibration absorbs.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn demo(out: &std::path::Path, cache: &std::path::Path, extra: &[&str]) -> serde_json::Value {
@@ -115,7 +116,7 @@ fn elastic_demo_scales_up_and_down(delay_ms: &str) -> serde_json::Value {
     let all = c["all_devices"]["requests_per_s"].as_f64().unwrap();
     assert!(one > 0.0 && all > 0.0, "{c}");
     let step = c["rates"]["step"].as_f64().unwrap();
-    assert!(step > one, "{c}");
+    assert!(step >= one, "{c}");
     assert!(
         c["rates"]["burst"].as_f64().unwrap() >= all.max(step),
         "{c}"
@@ -179,6 +180,9 @@ fn the_colocated_baseline_duplicates_weights_and_changes_no_output() {
 
 #[test]
 fn compare_runs_all_four_strategies_on_the_same_trace() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let status = Command::new(env!("CARGO_BIN_EXE_elasticmoe"))

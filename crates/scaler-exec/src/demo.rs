@@ -78,17 +78,19 @@ impl TraceRates {
     /// Rates fitted to this machine: `one` and `all` are the requests per second that one
     /// device and all `max_devices` devices complete with every slot busy
     /// ([`measure_capacity`]). The base fits one device at a quarter of its capacity; the step
-    /// needs at least two (1.6 × one device's capacity, but at most 0.8 × what all devices
-    /// carry and at least 1.1 × one device's, so the queue it builds drains once scaled up
-    /// where the machine allows it); the burst needs every device (all devices' capacity, and at
-    /// least 1.2 × the step), for a twelfth of the trace; the tail needs one (a sixth of one
-    /// device's capacity), so the backlog drains and the deployment scales back down.
+    /// needs at least two (it keeps one device's slots full: 1.6 × its capacity, but at most
+    /// 0.8 × what all devices carry, and never below one device's capacity); the burst needs
+    /// every device (all devices' capacity, and at least 1.1 × the step); the tail needs one (a
+    /// sixth of one device's capacity). Where all devices carry little more than one (fewer
+    /// cores than devices), the step and the burst still fill one device's slots, so the policy
+    /// scales up, and the backlog they leave is small enough to drain early in the tail, so it
+    /// scales back down.
     pub fn for_capacity(one: f64, all: f64, max_devices: u32) -> TraceRates {
         let c = one.max(0.1);
         let all = all.max(0.1);
-        let step = (1.6 * c).min(0.8 * all).max(1.1 * c);
+        let step = (1.6 * c).min(0.8 * all).max(c);
         let burst = if max_devices > 1 {
-            all.max(1.2 * step)
+            all.max(1.1 * step)
         } else {
             step
         };
@@ -121,12 +123,14 @@ impl Trace {
         };
         // (phase start fraction, end fraction, requests/s at start, at end).
         let r = rates;
+        // The tail is the longest phase: the backlog of the burst drains and the policy has
+        // time to scale back down, step by step.
         let phases: [(f64, f64, f64, f64); 5] = [
-            (0.00, 0.15, r.base, r.base),   // base
-            (0.15, 0.40, r.step, r.step),   // step
-            (0.40, 0.60, r.step, r.base),   // ramp down
-            (0.60, 0.68, r.burst, r.burst), // burst
-            (0.68, 1.00, r.tail, r.tail),   // quiet tail
+            (0.00, 0.12, r.base, r.base),   // base
+            (0.12, 0.34, r.step, r.step),   // step
+            (0.34, 0.48, r.step, r.base),   // ramp down
+            (0.48, 0.54, r.burst, r.burst), // burst
+            (0.54, 1.00, r.tail, r.tail),   // quiet tail
         ];
         let mut requests = Vec::new();
         for (a, b, r0, r1) in phases {
