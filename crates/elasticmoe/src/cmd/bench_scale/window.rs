@@ -153,7 +153,8 @@ pub(super) fn measure(
         max_gap_during_ms: during.iter().copied().fold(0.0, f64::max),
         lost_serving_ms: during.iter().map(|g| g - gap_p50).sum(),
         downtime_threshold_ms: threshold,
-        downtime_ms: stalls.iter().sum(),
+        // A fold from +0.0: an empty `Sum` of f64 is -0.0, which would print as "-0.0 ms".
+        downtime_ms: stalls.iter().fold(0.0, |a, b| a + b),
         downtime_gaps: stalls.len() as u64,
         arrivals_during: during_waits.len() as u64,
         intake_paused_ms: during_waits.iter().copied().fold(0.0, f64::max),
@@ -189,6 +190,10 @@ mod tests {
         assert!(close(w.max_gap_during_ms, 10.0), "{w:?}");
         assert!(w.lost_serving_ms.abs() < 1e-6, "{w:?}");
         assert_eq!((w.downtime_ms, w.downtime_gaps), (0.0, 0));
+        assert!(
+            w.downtime_ms.is_sign_positive(),
+            "reported as 0.0, not -0.0"
+        );
         assert!(close(w.downtime_threshold_ms, 50.0));
         assert!((w.throughput_before - 800.0).abs() < 10.0, "{w:?}");
         assert!((w.throughput_during_ratio - 1.0).abs() < 0.06, "{w:?}");
