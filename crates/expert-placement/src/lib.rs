@@ -62,7 +62,7 @@ mod replication;
 pub use error::{PlacementError, PlanError, PlanViolation};
 pub use ids::{DeviceId, ExpertId};
 pub use load::ExpertLoad;
-pub use migration::{MemoryBudgets, MigrationPlan, Step};
+pub use migration::{MemoryBudgets, MigrationPlan, MigrationStep};
 pub use placement::{
     max_redundant_slots, Placement, PlacementShape, MAX_EXPERTS_PER_LAYER, MAX_LAYERS,
 };

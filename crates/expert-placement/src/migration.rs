@@ -6,7 +6,7 @@ use crate::{DeviceId, ExpertId, Placement, PlanError};
 
 /// One step of a [`MigrationPlan`]. Steps run in order; each one changes at most one copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Step {
+pub enum MigrationStep {
     /// The copy stays where it is (the engine maps the existing chunk into the new layout,
     /// zero-copy). Changes nothing.
     Keep {
@@ -93,8 +93,8 @@ impl FromIterator<(DeviceId, u64)> for MemoryBudgets {
 ///   failed devices has none until its reload, and at least one from then on);
 /// - no device holds more than its budget at any step;
 /// - after the last step the copies are exactly the new placement's;
-/// - every copy both placements share gets a [`Step::Keep`]; copies are created by
-///   [`Step::Move`] from the least-loaded live holder, or by [`Step::Reload`] only for experts
+/// - every copy both placements share gets a [`MigrationStep::Keep`]; copies are created by
+///   [`MigrationStep::Move`] from the least-loaded live holder, or by [`MigrationStep::Reload`] only for experts
 ///   with no live copy left (one reload each, the fewest possible);
 /// - order: keeps; then copies, reloads first, then experts whose only live copies are on leaving
 ///   devices (so those devices empty out first), then the rest; then drops, leaving devices first.
@@ -106,7 +106,7 @@ impl FromIterator<(DeviceId, u64)> for MemoryBudgets {
 /// interleave, route to the expert's other live copies (one is guaranteed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationPlan {
-    steps: Vec<Step>,
+    steps: Vec<MigrationStep>,
     expert_bytes: u64,
     failed: Vec<DeviceId>,
     bytes_moved: u64,
@@ -142,7 +142,7 @@ impl MigrationPlan {
     }
 
     /// The steps, in order.
-    pub fn steps(&self) -> &[Step] {
+    pub fn steps(&self) -> &[MigrationStep] {
         &self.steps
     }
 
@@ -156,12 +156,12 @@ impl MigrationPlan {
         &self.failed
     }
 
-    /// Bytes copied peer-to-peer (every [`Step::Move`], temporary staging copies included).
+    /// Bytes copied peer-to-peer (every [`MigrationStep::Move`], temporary staging copies included).
     pub fn bytes_moved(&self) -> u64 {
         self.bytes_moved
     }
 
-    /// Bytes loaded from the checkpoint (every [`Step::Reload`]).
+    /// Bytes loaded from the checkpoint (every [`MigrationStep::Reload`]).
     pub fn bytes_reloaded(&self) -> u64 {
         self.bytes_reloaded
     }
@@ -172,27 +172,27 @@ impl MigrationPlan {
         &self.peak
     }
 
-    /// Number of [`Step::Move`]s.
+    /// Number of [`MigrationStep::Move`]s.
     pub fn moves(&self) -> usize {
-        self.count(|s| matches!(s, Step::Move { .. }))
+        self.count(|s| matches!(s, MigrationStep::Move { .. }))
     }
 
-    /// Number of [`Step::Reload`]s.
+    /// Number of [`MigrationStep::Reload`]s.
     pub fn reloads(&self) -> usize {
-        self.count(|s| matches!(s, Step::Reload { .. }))
+        self.count(|s| matches!(s, MigrationStep::Reload { .. }))
     }
 
-    /// Number of [`Step::Keep`]s.
+    /// Number of [`MigrationStep::Keep`]s.
     pub fn keeps(&self) -> usize {
-        self.count(|s| matches!(s, Step::Keep { .. }))
+        self.count(|s| matches!(s, MigrationStep::Keep { .. }))
     }
 
-    /// Number of [`Step::Drop`]s.
+    /// Number of [`MigrationStep::Drop`]s.
     pub fn drops(&self) -> usize {
-        self.count(|s| matches!(s, Step::Drop { .. }))
+        self.count(|s| matches!(s, MigrationStep::Drop { .. }))
     }
 
-    fn count(&self, f: impl Fn(&Step) -> bool) -> usize {
+    fn count(&self, f: impl Fn(&MigrationStep) -> bool) -> usize {
         self.steps.iter().filter(|s| f(s)).count()
     }
 
@@ -208,11 +208,11 @@ impl MigrationPlan {
         let last_copy = self
             .steps
             .iter()
-            .rposition(|s| matches!(s, Step::Move { .. } | Step::Reload { .. }));
+            .rposition(|s| matches!(s, MigrationStep::Move { .. } | MigrationStep::Reload { .. }));
         let first_drop = self
             .steps
             .iter()
-            .position(|s| matches!(s, Step::Drop { .. }));
+            .position(|s| matches!(s, MigrationStep::Drop { .. }));
         match (last_copy, first_drop) {
             (Some(c), Some(d)) => c < d,
             _ => true,
@@ -252,7 +252,7 @@ struct Scheduler {
     budget: Vec<u64>,
     peak: Vec<u64>,
     sent: Vec<u64>,
-    steps: Vec<Step>,
+    steps: Vec<MigrationStep>,
     creates: Vec<Create>,
     releases: Vec<Release>,
     /// Indices into `releases`, per device.
@@ -386,7 +386,7 @@ impl Scheduler {
                 for &x in new.slots(layer, device) {
                     let x = x.index();
                     if s.held(layer, u, x) {
-                        s.steps.push(Step::Keep {
+                        s.steps.push(MigrationStep::Keep {
                             layer,
                             device,
                             expert: ExpertId(x as u32),
@@ -541,7 +541,7 @@ impl Scheduler {
         let x = ExpertId(expert as u32);
         let dest = self.devices[to];
         if self.live[layer * self.experts + expert] == 0 {
-            self.steps.push(Step::Reload {
+            self.steps.push(MigrationStep::Reload {
                 layer,
                 expert: x,
                 to: dest,
@@ -550,7 +550,7 @@ impl Scheduler {
         } else {
             let from = self.source(layer, expert);
             self.sent[from] += 1;
-            self.steps.push(Step::Move {
+            self.steps.push(MigrationStep::Move {
                 layer,
                 expert: x,
                 from: self.devices[from],
@@ -585,7 +585,7 @@ impl Scheduler {
         );
         self.remove(layer, device, expert);
         self.releases[i].done = true;
-        self.steps.push(Step::Drop {
+        self.steps.push(MigrationStep::Drop {
             layer,
             device: self.devices[device],
             expert: ExpertId(expert as u32),
@@ -639,7 +639,7 @@ impl Scheduler {
                     });
                 let Some(f) = host else { continue };
                 self.sent[u] += 1;
-                self.steps.push(Step::Move {
+                self.steps.push(MigrationStep::Move {
                     layer,
                     expert: ExpertId(expert as u32),
                     from: self.devices[u],
@@ -716,27 +716,27 @@ mod tests {
         assert_eq!(
             plan.steps(),
             &[
-                Step::Keep {
+                MigrationStep::Keep {
                     layer,
                     device: DeviceId(0),
                     expert: ExpertId(0)
                 },
-                Step::Keep {
+                MigrationStep::Keep {
                     layer,
                     device: DeviceId(1),
                     expert: ExpertId(1)
                 },
-                Step::Keep {
+                MigrationStep::Keep {
                     layer,
                     device: DeviceId(1),
                     expert: ExpertId(2)
                 },
-                Step::Drop {
+                MigrationStep::Drop {
                     layer,
                     device: DeviceId(0),
                     expert: ExpertId(1)
                 },
-                Step::Move {
+                MigrationStep::Move {
                     layer,
                     expert: ExpertId(2),
                     from: DeviceId(1),
@@ -767,7 +767,7 @@ mod tests {
             .steps()
             .iter()
             .filter_map(|s| match s {
-                Step::Move { from, .. } => Some(*from),
+                MigrationStep::Move { from, .. } => Some(*from),
                 _ => None,
             })
             .collect();
@@ -795,7 +795,7 @@ mod tests {
         let steps = plan.steps();
         let first_drop = steps
             .iter()
-            .position(|s| matches!(s, Step::Drop { .. }))
+            .position(|s| matches!(s, MigrationStep::Drop { .. }))
             .unwrap();
         assert!(plan.drops_deferred());
         // The first drops are all the leaving device's.
@@ -804,7 +804,7 @@ mod tests {
             assert!(
                 matches!(
                     s,
-                    Step::Drop {
+                    MigrationStep::Drop {
                         device: DeviceId(1),
                         ..
                     }
@@ -832,7 +832,7 @@ mod tests {
         assert_eq!(plan.bytes_reloaded(), EB);
         assert!(matches!(
             plan.steps()[2],
-            Step::Reload {
+            MigrationStep::Reload {
                 expert: ExpertId(1),
                 ..
             }
@@ -972,7 +972,7 @@ mod tests {
             })
         ));
         let last_copy = MigrationPlan {
-            steps: vec![Step::Drop {
+            steps: vec![MigrationStep::Drop {
                 layer: 0,
                 device: DeviceId(1),
                 expert: ExpertId(2),

@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{DeviceId, ExpertId, MemoryBudgets, MigrationPlan, Placement, PlanViolation, Step};
+use crate::{
+    DeviceId, ExpertId, MemoryBudgets, MigrationPlan, MigrationStep, Placement, PlanViolation,
+};
 
 /// What a replay measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,10 +160,10 @@ impl MigrationPlan {
         let mut keeps = BTreeSet::new();
         for (step, s) in self.steps().iter().enumerate() {
             let (layer, expert) = match *s {
-                Step::Keep { layer, expert, .. }
-                | Step::Move { layer, expert, .. }
-                | Step::Drop { layer, expert, .. }
-                | Step::Reload { layer, expert, .. } => (layer, expert),
+                MigrationStep::Keep { layer, expert, .. }
+                | MigrationStep::Move { layer, expert, .. }
+                | MigrationStep::Drop { layer, expert, .. }
+                | MigrationStep::Reload { layer, expert, .. } => (layer, expert),
             };
             if layer >= layers || expert.index() >= experts {
                 return Err(PlanViolation::OutOfRange {
@@ -171,7 +173,7 @@ impl MigrationPlan {
                 });
             }
             match *s {
-                Step::Keep { device, .. } => {
+                MigrationStep::Keep { device, .. } => {
                     let bad = |reason| PlanViolation::BadKeep {
                         step,
                         layer,
@@ -191,7 +193,7 @@ impl MigrationPlan {
                     }
                     keeps.insert(copy);
                 }
-                Step::Move { from, to, .. } => {
+                MigrationStep::Move { from, to, .. } => {
                     if r.failed.contains(&from) {
                         return Err(PlanViolation::FailedDeviceUsed { step, device: from });
                     }
@@ -206,7 +208,7 @@ impl MigrationPlan {
                     r.receive(step, layer, expert, to)?;
                     moved = moved.saturating_add(r.expert_bytes);
                 }
-                Step::Reload { to, .. } => {
+                MigrationStep::Reload { to, .. } => {
                     if r.live(layer, expert) > 0 {
                         return Err(PlanViolation::NeedlessReload {
                             step,
@@ -217,7 +219,7 @@ impl MigrationPlan {
                     r.receive(step, layer, expert, to)?;
                     reloaded = reloaded.saturating_add(r.expert_bytes);
                 }
-                Step::Drop { device, .. } => {
+                MigrationStep::Drop { device, .. } => {
                     if !r.state.remove(&(layer, device, expert)) {
                         return Err(PlanViolation::DropOfAbsentCopy {
                             step,

@@ -3,8 +3,8 @@
 //! bytes moved equal to an independently computed lower bound for scale-up and scale-down.
 
 use expert_placement::{
-    max_redundant_slots, DeviceId, ExpertId, ExpertLoad, MemoryBudgets, MigrationPlan, Placement,
-    PlacementError, PlacementShape, PlanError, RebalanceConfig, Step,
+    max_redundant_slots, DeviceId, ExpertId, ExpertLoad, MemoryBudgets, MigrationPlan,
+    MigrationStep, Placement, PlacementError, PlacementShape, PlanError, RebalanceConfig,
 };
 use proptest::prelude::*;
 use proptest::sample::subsequence;
@@ -294,7 +294,7 @@ proptest! {
                 .steps()
                 .iter()
                 .filter_map(|s| match *s {
-                    Step::Move { layer, expert, .. } => Some(only_on_leaving(layer, expert)),
+                    MigrationStep::Move { layer, expert, .. } => Some(only_on_leaving(layer, expert)),
                     _ => None,
                 })
                 .collect();
@@ -377,9 +377,9 @@ proptest! {
         // Nothing is touched on a failed device.
         for s in plan.steps() {
             let touched = match *s {
-                Step::Keep { device, .. } | Step::Drop { device, .. } => vec![device],
-                Step::Move { from, to, .. } => vec![from, to],
-                Step::Reload { to, .. } => vec![to],
+                MigrationStep::Keep { device, .. } | MigrationStep::Drop { device, .. } => vec![device],
+                MigrationStep::Move { from, to, .. } => vec![from, to],
+                MigrationStep::Reload { to, .. } => vec![to],
             };
             prop_assert!(touched.iter().all(|d| !failed.contains(d)));
         }

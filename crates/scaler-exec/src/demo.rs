@@ -4,7 +4,7 @@
 //!
 //! [`run`] returns a [`DemoRun`]: the stable [`Report`] (`report.json`), the timeline samples
 //! and the scale events (for the picture), and every request's tokens. The loop itself is
-//! [`drive`], over a [`Backend`] (submit, metrics, one transition, stop): [`run`] gives it the
+//! [`drive`], over a [`DemoBackend`] (submit, metrics, one transition, stop): [`run`] gives it the
 //! host engine and [`HostExecutor`]; `elasticmoe demo --devices cuda:...` gives it an
 //! `Engine<CudaRunner>` and the CUDA scaler, so both backends share the trace, the policy
 //! loop and the report. The report's
@@ -279,7 +279,7 @@ pub struct RequestCounts {
 
 /// `phases_ms` in the report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct PhasesMs {
+pub struct EventPhasesMs {
     /// Plan.
     pub plan: f64,
     /// Prepare.
@@ -314,7 +314,7 @@ pub struct ScaleEventReport {
     /// Peak bytes per involved device, ascending device id.
     pub peak_bytes_per_device: Vec<u64>,
     /// Phase durations.
-    pub phases_ms: PhasesMs,
+    pub phases_ms: EventPhasesMs,
     /// (Beyond issue 8's schema.) How long the switch's boundary action held the serving loop
     /// between two iterations: the pointer swap plus the KV copied there. Not counted as
     /// downtime (the loop did not stop; one iteration started this much later).
@@ -349,7 +349,7 @@ impl ScaleEventReport {
             bytes_moved: r.bytes_moved,
             bytes_zero_copy: r.bytes_zero_copy,
             peak_bytes_per_device: e.peak_bytes_per_device.values().copied().collect(),
-            phases_ms: PhasesMs {
+            phases_ms: EventPhasesMs {
                 plan: r.phases_ms.plan,
                 prepare: r.phases_ms.prepare,
                 switch: r.phases_ms.switch,
@@ -677,7 +677,7 @@ impl DemoEvent for ScaleEvent {
 
 /// A serving engine as [`drive`] uses it, behind closures, so that the same loop serves a trace
 /// on any backend (the host engine here, the CUDA runner in the `elasticmoe` binary).
-pub struct Backend<E> {
+pub struct DemoBackend<E> {
     /// `backend` in the report (`host`, `cuda`).
     pub name: &'static str,
     /// Submits one request (through the intake gate, where there is one).
@@ -690,9 +690,11 @@ pub struct Backend<E> {
     pub stop: Box<dyn FnOnce()>,
 }
 
-impl<E> std::fmt::Debug for Backend<E> {
+impl<E> std::fmt::Debug for DemoBackend<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend").field("name", &self.name).finish()
+        f.debug_struct("DemoBackend")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -723,7 +725,7 @@ pub fn run(
     let gate = Arc::clone(executor.gate());
     let serving = engine.start();
     let metrics_engine = engine.clone();
-    let backend = Backend {
+    let backend = DemoBackend {
         name: "host",
         submit: Box::new(move |r| gate.submit(&engine, r).map_err(|e| e.to_string())),
         metrics: Box::new(move || metrics_engine.metrics()),
@@ -739,13 +741,13 @@ pub fn run(
 /// when every request has finished and no transition is running. Then the report, with the
 /// tokens compared with `reference`.
 pub fn drive<E: DemoEvent>(
-    backend: Backend<E>,
+    backend: DemoBackend<E>,
     config: &DemoConfig,
     trace: &Trace,
     reference: &[Vec<TokenId>],
     mut progress: impl FnMut(&Progress),
 ) -> Result<DemoRun<E>, DemoError> {
-    let Backend {
+    let DemoBackend {
         name,
         submit,
         metrics,

@@ -16,7 +16,7 @@
 //!   [`scaler::Time`].
 //! - [`demo`]: the demo's loop ([`demo::drive`]): a trace with a step, a ramp and a burst (the
 //!   load generator), the policy fed from the engine's metrics, one transition at a time on a
-//!   scaler thread, and the report. It runs over a [`demo::Backend`] of closures, so the host
+//!   scaler thread, and the report. It runs over a [`demo::DemoBackend`] of closures, so the host
 //!   engine here and the CUDA runner in the `elasticmoe` binary share it.
 //! - [`device_spec`]: the one parser of the `--devices` spec ([`DeviceSpec`]: `host:N`, or
 //!   `cuda:I,J,...` with one rank per listed GPU index, repeats meaning logical ranks on one

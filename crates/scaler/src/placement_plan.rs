@@ -9,7 +9,7 @@
 
 use crate::device::{DeviceId, DeviceSet};
 use crate::plan::TransitionPlan;
-use expert_placement::{MigrationPlan, Step};
+use expert_placement::{MigrationPlan, MigrationStep};
 use std::collections::BTreeMap;
 
 fn ours(d: expert_placement::DeviceId) -> DeviceId {
@@ -21,8 +21,8 @@ impl TransitionPlan for MigrationPlan {
         self.steps()
             .iter()
             .filter_map(|s| match *s {
-                Step::Move { to, .. } | Step::Reload { to, .. } => Some(ours(to)),
-                Step::Keep { .. } | Step::Drop { .. } => None,
+                MigrationStep::Move { to, .. } | MigrationStep::Reload { to, .. } => Some(ours(to)),
+                MigrationStep::Keep { .. } | MigrationStep::Drop { .. } => None,
             })
             .collect()
     }

@@ -211,7 +211,7 @@ struct PeerBandwidth {
 }
 
 /// A kind of device.
-trait Backend {
+trait ScaleBackend {
     fn name(&self) -> &'static str;
     fn card(&self) -> String;
     fn gpus(&self) -> usize;
@@ -1036,7 +1036,7 @@ pub fn run(args: &Args) -> Result<()> {
         Checkpoint::open(&args.model)
             .with_context(|| format!("opening the checkpoint in {}", args.model.display()))?,
     );
-    let mut backend: Box<dyn Backend> = match kind {
+    let mut backend: Box<dyn ScaleBackend> = match kind {
         "host" => Box::new(host::HostBench::new(&cfg, ckpt, n, args)),
         _ => cuda_backend(&cfg, ckpt, &machine, args)?,
     };
@@ -1207,7 +1207,7 @@ pub fn run(args: &Args) -> Result<()> {
 /// outputs must be exact and one differs.
 fn compare_outputs(
     report: &mut MachineReport,
-    backend: &mut dyn Backend,
+    backend: &mut dyn ScaleBackend,
     args: &Args,
     vocab: usize,
     outputs: &[(usize, Vec<Done>, Vec<f64>)],
@@ -1333,7 +1333,7 @@ fn cuda_backend(
     ckpt: Arc<Checkpoint>,
     machine: &[u32],
     args: &Args,
-) -> Result<Box<dyn Backend>> {
+) -> Result<Box<dyn ScaleBackend>> {
     Ok(Box::new(gpu::CudaBench::new(cfg, ckpt, machine, args)?))
 }
 
@@ -1343,7 +1343,7 @@ fn cuda_backend(
     _ckpt: Arc<Checkpoint>,
     _machine: &[u32],
     _args: &Args,
-) -> Result<Box<dyn Backend>> {
+) -> Result<Box<dyn ScaleBackend>> {
     bail!("this binary was not built with CUDA (build with --features cuda); use host:N")
 }
 

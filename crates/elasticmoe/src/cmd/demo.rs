@@ -288,7 +288,7 @@ mod gpu {
     use moe_engine::{Engine, EngineConfig, Request, SchedulerConfig, TokenId};
     use moe_model::weights::TensorSource;
     use scaler::DeviceSet;
-    use scaler_exec::demo::{DemoEvent, PhasesMs, ScaleEventReport};
+    use scaler_exec::demo::{DemoEvent, EventPhasesMs, ScaleEventReport};
 
     use super::*;
 
@@ -364,7 +364,7 @@ mod gpu {
             bytes_moved: o.bytes_moved,
             bytes_zero_copy: o.bytes_zero_copy,
             peak_bytes_per_device: o.peak_bytes_per_device.clone(),
-            phases_ms: PhasesMs {
+            phases_ms: EventPhasesMs {
                 plan: phase(&["snapshot", "plan"]),
                 prepare: phase(&["workers", "map", "copy", "load_beside"]),
                 switch: phase(&["switch", "stopped_reload"]),
@@ -541,7 +541,7 @@ mod gpu {
         let serving = engine.start();
         let source = Arc::clone(ckpt);
         let submit_engine = engine.clone();
-        let backend = demo::Backend {
+        let backend = demo::DemoBackend {
             name: "cuda",
             submit: Box::new(move |r| submit_engine.submit(r).map_err(|e| e.to_string())),
             metrics: Box::new(move || engine.metrics()),

@@ -186,7 +186,7 @@ impl Session for CudaSession {
     }
 }
 
-impl Backend for CudaBench {
+impl ScaleBackend for CudaBench {
     fn name(&self) -> &'static str {
         "cuda"
     }

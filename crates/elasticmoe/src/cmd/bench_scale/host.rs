@@ -144,7 +144,7 @@ impl Session for HostSession {
     }
 }
 
-impl Backend for HostBench {
+impl ScaleBackend for HostBench {
     fn name(&self) -> &'static str {
         "host"
     }
