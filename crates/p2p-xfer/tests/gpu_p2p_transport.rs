@@ -250,17 +250,20 @@ fn gpu_bad_copies_are_refused_before_submit() {
     let (_r0, a) = buffer(&vmm, D0, 4 * MIB, &[D0, D1]);
     // Device 1 memory that device 0 may not write.
     let (_r1, private) = buffer(&vmm, D1, 4 * MIB, &[]);
-    let t = CudaTransport::new(vmm.clone(), CudaTransportConfig::default()).unwrap();
-    let result = t.submit(&[CopyOp::new(loc(&a, 0), loc(&private, 0), MIB)]);
     if vmm.backend().same_gpu(D0, D1).unwrap() {
         // Two logical devices of one GPU share its memory permissions: the copy is
-        // device-local and needs no grant.
-        result
+        // device-local and needs no grant (on its own transport, so that `t` below only ever
+        // refuses).
+        let local = CudaTransport::new(vmm.clone(), CudaTransportConfig::default()).unwrap();
+        local
+            .submit(&[CopyOp::new(loc(&a, 0), loc(&private, 0), MIB)])
             .expect("a device-local copy needs no grant")
             .wait()
             .unwrap();
-    } else {
-        match result {
+    }
+    let t = CudaTransport::new(vmm.clone(), CudaTransportConfig::default()).unwrap();
+    if !vmm.backend().same_gpu(D0, D1).unwrap() {
+        match t.submit(&[CopyOp::new(loc(&a, 0), loc(&private, 0), MIB)]) {
             Err(SubmitError::NoAccess {
                 index: 0, device, ..
             }) => assert_eq!(device, D0),
